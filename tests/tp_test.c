@@ -1,0 +1,295 @@
+/* Support code for the test programs: result lines, counters, and the
+ * integration helpers declared in tp_test.h. Databases come from the harness
+ * Postgres described by PGHOST/PGPORT/PGUSER (see tests/harness/pg.sh). */
+#include "tp_test.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <libpq-fe.h>
+
+int tp_test_failed_checks;
+static int n_pass, n_fail, n_skip;
+static char first_failure[1024];
+static char prog_name[256] = "test";
+static char *g_dsn, *g_admin_dsn, *g_tmpdir;
+
+void tp_test_fail(const char *file, int line, const char *fmt, ...)
+{
+    char msg[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (tp_test_failed_checks++ == 0)
+        snprintf(first_failure, sizeof first_failure, "%s:%d: %s", file, line, msg);
+    fprintf(stderr, "#   %s:%d: %s\n", file, line, msg);
+}
+
+bool tp_test_run(const char *name, void (*fn)(void))
+{
+    tp_test_failed_checks = 0;
+    first_failure[0] = '\0';
+    fn();
+    if (tp_test_failed_checks == 0) {
+        n_pass++;
+        printf("ok - %s\n", name);
+    } else {
+        n_fail++;
+        printf("not ok - %s: %s\n", name, first_failure);
+    }
+    fflush(stdout);
+    return tp_test_failed_checks == 0;
+}
+
+void tp_test_skip(const char *name, const char *why)
+{
+    n_skip++;
+    printf("skip - %s: %s\n", name, why);
+    fflush(stdout);
+}
+
+int tp_test_done(void)
+{
+    printf("# %s: %d passed, %d failed, %d skipped\n", prog_name, n_pass, n_fail, n_skip);
+    if (g_tmpdir) {
+        char *cmd = NULL;
+        if (asprintf(&cmd, "rm -rf '%s'", g_tmpdir) > 0 && getenv("TP_KEEP_TMP") == NULL)
+            (void)!system(cmd);
+        free(cmd);
+    }
+    return n_fail ? 1 : 0;
+}
+
+__attribute__((constructor)) static void init_name(void)
+{
+    char buf[256];
+    ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+    if (n > 0) {
+        buf[n] = '\0';
+        snprintf(prog_name, sizeof prog_name, "%s", basename(buf));
+    }
+    signal(SIGPIPE, SIG_IGN);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+}
+
+static char *conninfo_for(const char *db)
+{
+    const char *host = getenv("PGHOST"), *port = getenv("PGPORT"), *user = getenv("PGUSER");
+    if (host == NULL || port == NULL)
+        return NULL;
+    char *s = NULL;
+    if (asprintf(&s, "host=%s port=%s user=%s dbname=%s", host, port, user ? user : "tidepool", db) < 0)
+        abort();
+    return s;
+}
+
+const char *tp_test_admin_dsn(void)
+{
+    if (g_admin_dsn == NULL)
+        g_admin_dsn = conninfo_for("postgres");
+    return g_admin_dsn;
+}
+
+static bool exec_admin(const char *sql)
+{
+    PGconn *c = PQconnectdb(tp_test_admin_dsn());
+    bool ok = PQstatus(c) == CONNECTION_OK;
+    if (ok) {
+        PGresult *r = PQexec(c, sql);
+        ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+        if (!ok)
+            fprintf(stderr, "# admin sql failed: %s: %s", sql, PQerrorMessage(c));
+        PQclear(r);
+    } else {
+        fprintf(stderr, "# cannot connect to harness postgres: %s", PQerrorMessage(c));
+    }
+    PQfinish(c);
+    return ok;
+}
+
+char *tp_test_new_db(const char *name)
+{
+    if (tp_test_admin_dsn() == NULL)
+        return NULL;
+    char sql[512];
+    snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS \"%s\" WITH (FORCE)", name);
+    if (!exec_admin(sql))
+        return NULL;
+    snprintf(sql, sizeof sql, "CREATE DATABASE \"%s\"", name);
+    if (!exec_admin(sql))
+        return NULL;
+    return conninfo_for(name);
+}
+
+const char *tp_test_dsn(void)
+{
+    if (g_dsn == NULL) {
+        char name[300];
+        snprintf(name, sizeof name, "t_%s", prog_name);
+        for (char *p = name; *p; p++)
+            if (*p == '-' || *p == '.')
+                *p = '_';
+        g_dsn = tp_test_new_db(name);
+    }
+    return g_dsn;
+}
+
+char *tp_test_sql(const char *dsn, const char *sql)
+{
+    PGconn *c = PQconnectdb(dsn);
+    char *out = NULL;
+    if (PQstatus(c) != CONNECTION_OK) {
+        tp_test_fail(__FILE__, __LINE__, "connect: %s", PQerrorMessage(c));
+    } else {
+        PGresult *r = PQexec(c, sql);
+        ExecStatusType st = PQresultStatus(r);
+        if (st == PGRES_TUPLES_OK && PQntuples(r) > 0 && PQnfields(r) > 0)
+            out = strdup(PQgetisnull(r, 0, 0) ? "" : PQgetvalue(r, 0, 0));
+        else if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK)
+            out = strdup("");
+        else
+            tp_test_fail(__FILE__, __LINE__, "sql %s: %s", sql, PQerrorMessage(c));
+        PQclear(r);
+    }
+    PQfinish(c);
+    return out;
+}
+
+int tp_test_free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof a;
+    int port = -1;
+    if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+        port = ntohs(a.sin_port);
+    if (fd >= 0)
+        close(fd);
+    return port;
+}
+
+const char *tp_test_bin(const char *program)
+{
+    static char path[4][512];
+    static int next;
+    const char *dir = getenv("TP_BINDIR");
+    char *p = path[next++ % 4];
+    snprintf(p, 512, "%s/%s", dir ? dir : "bin", program);
+    return p;
+}
+
+pid_t tp_test_spawn(char *const argv[], const char *log_path)
+{
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        int fd = open(log_path ? log_path : "/dev/null", O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+            close(fd);
+        }
+        signal(SIGPIPE, SIG_DFL);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+bool tp_test_wait_port(int port, int timeout_ms)
+{
+    for (int waited = 0; waited < timeout_ms; waited += 20) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                                .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        int rc = connect(fd, (struct sockaddr *)&a, sizeof a);
+        close(fd);
+        if (rc == 0)
+            return true;
+        usleep(20000);
+    }
+    return false;
+}
+
+int tp_test_stop(pid_t pid, int timeout_ms)
+{
+    int status;
+    if (pid <= 0)
+        return -1;
+    kill(pid, SIGTERM);
+    for (int waited = 0; waited < timeout_ms; waited += 10) {
+        if (waitpid(pid, &status, WNOHANG) == pid)
+            return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+        usleep(10000);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    return -SIGKILL;
+}
+
+int tp_test_cmd(const char *cmd, char **out)
+{
+    char *full = NULL;
+    if (asprintf(&full, "(%s) 2>&1", cmd) < 0)
+        abort();
+    FILE *p = popen(full, "r");
+    free(full);
+    if (p == NULL)
+        return -1;
+    size_t cap = 4096, len = 0;
+    char *buf = malloc(cap);
+    size_t n;
+    while ((n = fread(buf + len, 1, cap - len - 1, p)) > 0) {
+        len += n;
+        if (cap - len < 2)
+            buf = realloc(buf, cap *= 2);
+    }
+    buf[len] = '\0';
+    int st = pclose(p);
+    if (out)
+        *out = buf;
+    else
+        free(buf);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+const char *tp_test_tmpdir(void)
+{
+    if (g_tmpdir == NULL) {
+        char tmpl[] = "/tmp/tp_test_XXXXXX";
+        char *d = mkdtemp(tmpl);
+        if (d == NULL)
+            abort();
+        chmod(d, 0755);
+        g_tmpdir = strdup(d);
+    }
+    return g_tmpdir;
+}
+
+char *tp_test_write_tmp(const char *name, const char *text)
+{
+    char *path = NULL;
+    if (asprintf(&path, "%s/%s", tp_test_tmpdir(), name) < 0)
+        abort();
+    FILE *f = fopen(path, "w");
+    if (f == NULL)
+        abort();
+    fputs(text, f);
+    fclose(f);
+    return path;
+}
