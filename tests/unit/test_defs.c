@@ -231,7 +231,7 @@ static void dataset_errors_name_file_and_line(void)
     d = dir_with("a.sql", "-- @param Bad INT\nSELECT 1", NULL);
     EXPECT_LOAD('d', d, "D/a.sql:1: @param name \"Bad\" must match [a-z][a-z0-9_]*");
     d = dir_with("a.sql", "-- @param lonely\nSELECT 1", NULL);
-    EXPECT_LOAD('d', d, "D/a.sql:1: @param must be \"name TYPE [= default]\", not \"lonely\"");
+    EXPECT_LOAD('d', d, "D/a.sql:1: @param must be \"name TYPE [IN (a, b)] [= default]\", not \"lonely\"");
     d = dir_with("a.sql", DS_HEAD "-- @param user_id BIGINT\nSELECT :user_id, :since", NULL);
     EXPECT_LOAD('d', d, "D/a.sql:3: duplicate @param user_id (first on line 1)");
     d = dir_with("a.sql", DS_HEAD "-- @cache 1m\n-- @cache 2m\nSELECT :user_id, :since", NULL);
@@ -562,6 +562,54 @@ static void covers_route_old_requests(void)
     free(d);
 }
 
+static void params_with_choices(void)
+{
+    char *d;
+    d = dir_with("a.sql", "-- @param m STRING IN (weight, 'chol esterol') = x\nSELECT :m", NULL);
+    EXPECT_LOAD('d', d, "D/a.sql:1: @param m: default \"x\" must be one of: weight, chol esterol");
+    d = dir_with("a.sql", "-- @param n INT IN (1, two)\nSELECT :n", NULL);
+    EXPECT_LOAD('d', d, "D/a.sql:1: @param n: choice \"two\" must be an integer");
+    d = dir_with("a.sql", "-- @param n INT IN (1, +1)\nSELECT :n", NULL);
+    EXPECT_LOAD('d', d, "D/a.sql:1: @param n: choice \"+1\" is listed twice");
+    d = dir_with("a.sql", "-- @param n INT IN 1, 2\nSELECT :n", NULL);
+    EXPECT_LOAD('d', d, "D/a.sql:1: @param n: IN needs a list: IN (a, b)");
+    d = dir_with("a.sql", "-- @param n INT maybe\nSELECT :n", NULL);
+    EXPECT_LOAD('d', d, "D/a.sql:1: @param n: unexpected \"maybe\" (expected IN (a, b) or = default)");
+    d = dir_with("a.sql", "-- @param m STRING IN (weight, cholesterol) = weight\nSELECT :m",
+                 "a.warehouse.sql", "-- @param m STRING IN (weight) = weight\nSELECT :m", NULL);
+    char *got = load('d', d);
+    char *want = tp_xasprintf("D/a.warehouse.sql:1: @param m differs from %s/a.sql:1 (the twin "
+                              "must declare the same parameters)", d);
+    CHECK_STR_EQ(got, want);
+    free(got), free(want), free(d);
+
+    d = dir_with("a.sql", "-- @param m STRING IN (weight, cholesterol) = weight\n"
+                          "-- @param b BOOLEAN in(true) = yes\nSELECT :m, :b", NULL);
+    tp_defs_set_t *s = tp_defs_set_new();
+    tp_defs_diag_t diag = {0};
+    CHECK(tp_defs_load_datasets(s, d, &diag));
+    const tp_defs_dataset_t *a = tp_defs_dataset_find(s, "a");
+    CHECK(a != NULL);
+    if (a != NULL) {
+        tp_defs_value_t v;
+        const char *why = NULL;
+        CHECK_INT_EQ(a->params[0].n_choices, 2);
+        CHECK(tp_defs_param_parse(&a->params[0], "cholesterol", &v, &why));
+        CHECK(!tp_defs_param_parse(&a->params[0], "height", &v, &why));
+        CHECK_STR_EQ(why, "must be one of: weight, cholesterol");
+        CHECK(tp_defs_param_parse(&a->params[1], "ON", &v, &why));
+        CHECK(!tp_defs_param_parse(&a->params[1], "no", &v, &why));
+        CHECK_STR_EQ(why, "must be one of: true");
+        CHECK(!tp_defs_param_parse(&a->params[1], "perhaps", &v, &why));
+        CHECK_STR_EQ(why, "must be true or false");
+        CHECK_STR_EQ(a->params[1].default_text, "yes");
+        CHECK_STR_EQ(a->params[1].dflt.canon, "true");
+    }
+    tp_defs_diag_free(&diag);
+    tp_defs_set_free(s);
+    free(d);
+}
+
 /* The demo definitions shipped in sql/ (DESIGN §14) load and cross-check. */
 static void demo_definitions_parse(void)
 {
@@ -607,6 +655,7 @@ int main(void)
     TP_RUN(markers_skip_literals_comments_and_casts);
     TP_RUN(values_are_validated);
     TP_RUN(covers_route_old_requests);
+    TP_RUN(params_with_choices);
     TP_RUN(demo_definitions_parse);
     return tp_test_done();
 }
