@@ -720,7 +720,10 @@ static bool pfile_read(pfile_t *f, const char *path, tp_defs_diag_t *diag)
     }
     int line = 1;
     bool in_header = true;
-    for (char *p = f->text; *p != '\0'; line++) {
+    char *start = f->text;
+    if (strncmp(start, "\xEF\xBB\xBF", 3) == 0)
+        start += 3; /* a UTF-8 byte order mark some editors write */
+    for (char *p = start; *p != '\0'; line++) {
         char *eol = strchr(p, '\n');
         size_t ll = eol ? (size_t)(eol - p) : strlen(p);
         char *l = tp_xstrndup(p, ll);
