@@ -387,6 +387,16 @@ static void twins_must_match(void)
     CHECK(w != NULL && !w->has_pg && w->has_wh && w->pg.sql == NULL);
     CHECK(w != NULL && strcmp(w->params[0].default_text, "a b") == 0);
 
+    /* the same dataset name from a second directory is a duplicate */
+    char *d2 = dir_with("w.sql", "SELECT 1", NULL);
+    CHECK(!tp_defs_load_datasets(s, d2, &diag));
+    want = tp_xasprintf("%s/w.sql:1: dataset w is already defined in %s/w.warehouse.sql", d2, d);
+    CHECK_STR_EQ(diag.n ? diag.msgs[0] : NULL, want);
+    CHECK_INT_EQ(s->n_datasets, 2);
+    free(want);
+    free(d2);
+    tp_defs_diag_free(&diag);
+
     /* cross-check of @requires against the jobs */
     tp_defs_set_t *jobs = tp_defs_set_new();
     CHECK(!tp_defs_check_requires(s, jobs, &diag));
