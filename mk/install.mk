@@ -114,3 +114,8 @@ uninstall-files:
 	rmdir $(DESTDIR)$(TP_CONF_DIR) 2>/dev/null || true
 	@if [ -e $(DESTDIR)$(TP_CONF_DIR)/tidepool.conf ]; then \
 	    echo "uninstall: kept $(DESTDIR)$(TP_CONF_DIR)/tidepool.conf (remove it by hand to purge)"; fi
+
+# Databricks Apps source tree with bundled libraries (docs/databricks-apps.md).
+.PHONY: databricks-app
+databricks-app:
+	mk/databricks-app.sh build/databricks-app
