@@ -40,7 +40,7 @@ static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL}
 const tp_setting_t tp_settings[] = {
     {.section = "postgres", .key = "dsn", .type = TP_CFG_DSN, .default_value = "",
      .offset = OFF(postgres.dsn),
-     .help = "libpq conninfo or URI; empty uses libpq's PG* environment variables"},
+     .help = "libpq conninfo or URI; empty uses libpq's `PG*` environment variables"},
     {.section = "postgres", .key = "read_dsn", .type = TP_CFG_DSN, .default_value = "",
      .offset = OFF(postgres.read_dsn),
      .help = "optional read replica for queries; empty sends reads to dsn"},
@@ -227,25 +227,35 @@ static void put_choices(tp_buf_t *b, const char *const *choices)
         tp_buf_printf(b, "%s%s", i ? ", " : "", choices[i]);
 }
 
-/* What a valid value looks like, for "expected ..." in errors and the reference. */
+/* "MIN to MAX" in the setting's own units (INT, DURATION, SIZE). */
+static void put_bounds(tp_buf_t *b, const tp_setting_t *s)
+{
+    if (s->type == TP_CFG_INT) {
+        tp_buf_printf(b, "%lld to %lld", (long long)s->min, (long long)s->max);
+        return;
+    }
+    void (*put)(tp_buf_t *, int64_t) = s->type == TP_CFG_DURATION ? put_duration : put_size;
+    put(b, s->min);
+    tp_buf_puts(b, " to ");
+    put(b, s->max);
+}
+
+/* What a valid value looks like, for "expected ..." in errors. */
 static void put_expected(tp_buf_t *b, const tp_setting_t *s)
 {
     switch (s->type) {
     case TP_CFG_INT:
-        tp_buf_printf(b, "an integer from %lld to %lld", (long long)s->min, (long long)s->max);
+        tp_buf_puts(b, "an integer from ");
+        put_bounds(b, s);
         break;
     case TP_CFG_DURATION:
         tp_buf_puts(b, "a duration from ");
-        put_duration(b, s->min);
-        tp_buf_puts(b, " to ");
-        put_duration(b, s->max);
+        put_bounds(b, s);
         tp_buf_puts(b, " (like 30s, 5m, 250ms)");
         break;
     case TP_CFG_SIZE:
         tp_buf_puts(b, "a size from ");
-        put_size(b, s->min);
-        tp_buf_puts(b, " to ");
-        put_size(b, s->max);
+        put_bounds(b, s);
         tp_buf_puts(b, " (like 64k, 16M)");
         break;
     case TP_CFG_BOOL:
@@ -743,9 +753,13 @@ void tp_config_print_reference(FILE *f)
     for (size_t i = 0; i < tp_settings_count; i++) {
         const tp_setting_t *s = &tp_settings[i];
         tp_buf_printf(&b, "| `%s.%s` | %s", s->section, s->key, type_name(s->type));
-        if (s->type != TP_CFG_STRING && s->type != TP_CFG_DSN && s->type != TP_CFG_LISTEN) {
+        if (s->type == TP_CFG_INT || s->type == TP_CFG_DURATION || s->type == TP_CFG_SIZE) {
+            tp_buf_puts(&b, " (");
+            put_bounds(&b, s);
+            tp_buf_puts(&b, ")");
+        } else if (s->type == TP_CFG_ENUM) {
             tp_buf_puts(&b, ": ");
-            put_expected(&b, s);
+            put_choices(&b, s->choices);
         }
         const char *def = s->default_value ? s->default_value : "";
         if (*def != '\0')
