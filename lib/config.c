@@ -153,6 +153,9 @@ static bool fail(char *err, size_t errlen, const where_t *w, const char *fmt, ..
         vsnprintf(err + n, errlen - (size_t)n, fmt, ap);
         va_end(ap);
     }
+    for (char *p = err; *p != '\0'; p++) /* one line, whatever an echoed value held */
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            *p = '?';
     return false;
 }
 

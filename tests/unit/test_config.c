@@ -672,6 +672,47 @@ static void reload_reports_restart_needed(void)
     tp_config_free(&a);
 }
 
+/* Mutated files never crash the parser (ASan build) and always fail with one
+ * "PATH:" line; the seed is fixed so a failure reproduces. */
+static void mutated_files_fail_cleanly(void)
+{
+    clear_env();
+    setenv("TP_CFG_A", "warn", 1);
+    static const char base[] = "[postgres]\ndsn = host=h password='x y'\npool_size = 4\n"
+                               "[warehouse]\nhost = \"${TP_CFG_A:-h}\"\ntoken = $$t\n"
+                               "[server]\nlisten = [::1]:80\ntimeout = 30s\n"
+                               "[log]\nlevel = ${TP_CFG_A}\n";
+    static const char alphabet[] = "[]=\"\\${}:-#; \n\rax1\x01\xff";
+    srand(12345);
+    char text[sizeof base], err0[512];
+    int loaded = 0;
+    tp_config_t c0 = {0};
+    for (int i = 0; i < 1500; i++) {
+        memcpy(text, base, sizeof base);
+        for (int m = 1 + rand() % 4; m > 0; m--)
+            text[rand() % (int)(sizeof base - 1)] = alphabet[rand() % (int)(sizeof alphabet - 1)];
+        tp_config_t c = {0};
+        char err[512] = "";
+        if (load_text(&c, text, err, sizeof err)) {
+            loaded++;
+            tp_config_free(&c);
+            continue;
+        }
+        CHECK_MSG(strncmp(err, g_path, strlen(g_path)) == 0 && err[strlen(g_path)] == ':',
+                  "case %d: \"%s\"", i, err);
+        CHECK_MSG(strchr(err, '\n') == NULL && strchr(err, '\r') == NULL, "case %d: \"%s\"", i,
+                  err);
+    }
+    CHECK(loaded > 0 && loaded < 1500); /* both paths were exercised */
+    CHECK(load_text(&c0, base, err0, sizeof err0));
+    tp_config_free(&c0);
+    /* an echoed value with a newline stays on one line */
+    setenv("TIDEPOOL_LOG_LEVEL", "de\nbug", 1);
+    EXPECT_ENV_ERR("env TIDEPOOL_LOG_LEVEL: invalid value \"de?bug\" for log.level: expected one "
+                   "of debug, info, warn, error");
+    clear_env();
+}
+
 /* The table itself: every default parses (no setting can fail on defaults),
  * names are unique, and the types carry what they need. */
 static void table_is_consistent(void)
@@ -705,6 +746,7 @@ int main(void)
     TP_RUN(errors_never_show_secrets);
     TP_RUN(reference_lists_every_setting);
     TP_RUN(reload_reports_restart_needed);
+    TP_RUN(mutated_files_fail_cleanly);
     TP_RUN(table_is_consistent);
     free(g_path);
     return tp_test_done();
