@@ -21,6 +21,9 @@
 #include <strings.h>
 #include <sys/stat.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include <libpq-fe.h>
 
 #define MS_S 1000LL
@@ -608,12 +611,27 @@ static void where_of(const tp_config_t *c, const char *section, const char *key,
               o->source == TP_CFG_SRC_ENV ? tp_settings[i].env : NULL);
 }
 
+/* listen is a valid ADDR:PORT; loopback means localhost, 127.0.0.0/8 or ::1. */
 static bool is_loopback(const char *listen)
 {
     const char *colon = strrchr(listen, ':');
+    char host[256];
     size_t n = (size_t)(colon - listen);
-    return (n == 9 && strncmp(listen, "localhost", 9) == 0) ||
-           (n == 5 && strncmp(listen, "[::1]", 5) == 0) || strncmp(listen, "127.", 4) == 0;
+    if (listen[0] == '[' && n >= 2) { /* "[::1]" */
+        listen++;
+        n -= 2;
+    }
+    if (n >= sizeof host)
+        return false;
+    memcpy(host, listen, n);
+    host[n] = '\0';
+    struct in_addr a4;
+    struct in6_addr a6;
+    if (inet_pton(AF_INET, host, &a4) == 1)
+        return (ntohl(a4.s_addr) >> 24) == 127;
+    if (inet_pton(AF_INET6, host, &a6) == 1)
+        return IN6_IS_ADDR_LOOPBACK(&a6);
+    return strcmp(host, "localhost") == 0;
 }
 
 static bool check_consistency(const tp_config_t *c, char *err, size_t errlen)

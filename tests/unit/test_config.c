@@ -427,6 +427,12 @@ static void auth_none_needs_loopback(void)
         tp_config_free(&c);
         free(text);
     }
+    EXPECT_ERR("[server]\nlisten = 127.0.0.1.nip.io:80\n", 2,
+               "auth.mode = none is only allowed on a loopback server.listen (not "
+               "127.0.0.1.nip.io:80); set auth.mode to token, databricks-apps or jwt");
+    EXPECT_ERR("[server]\nlisten = [::]:80\n", 2,
+               "auth.mode = none is only allowed on a loopback server.listen (not "
+               "[::]:80); set auth.mode to token, databricks-apps or jwt");
     EXPECT_ERR("[auth]\nmode = none\n[server]\nlisten = 0.0.0.0:8080\n", 4,
                "auth.mode = none is only allowed on a loopback server.listen (not "
                "0.0.0.0:8080); set auth.mode to token, databricks-apps or jwt");
