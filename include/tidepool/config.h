@@ -82,7 +82,7 @@ typedef struct tp_setting {
     const char *section;
     const char *key;
     tp_cfg_type_t type;
-    const char *default_value; /* textual, parsed like a file value; NULL = empty */
+    const char *default_value; /* textual, converted like a file value; NULL = empty */
     const char *env;           /* environment variable used when the file leaves it unset
                                   (an empty variable counts as unset) */
     const char *env_value;     /* NULL: the variable's value as is; else this text with
@@ -92,7 +92,7 @@ typedef struct tp_setting {
     size_t offset;             /* of the field in tp_config_t */
     int64_t min, max;          /* for INT, DURATION, SIZE */
     const char *const *choices; /* for ENUM, NULL-terminated */
-    const char *help;          /* one line for --check and the README reference */
+    const char *help;          /* one line for the reference (docs, README) */
 } tp_setting_t;
 
 extern const tp_setting_t tp_settings[];
