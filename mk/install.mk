@@ -52,20 +52,20 @@ TP_SED_PATHS := sed -e 's|/usr/bin/tidepool-|$(TP_BIN_DIR)/tidepool-|g' \
                     -e 's|/usr/share/tidepool|$(TP_DATA_DIR)|g' \
                     -e 's|/etc/tidepool|$(TP_CONF_DIR)|g'
 
-.PHONY: install-files uninstall-files man
+.PHONY: install-files uninstall-files man tp-always
 
 man: $(TP_MANPAGES)
 
-$(TP_MAN_BUILD)/%.1: $(BINDIR)/% mk/man-from-help.sh FORCE
+$(TP_MAN_BUILD)/%.1: $(BINDIR)/% mk/man-from-help.sh tp-always
 	@mkdir -p $(dir $@)
 	mk/man-from-help.sh $< "$(desc_$*)" $@ $(SYSCONFDIR) $(TP_DATA_DIR)
 
 # Generated per PREFIX, so the stage directory is rebuilt on every install.
-$(TP_STAGE): FORCE
+$(TP_STAGE): tp-always
 	@rm -rf $@ && mkdir -p $@
 	@for f in $(TP_UNITS) tidepool.conf tidepool.tmpfiles; do \
 	    $(TP_SED_PATHS) systemd/$$f >$@/$$f || exit 1; done
-FORCE:
+tp-always:
 
 install-files: $(addprefix $(BINDIR)/,$(TP_PROGRAMS)) $(TP_MANPAGES) $(TP_STAGE)
 	install -d $(DESTDIR)$(TP_BIN_DIR) $(DESTDIR)$(TP_MAN1_DIR) \

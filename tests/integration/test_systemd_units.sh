@@ -218,26 +218,8 @@ man_renders() { # man_renders MODE PROGRAM
 }
 for m in help2man fallback; do check "man_page_$m" man_renders "$m" tidepool-server; done
 
-# ---- example config names every setting, and only real ones ----
-example_covers_settings() {
-    local table=$tmp/settings.txt shown=$tmp/shown.txt bad=0 k
-    # Settings table rows: {.section = "x", .key = "y", ...}
-    tr -d '\n' <lib/config.c | grep -o '\.section = "[a-z_]*", *\.key = "[a-z_]*"' |
-        sed 's/\.section = "\([a-z_]*\)", *\.key = "\([a-z_]*\)"/\1.\2/' | sort -u >"$table"
-    [ -s "$table" ] || { echo "no settings table found in lib/config.c"; return 1; }
-    awk '/^\[[a-z_]+\]$/ { s = substr($0, 2, length($0) - 2); next }
-         /^#? ?[a-z_]+ =/ { k = $0; sub(/^# ?/, "", k); sub(/ =.*/, "", k); print s "." k }' \
-        systemd/tidepool.conf | sort -u >"$shown"
-    while read -r k; do grep -qx "$k" "$shown" || { echo "example lacks $k"; bad=1; }; done <"$table"
-    while read -r k; do grep -qx "$k" "$table" || { echo "example names unknown setting $k"; bad=1; }; done <"$shown"
-    return $bad
-}
-if [ -f lib/config.c ]; then
-    check example_config_covers_settings example_covers_settings
-else
-    skip example_config_covers_settings "lib/config.c (the settings table) is not merged yet"
-fi
-
+# ---- example config ----
+# tests/unit/test_conf_example.c checks it against the settings table.
 # The installed example passes --check (definition paths rewritten into tmp).
 if "$BIN/tidepool-server" --help 2>&1 | grep -q -- '--check'; then
     chk=$tmp/chk
