@@ -73,11 +73,14 @@ static size_t parse_example(shown_t *out, size_t cap)
     return n;
 }
 
-static const shown_t *find_shown(const shown_t *all, size_t n, const tp_setting_t *s)
+static shown_t g_all[128]; /* the example's key lines, parsed once in main */
+static size_t g_n;
+
+static const shown_t *find_shown(const tp_setting_t *s)
 {
-    for (size_t i = 0; i < n; i++)
-        if (strcmp(all[i].section, s->section) == 0 && strcmp(all[i].key, s->key) == 0)
-            return &all[i];
+    for (size_t i = 0; i < g_n; i++)
+        if (strcmp(g_all[i].section, s->section) == 0 && strcmp(g_all[i].key, s->key) == 0)
+            return &g_all[i];
     return NULL;
 }
 
@@ -91,11 +94,11 @@ static void example_loads_with_the_real_parser(void)
 
 static void example_names_every_setting_once_in_its_section(void)
 {
-    static shown_t all[128];
-    size_t n = parse_example(all, TP_ARRAY_LEN(all));
+    const shown_t *all = g_all;
+    size_t n = g_n;
     for (size_t i = 0; i < tp_settings_count; i++) {
         const tp_setting_t *s = &tp_settings[i];
-        CHECK_MSG(find_shown(all, n, s) != NULL, "example lacks [%s] %s", s->section, s->key);
+        CHECK_MSG(find_shown(s) != NULL, "example lacks [%s] %s", s->section, s->key);
     }
     for (size_t i = 0; i < n; i++) {
         bool known = false;
@@ -111,11 +114,9 @@ static void example_names_every_setting_once_in_its_section(void)
 
 static void commented_values_are_the_defaults(void)
 {
-    static shown_t all[128];
-    size_t n = parse_example(all, TP_ARRAY_LEN(all));
     for (size_t i = 0; i < tp_settings_count; i++) {
         const tp_setting_t *s = &tp_settings[i];
-        const shown_t *sh = find_shown(all, n, s);
+        const shown_t *sh = find_shown(s);
         if (sh == NULL || !sh->commented)
             continue;
         const char *def = s->default_value ? s->default_value : "";
@@ -169,11 +170,9 @@ static void commented_values_are_the_defaults(void)
 
 static void comments_state_reload_env_and_secrecy(void)
 {
-    static shown_t all[128];
-    size_t n = parse_example(all, TP_ARRAY_LEN(all));
     for (size_t i = 0; i < tp_settings_count; i++) {
         const tp_setting_t *s = &tp_settings[i];
-        const shown_t *sh = find_shown(all, n, s);
+        const shown_t *sh = find_shown(s);
         if (sh == NULL)
             continue; /* reported by the naming test */
         CHECK_MSG(strlen(sh->block) > 0, "[%s] %s has no comment", s->section, s->key);
@@ -200,6 +199,7 @@ int main(void)
         return tp_test_done();
     }
     clear_setting_env();
+    g_n = parse_example(g_all, TP_ARRAY_LEN(g_all));
     TP_RUN(example_loads_with_the_real_parser);
     TP_RUN(example_names_every_setting_once_in_its_section);
     TP_RUN(commented_values_are_the_defaults);
