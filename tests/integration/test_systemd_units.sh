@@ -260,13 +260,17 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 apps_mode() {
     local port log=$tmp/apps.log t0 t1 i
     port=$(free_port)
+    # The app's working directory is the uploaded tree: sql/ (and bin/) at its root.
+    local cwd=$tmp/app-root
+    mkdir -p "$cwd/sql/queries" "$cwd/sql/sync"
+    [ -d sql ] && cp -R sql/. "$cwd/sql/"
     # Only what Databricks Apps injects (3.1, 4.4), pointed at the test Postgres.
     env -i PATH=/usr/bin:/bin HOME="$tmp" DATABRICKS_APP_NAME=tidepool-test DATABRICKS_WORKSPACE_ID=1 \
         DATABRICKS_HOST=http://127.0.0.1:9 DATABRICKS_APP_PORT="$port" \
         DATABRICKS_CLIENT_ID=test-client DATABRICKS_CLIENT_SECRET=test-secret \
         DATABRICKS_WAREHOUSE_ID=test-warehouse PGAPPNAME=tidepool-test \
         PGHOST="${PGHOST:-}" PGPORT="${PGPORT:-}" PGUSER="${PGUSER:-}" PGDATABASE=postgres \
-        "$BIN/tidepool-server" >"$log" 2>&1 &
+        sh -c 'cd "$1" && exec "$2"' sh "$cwd" "$BIN/tidepool-server" >"$log" 2>&1 &
     server_pid=$!
     for i in $(seq 1 100); do
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
