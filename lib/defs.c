@@ -545,7 +545,8 @@ static void scanner_free(scanner_t *s)
     tp_buf_free(&s->out);
 }
 
-/* The scanner proper; on success s->out holds the statement without a trailing ';'. */
+/* The scanner proper; on success s->out holds the statement without a trailing
+ * ';' or trailing comments (so callers may wrap it: "SELECT * FROM (sql) q"). */
 static bool scan(scanner_t *s, bool pg)
 {
     int semi_line = 0, first_line = s->line;
@@ -579,7 +580,6 @@ static bool scan(scanner_t *s, bool pg)
         bool after_ident = i > 0 && ident_char(t[i - 1]);
         if (c == ';') {
             semi_line = s->line;
-            semi_len = s->out.len;
             copy_to(s, i + 1);
         } else if (c == '\'') {
             bool estr = pg && i > 0 && (t[i - 1] == 'E' || t[i - 1] == 'e') &&
@@ -614,11 +614,12 @@ static bool scan(scanner_t *s, bool pg)
         } else {
             copy_to(s, i + 1);
         }
+        if (semi_line == 0)
+            semi_len = s->out.len; /* end of the last token: trailing comments go */
     }
     if (!any)
         return scan_fail(s, first_line, "empty SQL body");
-    if (semi_line != 0)
-        s->out.len = semi_len;
+    s->out.len = semi_len;
     while (s->out.len > 0 && isspace((unsigned char)s->out.data[s->out.len - 1]))
         s->out.len--;
     s->out.data[s->out.len] = '\0';

@@ -64,7 +64,8 @@ static inline const char *tp_defs_value_text(const tp_defs_value_t *v, const cha
 /* One SQL body after scanning. For a Postgres body, sql has each :name replaced
  * by $n in first-appearance order (a name used twice keeps its number); for a
  * warehouse body, sql is the text as written (named :name markers are native
- * there). In both, a trailing ';' and surrounding blank space are removed. */
+ * there). In both, a trailing ';', trailing comments and surrounding blank space
+ * are removed, so the text can be wrapped ("SELECT * FROM (sql) q"). */
 typedef struct tp_defs_body {
     char *path;     /* file it came from */
     int line;       /* line of the file where sql starts (1-based) */
