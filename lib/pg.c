@@ -73,8 +73,9 @@ static bool is_conninfo_keyword(const char *tok, size_t len)
 
 /* libpq's conninfo parse errors quote fragments of the string (a URI, a
  * percent-encoded token, a word with no "="), which may be parts of a password.
- * Keep quoted keywords and single punctuation characters; mask the rest. */
-static char *mask_quoted_fragments(const char *msg)
+ * Keep quoted keywords and single punctuation characters; mask the rest,
+ * unless the string holds no password at all (no "password", no URI "@"). */
+static char *mask_quoted_fragments(const char *msg, bool may_hold_secret)
 {
     tp_buf_t b = {0};
     const char *p = msg;
@@ -85,7 +86,7 @@ static char *mask_quoted_fragments(const char *msg)
             continue;
         }
         size_t len = (size_t)(q - p - 1);
-        bool keep = (len == 1 && !((p[1] >= 'a' && p[1] <= 'z') || (p[1] >= 'A' && p[1] <= 'Z') ||
+        bool keep = !may_hold_secret || (len == 1 && !((p[1] >= 'a' && p[1] <= 'z') || (p[1] >= 'A' && p[1] <= 'Z') ||
                                    (p[1] >= '0' && p[1] <= '9'))) ||
                     is_conninfo_keyword(p + 1, len);
         tp_buf_putc(&b, '"');
@@ -138,7 +139,8 @@ static PQconninfoOption *parse_conninfo(const char *conninfo, const secrets_t *k
     PQconninfoOption *opts = PQconninfoParse(expanded ? conninfo : "", &perr);
     if (opts != NULL)
         return opts;
-    char *masked = mask_quoted_fragments(perr ? perr : "out of memory");
+    bool may_hold_secret = strcasestr(conninfo, "password") != NULL || strchr(conninfo, '@') != NULL;
+    char *masked = mask_quoted_fragments(perr ? perr : "out of memory", may_hold_secret);
     tp_buf_t b = {0};
     tp_buf_puts(&b, "invalid Postgres connection string: ");
     append_masked(&b, masked, known);
