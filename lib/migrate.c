@@ -297,32 +297,32 @@ bool tp_migrate_status(PGconn *conn, const char *dir, tp_migrate_status_t *out, 
     return ok;
 }
 
+static const applied_t *find_applied(const applied_set_t *a, int version)
+{
+    for (int i = 0; i < a->n; i++)
+        if (a->v[i].version == version)
+            return &a->v[i];
+    return NULL;
+}
+
 /* Refuses a database this build must not touch; err names the version or file. */
 static bool check_applied(const mig_set_t *s, const applied_set_t *a, char *err, size_t errlen)
 {
     tp_migrate_status_t st;
     compute_status(s, a, &st);
     if (st.unknown_newer) {
-        const char *name = "";
-        for (int i = 0; i < a->n; i++)
-            if (a->v[i].version == st.unknown_newer)
-                name = a->v[i].name;
         snprintf(err, errlen,
                  "database schema is newer than this build: it has migration %04d (%s), this "
                  "build knows up to %04d; refusing to run (upgrade tidepool)",
-                 st.unknown_newer, name, s->n);
+                 st.unknown_newer, find_applied(a, st.unknown_newer)->name, s->n);
         return false;
     }
     if (st.changed) {
         const mig_t *m = &s->v[st.changed - 1];
-        const char *was = "";
-        for (int i = 0; i < a->n; i++)
-            if (a->v[i].version == st.changed)
-                was = a->v[i].checksum;
         snprintf(err, errlen,
                  "%s: changed after it was applied (file sha256 %.12s..., applied %.12s...); "
                  "never edit an applied migration, add a new one",
-                 m->path, m->checksum, was);
+                 m->path, m->checksum, find_applied(a, st.changed)->checksum);
         return false;
     }
     for (int i = 0; i < a->n; i++) {

@@ -175,34 +175,68 @@ out:
     free(dsn);
 }
 
+/* A fresh database, a connection to it and a private migrations directory
+ * (NULL name: the repository's sql/migrations). */
+typedef struct fixture {
+    char *dsn;
+    char *dir;
+    PGconn *c;
+    char err[1024];
+    int applied;
+} fixture_t;
+
+static bool fixture_open(fixture_t *f, const char *name, bool own_dir)
+{
+    memset(f, 0, sizeof *f);
+    char *db = tp_xasprintf("t_migrate_%s", name), *d = tp_xasprintf("m_%s", name);
+    f->dsn = tp_test_new_db(db);
+    f->dir = own_dir ? mig_dir(d) : tp_xstrdup(repo_migrations());
+    f->c = f->dsn ? connect_or_fail(f->dsn) : NULL;
+    free(db);
+    free(d);
+    return f->c != NULL;
+}
+
+static void fixture_close(fixture_t *f)
+{
+    PQfinish(f->c);
+    free(f->dir);
+    free(f->dsn);
+}
+
+static bool apply(fixture_t *f)
+{
+    f->applied = -1;
+    f->err[0] = '\0';
+    return tp_migrate_apply(f->c, f->dir, &f->applied, f->err, sizeof f->err);
+}
+
+#define APPLY_OK(f, n)                                                                  \
+    do {                                                                                \
+        CHECK_MSG(apply(f), "apply: %s", (f)->err);                                     \
+        CHECK_INT_EQ((f)->applied, (n));                                                \
+    } while (0)
+
 static void test_rerun_is_noop(void)
 {
-    char *dsn = tp_test_new_db("t_migrate_rerun");
-    const char *dir = repo_migrations();
-    PGconn *c = connect_or_fail(dsn);
-    char err[1024] = "";
-    int applied = -1;
-    if (c == NULL)
+    fixture_t f;
+    if (!fixture_open(&f, "rerun", false))
         goto out;
-    CHECK_MSG(tp_migrate_apply(c, dir, &applied, err, sizeof err), "%s", err);
-    CHECK(applied >= 1);
-    char *before = sql1(dsn, "SELECT string_agg(version || '@' || applied_at, ',' ORDER BY version) "
-                             "FROM tidepool.schema_migrations");
-    CHECK_MSG(tp_migrate_apply(c, dir, &applied, err, sizeof err), "%s", err);
-    CHECK_INT_EQ(applied, 0);
+    CHECK_MSG(apply(&f) && f.applied >= 1, "%s", f.err);
+    const char *q = "SELECT string_agg(version || '@' || applied_at, ',' ORDER BY version) "
+                    "FROM tidepool.schema_migrations";
+    char *before = sql1(f.dsn, q);
+    APPLY_OK(&f, 0);
     /* A second connection too (a restarted program). */
-    PGconn *c2 = connect_or_fail(dsn);
-    CHECK_MSG(c2 && tp_migrate_apply(c2, dir, &applied, err, sizeof err), "%s", err);
-    CHECK_INT_EQ(applied, 0);
-    PQfinish(c2);
-    char *after = sql1(dsn, "SELECT string_agg(version || '@' || applied_at, ',' ORDER BY version) "
-                            "FROM tidepool.schema_migrations");
+    PQfinish(f.c);
+    f.c = connect_or_fail(f.dsn);
+    APPLY_OK(&f, 0);
+    char *after = sql1(f.dsn, q);
     CHECK_STR_EQ(after, before);
     free(before);
     free(after);
 out:
-    PQfinish(c);
-    free(dsn);
+    fixture_close(&f);
 }
 
 /* Three processes released at once apply a slow migration set: each migration
@@ -269,123 +303,108 @@ static void test_concurrent_apply_once(void)
 
 static void test_edited_migration_refused(void)
 {
-    char *dsn = tp_test_new_db("t_migrate_edit");
-    char *dir = mig_dir("m_edit");
-    put(dir, "0001_first.sql", "CREATE TABLE e1 (a int);\n");
-    PGconn *c = connect_or_fail(dsn);
-    char err[1024] = "";
-    int applied = -1;
-    if (c == NULL)
+    fixture_t f;
+    if (!fixture_open(&f, "edit", true))
         goto out;
-    CHECK_MSG(tp_migrate_apply(c, dir, &applied, err, sizeof err), "%s", err);
-    CHECK_INT_EQ(applied, 1);
-    put(dir, "0001_first.sql", "CREATE TABLE e1 (a int, b int);\n");
-    put(dir, "0002_second.sql", "CREATE TABLE e2 (a int);\n");
-    CHECK(!tp_migrate_apply(c, dir, &applied, err, sizeof err));
-    CHECK_INT_EQ(applied, 0);
-    CHECK_CONTAINS(err, "0001_first.sql");
-    CHECK_CONTAINS(err, "changed after it was applied");
-    sql_is(dsn, "SELECT to_regclass('e2') IS NULL", "t");
+    put(f.dir, "0001_first.sql", "CREATE TABLE e1 (a int);\n");
+    APPLY_OK(&f, 1);
+    put(f.dir, "0001_first.sql", "CREATE TABLE e1 (a int, b int);\n");
+    put(f.dir, "0002_second.sql", "CREATE TABLE e2 (a int);\n");
+    CHECK(!apply(&f));
+    CHECK_INT_EQ(f.applied, 0);
+    CHECK_CONTAINS(f.err, "m_edit/0001_first.sql: changed after it was applied");
+    sql_is(f.dsn, "SELECT to_regclass('e2') IS NULL", "t");
     tp_migrate_status_t st;
-    CHECK_MSG(tp_migrate_status(c, dir, &st, err, sizeof err), "%s", err);
+    CHECK_MSG(tp_migrate_status(f.c, f.dir, &st, f.err, sizeof f.err), "%s", f.err);
     CHECK_INT_EQ(st.changed, 1);
     CHECK_INT_EQ(st.pending, 1);
     char why[256];
     CHECK(!tp_migrate_status_current(&st, why, sizeof why));
-    CHECK_CONTAINS(why, "0001");
+    CHECK_CONTAINS(why, "migration 0001 was edited");
     /* The refusal released the lock. */
-    check_lock_free(dsn);
+    check_lock_free(f.dsn);
 out:
-    PQfinish(c);
-    free(dir);
-    free(dsn);
+    fixture_close(&f);
 }
 
 static void test_newer_schema_refused(void)
 {
-    char *dsn = tp_test_new_db("t_migrate_newer");
-    char *dir = mig_dir("m_newer");
-    put(dir, "0001_first.sql", "CREATE TABLE n1 (a int);\n");
-    PGconn *c = connect_or_fail(dsn);
-    char err[1024] = "";
-    int applied = -1;
-    if (c == NULL)
+    fixture_t f;
+    if (!fixture_open(&f, "newer", true))
         goto out;
-    CHECK_MSG(tp_migrate_apply(c, dir, &applied, err, sizeof err), "%s", err);
-    free(sql1(dsn, "INSERT INTO tidepool.schema_migrations (version, name, checksum) "
-                   "VALUES (7, '0007_future.sql', repeat('a', 64))"));
-    CHECK(!tp_migrate_apply(c, dir, &applied, err, sizeof err));
-    CHECK_CONTAINS(err, "0007");
-    CHECK_CONTAINS(err, "newer");
-    CHECK_CONTAINS(err, "0007_future.sql");
+    put(f.dir, "0001_first.sql", "CREATE TABLE n1 (a int);\n");
+    APPLY_OK(&f, 1);
+    free(sql1(f.dsn, "INSERT INTO tidepool.schema_migrations (version, name, checksum) "
+                     "VALUES (7, '0007_future.sql', repeat('a', 64))"));
+    CHECK(!apply(&f));
+    CHECK_CONTAINS(f.err, "newer than this build: it has migration 0007 (0007_future.sql)");
     tp_migrate_status_t st;
-    CHECK_MSG(tp_migrate_status(c, dir, &st, err, sizeof err), "%s", err);
+    CHECK_MSG(tp_migrate_status(f.c, f.dir, &st, f.err, sizeof f.err), "%s", f.err);
     CHECK_INT_EQ(st.unknown_newer, 7);
     CHECK_INT_EQ(st.current, 7);
     char why[256];
     CHECK(!tp_migrate_status_current(&st, why, sizeof why));
-    CHECK_CONTAINS(why, "0007");
-    CHECK_CONTAINS(why, "newer");
+    CHECK_CONTAINS(why, "database has migration 0007, newer than this build");
+    /* A hole (2 recorded without 1) is refused too, naming the missing file. */
+    free(sql1(f.dsn, "DELETE FROM tidepool.schema_migrations"));
+    free(sql1(f.dsn, "INSERT INTO tidepool.schema_migrations (version, name, checksum) "
+                     "VALUES (2, '0002_x.sql', encode(sha256(E'SELECT 1;\\n'::bytea), 'hex'))"));
+    put(f.dir, "0002_x.sql", "SELECT 1;\n");
+    CHECK(!apply(&f));
+    CHECK_CONTAINS(f.err, "migration 0002 applied but not 0001");
 out:
-    PQfinish(c);
-    free(dir);
-    free(dsn);
+    fixture_close(&f);
+}
+
+/* Writes 0002_broken.sql with sql and expects apply to fail with want in err. */
+static void expect_broken(fixture_t *f, const char *sql, const char *want)
+{
+    put(f->dir, "0002_broken.sql", sql);
+    CHECK_MSG(!apply(f), "broken migration applied: %s", sql);
+    CHECK_INT_EQ(f->applied, 0);
+    CHECK_CONTAINS(f->err, want);
+    sql_is(f->dsn, "SELECT max(version) FROM tidepool.schema_migrations", "1");
+    CHECK(PQtransactionStatus(f->c) == PQTRANS_IDLE);
 }
 
 static void test_broken_migration_rolls_back(void)
 {
-    char *dsn = tp_test_new_db("t_migrate_broken");
-    char *dir = mig_dir("m_broken");
-    put(dir, "0001_ok.sql", "CREATE TABLE b_ok (a int);\n");
-    put(dir, "0002_broken.sql",
+    fixture_t f;
+    if (!fixture_open(&f, "broken", true))
+        goto out;
+    put(f.dir, "0001_ok.sql", "CREATE TABLE b_ok (a int);\n");
+    put(f.dir, "0002_broken.sql",
         "CREATE TABLE b_partial (a int);\nINSERT INTO b_partial VALUES (1);\n\n"
         "SELECT * FROM no_such_table;\n");
-    put(dir, "0003_later.sql", "CREATE TABLE b_later (a int);\n");
-    PGconn *c = connect_or_fail(dsn);
-    char err[1024] = "";
-    int applied = -1;
-    if (c == NULL)
-        goto out;
-    CHECK(!tp_migrate_apply(c, dir, &applied, err, sizeof err));
-    CHECK_INT_EQ(applied, 1);
-    CHECK_CONTAINS(err, "0002_broken.sql:4: ");
-    CHECK_CONTAINS(err, "no_such_table");
-    CHECK_CONTAINS(err, "42P01");
-    sql_is(dsn, "SELECT to_regclass('b_partial') IS NULL AND to_regclass('b_later') IS NULL", "t");
-    sql_is(dsn, "SELECT to_regclass('b_ok') IS NOT NULL", "t");
-    sql_is(dsn, "SELECT max(version) FROM tidepool.schema_migrations", "1");
-    check_lock_free(dsn);
-    /* The connection is usable and idle afterwards. */
-    CHECK(PQtransactionStatus(c) == PQTRANS_IDLE);
+    put(f.dir, "0003_later.sql", "CREATE TABLE b_later (a int);\n");
+    CHECK(!apply(&f));
+    CHECK_INT_EQ(f.applied, 1);
+    CHECK_CONTAINS(f.err, "m_broken/0002_broken.sql:4: relation \"no_such_table\" does not exist "
+                          "(SQLSTATE 42P01)");
+    sql_is(f.dsn, "SELECT to_regclass('b_partial') IS NULL AND to_regclass('b_later') IS NULL", "t");
+    sql_is(f.dsn, "SELECT to_regclass('b_ok') IS NOT NULL", "t");
+    sql_is(f.dsn, "SELECT max(version) FROM tidepool.schema_migrations", "1");
+    check_lock_free(f.dsn);
 
     /* A syntax error on line 2; then a failure after multibyte text, where a
      * character position read as a byte offset would point at line 1. */
-    put(dir, "0002_broken.sql", "CREATE TABLE s1 (a int);\nCREATE TABLE s2 (a int,,);\n");
-    CHECK(!tp_migrate_apply(c, dir, &applied, err, sizeof err));
-    CHECK_CONTAINS(err, "0002_broken.sql:2: syntax error");
-    put(dir, "0002_broken.sql",
-        "-- ééééééééééééééééééééééééééééééééééééééééé\nSELECT 1;\nSELEC oops;\n");
-    CHECK(!tp_migrate_apply(c, dir, &applied, err, sizeof err));
-    CHECK_CONTAINS(err, "0002_broken.sql:3: syntax error");
+    expect_broken(&f, "CREATE TABLE s1 (a int);\nCREATE TABLE s2 (a int,,);\n",
+                  "0002_broken.sql:2: syntax error");
+    expect_broken(&f, "-- ééééééééééééééééééééééééééééééééééééééééé\nSELECT 1;\nSELEC oops;\n",
+                  "0002_broken.sql:3: syntax error");
     /* A runtime error without a position still names the file. */
-    put(dir, "0002_broken.sql", "CREATE TABLE b_partial (a int);\nSELECT 1/0;\n");
-    CHECK(!tp_migrate_apply(c, dir, &applied, err, sizeof err));
-    CHECK_CONTAINS(err, "0002_broken.sql: division by zero");
-    sql_is(dsn, "SELECT to_regclass('b_partial') IS NULL", "t");
+    expect_broken(&f, "CREATE TABLE b_partial (a int);\nSELECT 1/0;\n",
+                  "0002_broken.sql: division by zero");
+    sql_is(f.dsn, "SELECT to_regclass('b_partial') IS NULL", "t");
     /* A migration that commits on its own is reported. */
-    put(dir, "0002_broken.sql", "CREATE TABLE b_commit (a int);\nCOMMIT;\n");
-    CHECK(!tp_migrate_apply(c, dir, &applied, err, sizeof err));
-    CHECK_CONTAINS(err, "0002_broken.sql: ended the runner's transaction");
-    sql_is(dsn, "SELECT max(version) FROM tidepool.schema_migrations", "1");
+    expect_broken(&f, "CREATE TABLE b_commit (a int);\nCOMMIT;\n",
+                  "0002_broken.sql: ended the runner's transaction");
 
     /* Fixed (it was never recorded, so editing it is allowed): both apply. */
-    put(dir, "0002_broken.sql", "CREATE TABLE b_fixed (a int);\n");
-    CHECK_MSG(tp_migrate_apply(c, dir, &applied, err, sizeof err), "%s", err);
-    CHECK_INT_EQ(applied, 2);
+    put(f.dir, "0002_broken.sql", "CREATE TABLE b_fixed (a int);\n");
+    APPLY_OK(&f, 2);
 out:
-    PQfinish(c);
-    free(dir);
-    free(dsn);
+    fixture_close(&f);
 }
 
 static void expect_dir_error(PGconn *c, const char *dsn, const char *dir, const char *want1,
