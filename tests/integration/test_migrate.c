@@ -301,6 +301,17 @@ static void test_concurrent_apply_once(void)
     free(dsn);
 }
 
+/* Reads the status, which must not be current, with want in its explanation. */
+static tp_migrate_status_t status_not_current(fixture_t *f, const char *want)
+{
+    tp_migrate_status_t st = {0};
+    char why[256] = "";
+    CHECK_MSG(tp_migrate_status(f->c, f->dir, &st, f->err, sizeof f->err), "%s", f->err);
+    CHECK(!tp_migrate_status_current(&st, why, sizeof why));
+    CHECK_CONTAINS(why, want);
+    return st;
+}
+
 static void test_edited_migration_refused(void)
 {
     fixture_t f;
@@ -314,13 +325,9 @@ static void test_edited_migration_refused(void)
     CHECK_INT_EQ(f.applied, 0);
     CHECK_CONTAINS(f.err, "m_edit/0001_first.sql: changed after it was applied");
     sql_is(f.dsn, "SELECT to_regclass('e2') IS NULL", "t");
-    tp_migrate_status_t st;
-    CHECK_MSG(tp_migrate_status(f.c, f.dir, &st, f.err, sizeof f.err), "%s", f.err);
+    tp_migrate_status_t st = status_not_current(&f, "migration 0001 was edited");
     CHECK_INT_EQ(st.changed, 1);
     CHECK_INT_EQ(st.pending, 1);
-    char why[256];
-    CHECK(!tp_migrate_status_current(&st, why, sizeof why));
-    CHECK_CONTAINS(why, "migration 0001 was edited");
     /* The refusal released the lock. */
     check_lock_free(f.dsn);
 out:
@@ -338,13 +345,10 @@ static void test_newer_schema_refused(void)
                      "VALUES (7, '0007_future.sql', repeat('a', 64))"));
     CHECK(!apply(&f));
     CHECK_CONTAINS(f.err, "newer than this build: it has migration 0007 (0007_future.sql)");
-    tp_migrate_status_t st;
-    CHECK_MSG(tp_migrate_status(f.c, f.dir, &st, f.err, sizeof f.err), "%s", f.err);
+    tp_migrate_status_t st =
+        status_not_current(&f, "database has migration 0007, newer than this build");
     CHECK_INT_EQ(st.unknown_newer, 7);
     CHECK_INT_EQ(st.current, 7);
-    char why[256];
-    CHECK(!tp_migrate_status_current(&st, why, sizeof why));
-    CHECK_CONTAINS(why, "database has migration 0007, newer than this build");
     /* A hole (2 recorded without 1) is refused too, naming the missing file. */
     free(sql1(f.dsn, "DELETE FROM tidepool.schema_migrations"));
     free(sql1(f.dsn, "INSERT INTO tidepool.schema_migrations (version, name, checksum) "
@@ -424,53 +428,46 @@ static void expect_dir_error(PGconn *c, const char *dsn, const char *dir, const 
     sql_is(dsn, "SELECT to_regnamespace('tidepool') IS NULL", "t");
 }
 
+/* Directories the runner must refuse before touching the database; a file name
+ * ending in '/' is created as a directory. */
+static const struct {
+    const char *dir;
+    const char *files[3];
+    const char *want1, *want2;
+} bad_dirs[] = {
+    {"m_badname", {"0001_ok.sql", "2_bad.sql", ".0003_editor_swap.sql"}, "m_badname/2_bad.sql",
+     "NNNN_name.sql"},
+    {"m_badname2", {"0001_Bad-Name.sql"}, "0001_Bad-Name.sql", "bad migration file name"},
+    {"m_readme", {"0001_ok.sql", "README"}, "m_readme/README", NULL},
+    {"m_gap", {"0001_a.sql", "0003_c.sql"}, "migration 0002 is missing", "0003_c.sql"},
+    {"m_dup", {"0001_a.sql", "0001_b.sql"}, "0001_b.sql", "0001_a.sql"},
+    {"m_zero", {"0000_a.sql"}, "0000_a.sql", "start at 0001"},
+    {"m_empty", {NULL}, "no migrations found", NULL},
+    {"m_subdir", {"0001_a.sql", "0002_dir.sql/"}, "0002_dir.sql: not a regular file", NULL},
+    {"does_not_exist", {NULL}, "does_not_exist: cannot read migrations directory", NULL},
+};
+
 static void test_bad_file_names(void)
 {
     char *dsn = tp_test_new_db("t_migrate_names");
     PGconn *c = connect_or_fail(dsn);
-    if (c == NULL)
-        goto out;
-    char *d = mig_dir("m_badname");
-    put(d, "0001_ok.sql", "SELECT 1;\n");
-    put(d, "2_bad.sql", "SELECT 1;\n");
-    put(d, ".0003_editor_swap.sql", "ignored");
-    expect_dir_error(c, dsn, d, "m_badname/2_bad.sql", "NNNN_name.sql");
-    free(d);
-    d = mig_dir("m_badname2");
-    put(d, "0001_Bad-Name.sql", "SELECT 1;\n");
-    expect_dir_error(c, dsn, d, "0001_Bad-Name.sql", "bad migration file name");
-    free(d);
-    d = mig_dir("m_readme");
-    put(d, "0001_ok.sql", "SELECT 1;\n");
-    put(d, "README", "notes\n");
-    expect_dir_error(c, dsn, d, "m_readme/README", NULL);
-    free(d);
-    d = mig_dir("m_gap");
-    put(d, "0001_a.sql", "SELECT 1;\n");
-    put(d, "0003_c.sql", "SELECT 1;\n");
-    expect_dir_error(c, dsn, d, "migration 0002 is missing", "0003_c.sql");
-    free(d);
-    d = mig_dir("m_dup");
-    put(d, "0001_a.sql", "SELECT 1;\n");
-    put(d, "0001_b.sql", "SELECT 1;\n");
-    expect_dir_error(c, dsn, d, "0001_b.sql", "0001_a.sql");
-    free(d);
-    d = mig_dir("m_zero");
-    put(d, "0000_a.sql", "SELECT 1;\n");
-    expect_dir_error(c, dsn, d, "0000_a.sql", "start at 0001");
-    free(d);
-    d = mig_dir("m_empty");
-    expect_dir_error(c, dsn, d, "no migrations found", NULL);
-    free(d);
-    d = mig_dir("m_subdir");
-    put(d, "0001_a.sql", "SELECT 1;\n");
-    free(mig_dir("m_subdir/0002_dir.sql"));
-    expect_dir_error(c, dsn, d, "0002_dir.sql: not a regular file", NULL);
-    free(d);
-    d = tp_xasprintf("%s/does_not_exist", tp_test_tmpdir());
-    expect_dir_error(c, dsn, d, "does_not_exist: cannot read migrations directory", NULL);
-    free(d);
-out:
+    for (size_t i = 0; c != NULL && i < TP_ARRAY_LEN(bad_dirs); i++) {
+        char *d = strcmp(bad_dirs[i].dir, "does_not_exist") == 0
+                      ? tp_xasprintf("%s/%s", tp_test_tmpdir(), bad_dirs[i].dir)
+                      : mig_dir(bad_dirs[i].dir);
+        for (size_t j = 0; j < 3 && bad_dirs[i].files[j]; j++) {
+            const char *name = bad_dirs[i].files[j];
+            if (name[strlen(name) - 1] == '/') {
+                char *sub = tp_xasprintf("%s/%.*s", bad_dirs[i].dir, (int)strlen(name) - 1, name);
+                free(mig_dir(sub));
+                free(sub);
+            } else {
+                put(d, name, "SELECT 1;\n");
+            }
+        }
+        expect_dir_error(c, dsn, d, bad_dirs[i].want1, bad_dirs[i].want2);
+        free(d);
+    }
     PQfinish(c);
     free(dsn);
 }
