@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tidepool/log.h"
+
 #define MAX_SECRETS 4
 
 typedef struct secrets {
@@ -150,6 +152,19 @@ static PQconninfoOption *parse_conninfo(const char *conninfo, const secrets_t *k
     return NULL;
 }
 
+/* Server notices (NOTICE, WARNING) become log lines instead of libpq's bare
+ * stderr output: warnings at warn, the rest ("... already exists, skipping") at debug. */
+static void on_notice(void *arg, const PGresult *res)
+{
+    (void)arg;
+    const char *sev = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+    const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    tp_log_level_t level = sev && strcmp(sev, "WARNING") == 0 ? TP_LOG_WARN : TP_LOG_DEBUG;
+    const char *kv[] = {"severity", sev ? sev : "NOTICE", "sqlstate", state, NULL};
+    tp_logkv(level, kv, "postgres: %s", msg ? msg : "(no message)");
+}
+
 static PGconn *connect_impl(const char *conninfo, const char *password, int64_t timeout_ms,
                             char *err, size_t errlen)
 {
@@ -182,6 +197,7 @@ static PGconn *connect_impl(const char *conninfo, const char *password, int64_t 
 
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
     if (conn != NULL && PQstatus(conn) == CONNECTION_OK) {
+        PQsetNoticeReceiver(conn, on_notice, NULL);
         PQconninfoFree(opts);
         return conn;
     }

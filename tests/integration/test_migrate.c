@@ -625,6 +625,19 @@ static void test_query_and_quote_helpers(void)
     free(q);
     CHECK(tp_pg_quote_ident(c, "bad\xff\xfe", err, sizeof err) == NULL);
     CHECK_CONTAINS(err, "cannot quote identifier");
+
+    /* Server warnings become JSON log lines, not bare stderr text. */
+    FILE *logf = tmpfile();
+    tp_log_set_stream(logf);
+    CHECK(tp_pg_exec(c, "DO $$BEGIN RAISE WARNING 'careful %', 42; END$$", 0, NULL, err,
+                     sizeof err));
+    tp_log_set_stream(NULL);
+    char line[1024] = "";
+    rewind(logf);
+    CHECK(fgets(line, sizeof line, logf) != NULL);
+    CHECK_CONTAINS(line, "\"level\":\"warn\"");
+    CHECK_CONTAINS(line, "postgres: careful 42");
+    fclose(logf);
     PQfinish(c);
 }
 
