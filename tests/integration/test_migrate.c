@@ -396,6 +396,11 @@ static void test_broken_migration_rolls_back(void)
                   "0002_broken.sql:2: syntax error");
     expect_broken(&f, "-- ééééééééééééééééééééééééééééééééééééééééé\nSELECT 1;\nSELEC oops;\n",
                   "0002_broken.sql:3: syntax error");
+    /* A syntax error inside a PL/pgSQL body is mapped back into the file. */
+    expect_broken(&f,
+                  "SELECT 1;\nCREATE FUNCTION bf() RETURNS int LANGUAGE plpgsql AS $$\nBEGIN\n"
+                  "  RETURN 1 +;\nEND $$;\n",
+                  "0002_broken.sql:4: syntax error");
     /* A runtime error without a position still names the file. */
     expect_broken(&f, "CREATE TABLE b_partial (a int);\nSELECT 1/0;\n",
                   "0002_broken.sql: division by zero");
