@@ -401,6 +401,8 @@ static void test_broken_migration_rolls_back(void)
                   "SELECT 1;\nCREATE FUNCTION bf() RETURNS int LANGUAGE plpgsql AS $$\nBEGIN\n"
                   "  RETURN 1 +;\nEND $$;\n",
                   "0002_broken.sql:4: syntax error");
+    /* Bytes that are not UTF-8. */
+    expect_broken(&f, "SELECT 'caf\xe9';\n", "0002_broken.sql: invalid byte sequence for encoding");
     /* A runtime error without a position still names the file. */
     expect_broken(&f, "CREATE TABLE b_partial (a int);\nSELECT 1/0;\n",
                   "0002_broken.sql: division by zero");
@@ -473,6 +475,19 @@ static void test_bad_file_names(void)
         expect_dir_error(c, dsn, d, bad_dirs[i].want1, bad_dirs[i].want2);
         free(d);
     }
+    /* A NUL byte would silently truncate the SQL sent: refused. */
+    char *d = mig_dir("m_nul");
+    char *path = tp_xasprintf("%s/0001_nul.sql", d);
+    FILE *fp = fopen(path, "wb");
+    CHECK(fp != NULL);
+    if (fp) {
+        fwrite("SELECT 1;\0DROP TABLE x;\n", 1, 25, fp);
+        fclose(fp);
+    }
+    if (c)
+        expect_dir_error(c, dsn, d, "m_nul/0001_nul.sql: contains a NUL byte", NULL);
+    free(path);
+    free(d);
     PQfinish(c);
     free(dsn);
 }
