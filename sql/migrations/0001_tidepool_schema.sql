@@ -112,7 +112,8 @@ CREATE TABLE tidepool.writeback_outbox (
     statement_id    text,                            -- warehouse statement of the last attempt
     CONSTRAINT writeback_outbox_row_ck CHECK ((op = 'delete') = (row IS NULL))
 );
-CREATE INDEX writeback_outbox_unshipped_idx ON tidepool.writeback_outbox (next_attempt_at, id)
+-- The shipper reads unshipped rows in id order (and the backlog is their count).
+CREATE INDEX writeback_outbox_unshipped_idx ON tidepool.writeback_outbox (id)
     WHERE shipped_at IS NULL;
 CREATE INDEX writeback_outbox_key_idx ON tidepool.writeback_outbox (table_name, pk, id)
     WHERE shipped_at IS NULL;
