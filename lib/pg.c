@@ -152,6 +152,15 @@ static PQconninfoOption *parse_conninfo(const char *conninfo, const secrets_t *k
     return NULL;
 }
 
+bool tp_pg_conninfo_check(const char *conninfo, char *err, size_t errlen)
+{
+    secrets_t known = {0};
+    secrets_add(&known, getenv("PGPASSWORD"));
+    PQconninfoOption *opts = parse_conninfo(conninfo, &known, err, errlen);
+    PQconninfoFree(opts);
+    return opts != NULL;
+}
+
 /* Server notices (NOTICE, WARNING) become log lines instead of libpq's bare
  * stderr output: warnings at warn, the rest ("... already exists, skipping") at debug. */
 static void on_notice(void *arg, const PGresult *res)

@@ -542,6 +542,13 @@ static void test_connect_errors_name_host_port_not_password(void)
     CHECK(c == NULL);
     CHECK_CONTAINS(err, "invalid connection option \"hots\"");
 
+    /* Validation without connecting (for --check). */
+    CHECK(tp_pg_conninfo_check("host=db.example port=6543 password=S3cretPw", err, sizeof err));
+    CHECK(tp_pg_conninfo_check("", err, sizeof err));
+    CHECK(tp_pg_conninfo_check("plain_dbname", err, sizeof err));
+    CHECK(!tp_pg_conninfo_check("postgresql://u:S3cret%zzPw@h/db", err, sizeof err));
+    CHECK_CONTAINS(err, "invalid percent-encoded token: \"***\"");
+
     /* A Unix socket directory that does not exist. */
     c = tp_pg_connect("host=/nonexistent/tp port=5999 password=S3cretPw", 3000, err, sizeof err);
     CHECK(c == NULL);
