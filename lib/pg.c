@@ -74,32 +74,24 @@ static bool is_conninfo_keyword(const char *tok, size_t len)
 }
 
 /* libpq's conninfo parse errors quote fragments of the string (a URI, a
- * percent-encoded token, a word with no "="), which may be parts of a password.
- * Keep quoted keywords and single punctuation characters; mask the rest,
- * unless the string holds no password at all (no "password", no URI "@"). */
+ * percent-encoded token, a word with no "="), which may be parts of a password
+ * and may themselves contain quotes. Outside the quotes its messages are fixed
+ * text, so when the string may hold a password (it mentions "password" or has
+ * a URI "@"), everything from the first to the last double quote is masked,
+ * unless it is one quoted conninfo keyword or punctuation character. */
 static char *mask_quoted_fragments(const char *msg, bool may_hold_secret)
 {
-    tp_buf_t b = {0};
-    const char *p = msg;
-    while (*p) {
-        const char *q = *p == '"' ? strchr(p + 1, '"') : NULL;
-        if (q == NULL) {
-            tp_buf_putc(&b, *p++);
-            continue;
-        }
-        size_t len = (size_t)(q - p - 1);
-        bool keep = !may_hold_secret || (len == 1 && !((p[1] >= 'a' && p[1] <= 'z') || (p[1] >= 'A' && p[1] <= 'Z') ||
-                                   (p[1] >= '0' && p[1] <= '9'))) ||
-                    is_conninfo_keyword(p + 1, len);
-        tp_buf_putc(&b, '"');
-        if (keep)
-            tp_buf_append(&b, p + 1, len);
-        else
-            tp_buf_puts(&b, "***");
-        tp_buf_putc(&b, '"');
-        p = q + 1;
-    }
-    return tp_buf_steal(&b);
+    const char *first = strchr(msg, '"'), *last = strrchr(msg, '"');
+    if (!may_hold_secret || first == NULL || first == last)
+        return tp_xstrdup(msg);
+    size_t len = (size_t)(last - first - 1);
+    bool one = memchr(first + 1, '"', len) == NULL;
+    bool punct = len == 1 && !((first[1] >= 'a' && first[1] <= 'z') ||
+                               (first[1] >= 'A' && first[1] <= 'Z') ||
+                               (first[1] >= '0' && first[1] <= '9'));
+    if (one && (punct || is_conninfo_keyword(first + 1, len)))
+        return tp_xstrdup(msg);
+    return tp_xasprintf("%.*s\"***\"%s", (int)(first - msg), msg, last + 1);
 }
 
 static void put_err(char *err, size_t errlen, tp_buf_t *b)

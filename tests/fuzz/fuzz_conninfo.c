@@ -26,6 +26,10 @@ static void check(const char *conninfo)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     char *s = tp_xstrndup((const char *)data, size); /* stops at a NUL, as libpq would */
+    if (strstr(s, MARKER) != NULL) { /* the marker is only a secret where we put it */
+        free(s);
+        return 0;
+    }
     check(s);
     char *kv = tp_xasprintf("%s password=" MARKER " %s", s, s);
     char *quoted = tp_xasprintf("%s password='" MARKER "%s'", s, s);
