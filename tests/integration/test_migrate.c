@@ -407,6 +407,13 @@ static void test_broken_migration_rolls_back(void)
     expect_broken(&f, "CREATE TABLE b_partial (a int);\nSELECT 1/0;\n",
                   "0002_broken.sql: division by zero");
     sql_is(f.dsn, "SELECT to_regclass('b_partial') IS NULL", "t");
+    /* COPY with no data stream: refused, rolled back, connection still usable. */
+    expect_broken(&f, "CREATE TABLE b_partial (a int);\nCOPY b_partial FROM STDIN;\n",
+                  "0002_broken.sql: COPY FROM STDIN / TO STDOUT cannot run in a migration");
+    expect_broken(&f, "CREATE TABLE b_partial (a int);\nCOPY (SELECT 1) TO STDOUT;\n",
+                  "0002_broken.sql: COPY FROM STDIN / TO STDOUT cannot run in a migration");
+    sql_is(f.dsn, "SELECT to_regclass('b_partial') IS NULL", "t");
+    check_lock_free(f.dsn);
     /* A migration that commits on its own is reported. */
     expect_broken(&f, "CREATE TABLE b_commit (a int);\nCOMMIT;\n",
                   "0002_broken.sql: ended the runner's transaction");
