@@ -301,6 +301,59 @@ static void test_concurrent_apply_once(void)
     free(dsn);
 }
 
+/* A migrator that finds the lock taken says who holds it, waits, and then runs. */
+static void test_waits_for_lock_holder(void)
+{
+    fixture_t f;
+    if (!fixture_open(&f, "wait", true))
+        goto out;
+    put(f.dir, "0001_first.sql", "CREATE TABLE w1 (a int);\n");
+    char key[32], want[64];
+    snprintf(key, sizeof key, "%lld", (long long)TP_MIGRATE_LOCK_KEY);
+    const char *params[1] = {key};
+    CHECK(tp_pg_exec(f.c, "SELECT pg_advisory_lock($1::bigint)", 1, params, f.err, sizeof f.err));
+    snprintf(want, sizeof want, "\"holder_pid\":\"%d\"", PQbackendPID(f.c));
+    char *logpath = tp_xasprintf("%s/wait.log", tp_test_tmpdir());
+    pid_t pid = fork();
+    if (pid == 0) {
+        FILE *lf = fopen(logpath, "w");
+        tp_log_set_stream(lf);
+        tp_log_set_level(TP_LOG_INFO);
+        char err[1024];
+        int applied = 0;
+        PGconn *c = tp_pg_connect(f.dsn, 10000, err, sizeof err);
+        bool ok = c != NULL && tp_migrate_apply(c, f.dir, &applied, err, sizeof err);
+        fclose(lf);
+        PQfinish(c);
+        _exit(ok && applied == 1 ? 0 : 1);
+    }
+    /* Wait until the child is queued on the lock (not granted), up to 10 s. */
+    bool queued = false;
+    for (int i = 0; i < 200 && !queued; i++) {
+        char *v = sql1(f.dsn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                              "AND NOT granted");
+        queued = strcmp(v, "1") == 0;
+        free(v);
+        if (!queued)
+            usleep(50 * 1000);
+    }
+    CHECK_MSG(queued, "the second migrator never queued on the lock");
+    int status;
+    CHECK_MSG(waitpid(pid, &status, WNOHANG) == 0, "migrator did not wait for the lock");
+    sql_is(f.dsn, "SELECT to_regclass('w1') IS NULL", "t");
+    CHECK(tp_pg_exec(f.c, "SELECT pg_advisory_unlock($1::bigint)", 1, params, f.err, sizeof f.err));
+    CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    sql_is(f.dsn, "SELECT to_regclass('w1') IS NOT NULL", "t");
+    char *log = tp_read_file(logpath, NULL);
+    CHECK_CONTAINS(log, "waiting for another process to finish migrating");
+    CHECK_CONTAINS(log, want);
+    CHECK_CONTAINS(log, "applied migration 0001_first.sql");
+    free(log);
+    free(logpath);
+out:
+    fixture_close(&f);
+}
+
 /* Reads the status, which must not be current, with want in its explanation. */
 static tp_migrate_status_t status_not_current(fixture_t *f, const char *want)
 {
@@ -700,6 +753,7 @@ int main(void)
     TP_RUN(test_fresh_apply_creates_every_table);
     TP_RUN(test_rerun_is_noop);
     TP_RUN(test_concurrent_apply_once);
+    TP_RUN(test_waits_for_lock_holder);
     TP_RUN(test_edited_migration_refused);
     TP_RUN(test_newer_schema_refused);
     TP_RUN(test_broken_migration_rolls_back);
