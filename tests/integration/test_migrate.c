@@ -165,6 +165,12 @@ static void test_fresh_apply_creates_every_table(void)
                          "VALUES ('ci', sha256('s'), '{reader}')",
                          0, NULL, err, sizeof err),
               "realistic rows: %s", err);
+    CHECK_MSG(tp_pg_exec(c, "INSERT INTO tidepool.sync_state (job) VALUES (repeat('j', 300))", 0,
+                         NULL, err, sizeof err),
+              "long job name: %s", err);
+    CHECK(!tp_pg_exec(c, "INSERT INTO tidepool.sync_state (job) VALUES ('a:b')", 0, NULL, err,
+                      sizeof err));
+    CHECK_CONTAINS(err, "23514");
     CHECK(!tp_pg_exec(c,
                       "INSERT INTO tidepool.api_tokens (name, token_sha256) "
                       "VALUES ('ci2', sha256('s'))",
