@@ -23,7 +23,7 @@ WARN    := -Wall -Wextra -Wshadow -Wformat=2 -Wstrict-prototypes -Werror
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Iinclude $(PKG_CFLAGS) \
-           -DTP_VERSION='"$(VERSION)"' -MMD -MP
+           -DTP_VERSION='"$(VERSION)"' -DTP_DATADIR='"$(PREFIX)/share/tidepool"' -MMD -MP
 LDFLAGS += $(SANFLAGS)
 LDLIBS  += $(PKG_LIBS) -lpthread -lm
 
@@ -109,19 +109,16 @@ deps:
 bench: all
 	@for b in bench/*; do [ -x "$$b" ] && [ -f "$$b" ] && echo "== $$b" && "$$b"; done; true
 
-install: all
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/tidepool/migrations
-	install -m 755 $(PROGRAMS) $(DESTDIR)$(PREFIX)/bin/
-	install -m 644 sql/migrations/*.sql $(DESTDIR)$(PREFIX)/share/tidepool/migrations/
+install: all install-files
 
-uninstall:
-	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,tidepool-sync tidepool-server tidepool-warehouse)
-	rm -rf $(DESTDIR)$(PREFIX)/share/tidepool
+uninstall: uninstall-files
 
 clean:
 	rm -rf build bin
 
 distclean: clean
 	rm -rf .run
+
+include mk/install.mk
 
 -include $(shell find build -name '*.d' 2>/dev/null)
