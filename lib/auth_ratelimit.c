@@ -147,8 +147,8 @@ int64_t tp_ratelimit_take(tp_ratelimit_t *rl, const char *key, int64_t now_ms)
         b->at_ms = now_ms;
     }
     int64_t retry = 0;
-    if (b->tokens >= 1.0) {
-        b->tokens -= 1.0;
+    if (b->tokens >= 1.0 - 1e-9) { /* tolerate rounding in the refill sum */
+        b->tokens = fmax(0.0, b->tokens - 1.0);
     } else {
         double wait_s = (1.0 - b->tokens) / rl->rate;
         retry = (int64_t)ceil(wait_s);
