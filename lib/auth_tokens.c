@@ -168,9 +168,16 @@ bool tp_auth_tokens_append(tp_auth_tokens_t *t, const char *text, const char *wh
                            size_t errlen)
 {
     char *copy = tp_xstrdup(text ? text : "");
-    int no = 0;
+    int no = 0, lineno = 0;
     bool ok = true;
+    bool multiline = strchr(copy, '\n') != NULL;
+    char lwhere[600];
     for (char *line = copy, *next; ok && line != NULL; line = next) {
+        lineno++;
+        if (multiline) /* a file: say which line */
+            snprintf(lwhere, sizeof lwhere, "%s:%d", where, lineno);
+        else
+            snprintf(lwhere, sizeof lwhere, "%s", where);
         next = strchr(line, '\n');
         if (next != NULL)
             *next++ = '\0';
@@ -183,7 +190,7 @@ bool tp_auth_tokens_append(tp_auth_tokens_t *t, const char *text, const char *wh
                 *nent++ = '\0';
             ent = tp_strtrim(ent);
             if (*ent != '\0')
-                ok = parse_entry(t, ent, ++no, where, err, errlen);
+                ok = parse_entry(t, ent, ++no, lwhere, err, errlen);
         }
     }
     OPENSSL_cleanse(copy, strlen(copy));

@@ -40,8 +40,9 @@ typedef struct tp_auth_token_entry {
 
 /* Parses config entries "name:role+role:sha256hex" separated by commas or
  * newlines ('#' starts a comment to the end of the line). where prefixes
- * errors ("tidepool.conf:12: auth.tokens"); an error names the entry by its
- * number and name, never quoting the hash. Returns a set with one reference,
+ * errors ("tidepool.conf:12: auth.tokens"; text of several lines, like a
+ * tokens file, gets ":LINE" appended); an error names the entry by its number
+ * and name, never quoting the hash. Returns a set with one reference,
  * or NULL. An empty text gives an empty set. */
 tp_auth_tokens_t *tp_auth_tokens_parse(const char *text, const char *where, char *err,
                                        size_t errlen) TP_WUR;

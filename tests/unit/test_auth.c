@@ -287,7 +287,7 @@ static void token_entries_errors(void)
         {"ci:re ader:H", "entry 1 (ci): role \"re ader\""},
         {" :reader:H", "entry 1: name must be"},
         {"a:reader:H, a:writer:H", "entry 2 (a): same name as entry 1"},
-        {"a:reader:H\nb:writer:H", "entry 2 (b): same hash as entry 1"},
+        {"a:reader:H\nb:writer:H", ":2: entry 2 (b): same hash as entry 1"},
         {"a:b:c:d", "entry 1: expected"},
     };
     for (size_t i = 0; i < TP_ARRAY_LEN(cases); i++) {
@@ -302,7 +302,8 @@ static void token_entries_errors(void)
         CHECK_MSG(t == NULL, "case %zu parsed", i);
         tp_auth_tokens_release(t);
         char want[256];
-        snprintf(want, sizeof want, "where: %s", cases[i].want);
+        snprintf(want, sizeof want, "where%s%s", cases[i].want[0] == ':' ? "" : ": ",
+                 cases[i].want);
         CHECK_MSG(strncmp(err, want, strlen(want)) == 0, "case %zu: \"%s\"", i, err);
         CHECK_MSG(strstr(err, h) == NULL, "case %zu quotes the hash", i);
         tp_buf_free(&b);
@@ -313,6 +314,17 @@ static void token_entries_errors(void)
     CHECK(a == NULL);
     CHECK_CONTAINS(err, ":4: auth.tokens: entry 2 (y): the hash must be 64 hex digits");
     free(conf);
+    char *ftext = tp_xasprintf("# comment\nx:reader:%s\n\ny:reader:%s\n", h, h);
+    char *fpath = tp_test_write_tmp("bad_tokens.txt", ftext);
+    conf = tp_xasprintf("[auth]\nmode = token\ntokens_file = %s\n", fpath);
+    a = auth_from(conf, err, sizeof err);
+    CHECK(a == NULL);
+    char *want = tp_xasprintf("%s:4: entry 2 (y): same hash as entry 1", fpath);
+    CHECK_STR_EQ(err, want);
+    free(want);
+    free(conf);
+    free(fpath);
+    free(ftext);
     a = auth_from("[auth]\nmode = token\ntoken_table = false\n", err, sizeof err);
     CHECK(a == NULL);
     CHECK_CONTAINS(err, "token mode with no tokens");
