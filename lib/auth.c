@@ -915,13 +915,29 @@ static bool check_jwt(const tp_auth_t *a, const tp_auth_request_t *r, tp_auth_re
     return grant(out, p);
 }
 
+/* The headers a mode reads (and so refuses when repeated). X-Real-Ip is not
+ * one: a repeated one only makes tp_auth_client_address fall back to the peer. */
+static bool header_used(tp_auth_mode_t mode, tp_auth_hdr_t h)
+{
+    switch (mode) {
+    case TP_AUTH_MODE_NONE:
+        return false;
+    case TP_AUTH_MODE_TOKEN:
+    case TP_AUTH_MODE_JWT:
+        return h == TP_AUTH_HDR_AUTHORIZATION;
+    case TP_AUTH_MODE_DATABRICKS_APPS:
+        return h != TP_AUTH_HDR_AUTHORIZATION && h != TP_AUTH_HDR_REAL_IP;
+    }
+    return true;
+}
+
 bool tp_auth_check(tp_auth_t *a, const tp_auth_request_t *r, tp_auth_result_t *out)
 {
     memset(out, 0, sizeof *out);
     if (a == NULL || a->magic != AUTH_MAGIC)
         return refuse(out, 401, TP_AUTH_CODE_INVALID, "auth verifier missing or corrupt");
     for (int i = 0; i < TP_AUTH_HDR_COUNT; i++)
-        if (r->hdr[i].count > 1 && i != TP_AUTH_HDR_REAL_IP)
+        if (r->hdr[i].count > 1 && header_used(a->mode, (tp_auth_hdr_t)i))
             return refuse(out, 401, TP_AUTH_CODE_INVALID, "header %s appears %u times",
                           tp_auth_header_names[i], r->hdr[i].count);
     switch (a->mode) {

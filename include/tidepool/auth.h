@@ -128,7 +128,7 @@ tp_auth_tokens_t *tp_auth_get_tokens(tp_auth_t *a);
 
 /* Decides who made the request. Non-blocking, thread-safe. Returns true with
  * out->principal set, or false with status 401, code, message, and reason.
- * Refused: duplicate auth headers, a missing or malformed credential, an
+ * Refused: a header the mode reads appearing more than once, a missing or malformed credential, an
  * unknown, wrong, expired or revoked token, a JWT failing any check, forwarded
  * identity from a peer outside auth.trusted_proxies, header values with
  * control characters or over their size limits. */

@@ -412,6 +412,11 @@ static void mode_databricks_apps(void)
         snprintf(want, sizeof want, "%s appears 2 times", dup[i]);
         REFUSED(a, &r, 401, TP_AUTH_CODE_INVALID, want);
     }
+    /* a repeated Authorization header is no concern of this mode */
+    apps_request(&r, "127.0.0.1");
+    tp_auth_request_header(&r, "Authorization", "Bearer a");
+    tp_auth_request_header(&r, "Authorization", "Bearer b");
+    tp_principal_free(GRANTED(a, &r));
     /* control characters and sizes */
     apps_request(&r, "127.0.0.1");
     r.hdr[TP_AUTH_HDR_FWD_EMAIL].value = "alice@example.com\r\nX-Evil: 1";
@@ -565,6 +570,46 @@ static void header_names_and_counts(void)
     }
 }
 
+/* Random mutations of token entries, role mappings and proxy lists never
+ * crash (ASan build) and either build or fail with one line naming the
+ * setting; the seed is fixed so a failure reproduces. */
+static void mutated_settings_fail_cleanly(void)
+{
+    char *h = sha_hex(TOK_CI);
+    char *base = tp_xasprintf("\ntokens = ci:reader+writer:%s, x:admin:%s\n"
+                              "roles = a@b.c:writer, group:g:reader, *:viewer\n"
+                              "trusted_proxies = 10.0.0.0/8, fd00::/8, 127.0.0.1\n", h, h);
+    static const char *const modes[] = {"token", "databricks-apps"};
+    static const char alphabet[] = ":,+*/.#\n af09@";
+    srand(9090);
+    int built = 0;
+    for (int i = 0; i < 1200; i++) {
+        char *text = tp_xasprintf("[auth]\nmode = %s%s", modes[i % 2], base);
+        size_t len = strlen(text), start = (size_t)(strchr(text, '\n') - text) + 1;
+        start = (size_t)(strchr(text + start, '\n') - text) + 1; /* keep [auth] and mode */
+        for (int m = 1 + rand() % 3; m > 0; m--)
+            text[start + (size_t)rand() % (len - start)] =
+                alphabet[rand() % (int)(sizeof alphabet - 1)];
+        char err[512] = "";
+        tp_auth_t *a = auth_from(text, err, sizeof err);
+        if (a != NULL) {
+            built++;
+        } else {
+            /* auth errors name the setting; parse errors the file and line */
+            CHECK_MSG((strstr(err, "auth.") != NULL ||
+                       strncmp(err, tp_test_tmpdir(), strlen(tp_test_tmpdir())) == 0) &&
+                          strchr(err, '\n') == NULL,
+                      "case %d: \"%s\"", i, err);
+            CHECK_MSG(strstr(err, h) == NULL, "case %d quotes the hash", i);
+        }
+        tp_auth_free(a);
+        free(text);
+    }
+    CHECK(built > 0 && built < 1200);
+    free(base);
+    free(h);
+}
+
 int main(void)
 {
     g_now = (int64_t)time(NULL);
@@ -577,5 +622,6 @@ int main(void)
     TP_RUN(apps_config_errors);
     TP_RUN(role_model);
     TP_RUN(header_names_and_counts);
+    TP_RUN(mutated_settings_fail_cleanly);
     return tp_test_done();
 }
