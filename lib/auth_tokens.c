@@ -4,8 +4,11 @@
  * reference count, so the server can swap a fresh snapshot into tp_auth_t
  * while requests still hold the old one. Sets come from config text or from
  * the tidepool.api_tokens table (sql/migrations/0001). Lookup hashes nothing
- * itself: the caller passes SHA-256(presented token) and every entry is
- * compared with CRYPTO_memcmp without early exit.
+ * itself: the caller passes SHA-256(presented token); entries are sorted by
+ * digest and found by binary search, the final equality with CRYPTO_memcmp.
+ * The search's timing can only reveal how the presented token's digest
+ * orders against stored digests, which gives no way to a preimage: no
+ * secret leaks, and a 10 000-token table costs a few microseconds.
  *
  * The create/revoke/list functions are blocking libpq calls for the
  * `tidepool-server token` command (never on an event loop). create draws the
@@ -76,16 +79,35 @@ size_t tp_auth_tokens_count(const tp_auth_tokens_t *t)
     return t ? t->n : 0;
 }
 
+static int entry_cmp(const void *a, const void *b)
+{
+    return memcmp(((const tp_auth_token_entry_t *)a)->sha256,
+                  ((const tp_auth_token_entry_t *)b)->sha256, 32);
+}
+
+/* Entries are kept sorted by digest so lookup is a binary search. */
+static void set_sort(tp_auth_tokens_t *t)
+{
+    if (t->n > 1)
+        qsort(t->e, t->n, sizeof *t->e, entry_cmp);
+}
+
 const tp_auth_token_entry_t *tp_auth_tokens_find(const tp_auth_tokens_t *t,
                                                  const unsigned char digest[32])
 {
-    const tp_auth_token_entry_t *found = NULL;
     if (t == NULL)
         return NULL;
-    for (size_t i = 0; i < t->n; i++)
-        if (CRYPTO_memcmp(t->e[i].sha256, digest, 32) == 0)
-            found = &t->e[i];
-    return found;
+    size_t lo = 0, hi = t->n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (memcmp(t->e[mid].sha256, digest, 32) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo < t->n && CRYPTO_memcmp(t->e[lo].sha256, digest, 32) == 0)
+        return &t->e[lo];
+    return NULL;
 }
 
 static bool hex_to_digest(const char *hex, size_t len, unsigned char out[32])
@@ -151,8 +173,8 @@ static bool parse_entry(tp_auth_tokens_t *t, char *entry, int no, const char *wh
         const char *what = strcmp(t->e[i].name, name) == 0 ? "name"
                            : memcmp(t->e[i].sha256, digest, 32) == 0 ? "hash" : NULL;
         if (what != NULL) {
-            snprintf(err, errlen, "%s: entry %d (%s): same %s as entry %zu", where, no, name,
-                     what, i + 1);
+            snprintf(err, errlen, "%s: entry %d (%s): same %s as token \"%s\"", where, no,
+                     name, what, t->e[i].name);
             tp_auth_strv_free(rv);
             return false;
         }
@@ -195,6 +217,7 @@ bool tp_auth_tokens_append(tp_auth_tokens_t *t, const char *text, const char *wh
     }
     OPENSSL_cleanse(copy, strlen(copy));
     free(copy);
+    set_sort(t);
     return ok;
 }
 
@@ -259,6 +282,7 @@ tp_auth_tokens_t *tp_auth_tokens_from_result(const PGresult *res, char *err, siz
             return NULL;
         }
     }
+    set_sort(t);
     return t;
 }
 

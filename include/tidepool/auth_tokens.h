@@ -64,9 +64,10 @@ tp_auth_tokens_t *tp_auth_tokens_ref(tp_auth_tokens_t *t);
 void tp_auth_tokens_release(tp_auth_tokens_t *t);
 size_t tp_auth_tokens_count(const tp_auth_tokens_t *t);
 
-/* The entry whose digest equals digest, or NULL. Compares against every entry
- * with CRYPTO_memcmp (no early exit), so timing does not depend on where or
- * whether it matched. The entry is borrowed from t. */
+/* The entry whose digest equals digest, or NULL: binary search over the
+ * digests (O(log n)), final comparison with CRYPTO_memcmp. Timing depends only
+ * on digests, never on token bytes (see auth_tokens.c). Borrowed from t; do
+ * not change an entry's digest. */
 const tp_auth_token_entry_t *tp_auth_tokens_find(const tp_auth_tokens_t *t,
                                                  const unsigned char digest[32]);
 

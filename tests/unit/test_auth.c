@@ -274,6 +274,39 @@ static void mode_token_snapshot(void)
     tp_auth_free(a);
 }
 
+/* Lookup in a large set: every token is found as itself, none as another. */
+static void token_lookup_many(void)
+{
+    enum { N = 2000 };
+    tp_buf_t b = {0};
+    char tok[64];
+    for (int i = 0; i < N; i++) {
+        snprintf(tok, sizeof tok, "tpk_many-%d", i);
+        char *h = sha_hex(tok);
+        tp_buf_printf(&b, "t%d:reader:%s\n", i, h);
+        free(h);
+    }
+    char err[256];
+    tp_auth_tokens_t *t = tp_auth_tokens_parse(b.data, "many", err, sizeof err);
+    CHECK_MSG(t != NULL, "%s", err);
+    CHECK_INT_EQ(tp_auth_tokens_count(t), N);
+    for (int i = 0; i < N + 50; i++) {
+        snprintf(tok, sizeof tok, "tpk_many-%d", i);
+        unsigned char d[32];
+        SHA256((const unsigned char *)tok, strlen(tok), d);
+        const tp_auth_token_entry_t *e = tp_auth_tokens_find(t, d);
+        char name[16];
+        snprintf(name, sizeof name, "t%d", i);
+        if (i < N)
+            CHECK_MSG(e != NULL && strcmp(e->name, name) == 0, "token %d", i);
+        else
+            CHECK_MSG(e == NULL, "token %d found", i);
+    }
+    CHECK(tp_auth_tokens_find(NULL, (const unsigned char *)"0123456789abcdef0123456789abcdef") == NULL);
+    tp_auth_tokens_release(t);
+    tp_buf_free(&b);
+}
+
 static void token_entries_errors(void)
 {
     char err[512];
@@ -286,8 +319,8 @@ static void token_entries_errors(void)
         {"ci:reader:abc", "entry 1 (ci): the hash must be 64 hex digits"},
         {"ci:re ader:H", "entry 1 (ci): role \"re ader\""},
         {" :reader:H", "entry 1: name must be"},
-        {"a:reader:H, a:writer:H", "entry 2 (a): same name as entry 1"},
-        {"a:reader:H\nb:writer:H", ":2: entry 2 (b): same hash as entry 1"},
+        {"a:reader:H, a:writer:H", "entry 2 (a): same name as token \"a\""},
+        {"a:reader:H\nb:writer:H", ":2: entry 2 (b): same hash as token \"a\""},
         {"a:b:c:d", "entry 1: expected"},
     };
     for (size_t i = 0; i < TP_ARRAY_LEN(cases); i++) {
@@ -319,7 +352,7 @@ static void token_entries_errors(void)
     conf = tp_xasprintf("[auth]\nmode = token\ntokens_file = %s\n", fpath);
     a = auth_from(conf, err, sizeof err);
     CHECK(a == NULL);
-    char *want = tp_xasprintf("%s:4: entry 2 (y): same hash as entry 1", fpath);
+    char *want = tp_xasprintf("%s:4: entry 2 (y): same hash as token \"x\"", fpath);
     CHECK_STR_EQ(err, want);
     free(want);
     free(conf);
@@ -616,6 +649,7 @@ int main(void)
     TP_RUN(mode_none_gives_anonymous);
     TP_RUN(mode_token_from_config);
     TP_RUN(mode_token_snapshot);
+    TP_RUN(token_lookup_many);
     TP_RUN(token_entries_errors);
     TP_RUN(mode_databricks_apps);
     TP_RUN(apps_groups_and_fallbacks);
