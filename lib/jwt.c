@@ -224,8 +224,12 @@ static EVP_PKEY *rsa_from_ne(const char *n64, const char *e64)
         goto out;
     bn_n = BN_bin2bn(n, (int)nlen, NULL);
     bn_e = BN_bin2bn(e, (int)elen, NULL);
+    /* a public exponent of 1 (or even) would make signatures forgeable */
+    if (bn_n == NULL || bn_e == NULL || !BN_is_odd(bn_e) || BN_num_bits(bn_e) < 2 ||
+        BN_num_bits(bn_e) > 64)
+        goto out;
     bld = OSSL_PARAM_BLD_new();
-    if (bn_n == NULL || bn_e == NULL || bld == NULL ||
+    if (bld == NULL ||
         !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, bn_n) ||
         !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, bn_e))
         goto out;
@@ -289,7 +293,9 @@ bool tp_jwt_keys_add_jwks(tp_jwt_keys_t *k, const char *json, char *err, size_t 
         }
         EVP_PKEY *pkey = rsa_from_ne(n, e);
         if (pkey == NULL) {
-            snprintf(err, errlen, "%s: \"n\" or \"e\" is not a valid base64url RSA value", what);
+            snprintf(err, errlen,
+                     "%s: \"n\" or \"e\" is not a valid base64url RSA value (e odd, 3 or more)",
+                     what);
             goto out;
         }
         if (!add_rsa(k, pkey, json_string_value(kidj), what, err, errlen))
@@ -484,7 +490,8 @@ tp_jwt_err_t tp_jwt_verify(const tp_jwt_keys_t *k, const char *token, const tp_j
         goto out;
     }
     if ((kidj != NULL && !json_is_string(kidj)) ||
-        (typ != NULL && strcasecmp(typ, "JWT") != 0 && strcasecmp(typ, "at+jwt") != 0)) {
+        (typ != NULL && strcasecmp(typ, "JWT") != 0 && strcasecmp(typ, "at+jwt") != 0 &&
+         strcasecmp(typ, "JOSE") != 0)) {
         rc = refuse(TP_JWT_MALFORMED, why, whylen, "header kid or typ is invalid");
         goto out;
     }

@@ -515,6 +515,16 @@ static void key_configuration_errors(void)
     CHECK(!tp_jwt_keys_add_jwks(k, "{\"keys\":[{\"kty\":\"RSA\",\"n\":\"A=\",\"e\":\"AQAB\"}]}",
                                 err, sizeof err));
     CHECK_CONTAINS(err, "not a valid base64url");
+    char *n = bn_b64(g_key1, OSSL_PKEY_PARAM_RSA_N);
+    static const char *const bad_e[] = {"AQ", "Ag", "AAE", ""}; /* 1, 2, leading zero 1, empty */
+    for (size_t i = 0; i < TP_ARRAY_LEN(bad_e); i++) {
+        char *jw = tp_xasprintf("{\"keys\":[{\"kty\":\"RSA\",\"n\":\"%s\",\"e\":\"%s\"}]}", n,
+                                bad_e[i]);
+        CHECK_MSG(!tp_jwt_keys_add_jwks(k, jw, err, sizeof err), "e=%s accepted", bad_e[i]);
+        CHECK_CONTAINS(err, "not a valid base64url RSA value");
+        free(jw);
+    }
+    free(n);
     CHECK(!tp_jwt_keys_add_jwks(k, "{\"keys\":[{\"kty\":\"EC\"}]}", err, sizeof err));
     CHECK_CONTAINS(err, "no RSA signing key");
     CHECK(!tp_jwt_keys_add_pem(k, "-----BEGIN PUBLIC KEY-----\nxx\n", err, sizeof err));
