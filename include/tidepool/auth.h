@@ -86,10 +86,11 @@ void tp_principal_free(tp_principal_t *p);
  * "[redacted sha256:XXXXXXXX]" or null. Safe for logs. */
 void tp_principal_describe(const tp_principal_t *p, tp_buf_t *b);
 
-/* Stable refusal codes (the problem+json "code"). */
-#define TP_AUTH_CODE_MISSING "missing_credentials"   /* 401: nothing presented */
-#define TP_AUTH_CODE_INVALID "invalid_credentials"   /* 401: presented but refused */
+/* Stable refusal codes (the problem+json "code", hyphenated like the server's). */
+#define TP_AUTH_CODE_MISSING "missing-credentials"   /* 401: nothing presented */
+#define TP_AUTH_CODE_INVALID "invalid-credentials"   /* 401: presented but refused */
 #define TP_AUTH_CODE_FORBIDDEN "forbidden"           /* 403: authenticated, role missing */
+#define TP_AUTH_CODE_RATE_LIMITED "rate-limited"     /* 429: for the server's limiter replies */
 
 /* The outcome of tp_auth_check / tp_auth_authorize. */
 typedef struct tp_auth_result {
