@@ -80,6 +80,7 @@ typedef struct tp_principal {
     char credential_id[17]; /* first 16 hex digits of SHA-256(credential); "" */
 } tp_principal_t;
 
+/* Frees p, wiping the access token first; NULL is a no-op. */
 void tp_principal_free(tp_principal_t *p);
 /* Appends a JSON object describing p (id, name, email, roles, groups, mode,
  * credential_id) to b; the access token appears only as
@@ -115,7 +116,10 @@ typedef struct tp_auth tp_auth_t;
  * Reload: build a new one and swap it in when this succeeds (carry the token
  * table snapshot over with tp_auth_set_tokens(new, tp_auth_tokens_ref(...))). */
 tp_auth_t *tp_auth_new(const tp_config_t *c, char *err, size_t errlen) TP_WUR;
+/* Frees a and drops its snapshot reference; NULL is a no-op. No tp_auth_check
+ * may be running on it (swap first, free after the requests using it end). */
 void tp_auth_free(tp_auth_t *a);
+/* The mode a was built for. */
 tp_auth_mode_t tp_auth_mode(const tp_auth_t *a);
 /* True when mode is token and auth.token_table is on: the server should load
  * the tidepool.api_tokens snapshot and keep it fresh (auth_tokens.h). */

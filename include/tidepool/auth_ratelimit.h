@@ -16,6 +16,7 @@ typedef struct tp_ratelimit tp_ratelimit_t;
  * finds a full bucket). rate_per_s <= 0 disables limiting: every take is
  * allowed and nothing is stored. max_keys >= 1 bounds memory. Owned. */
 tp_ratelimit_t *tp_ratelimit_new(double rate_per_s, double burst, size_t max_keys);
+/* Frees rl and every remembered key; NULL is a no-op. */
 void tp_ratelimit_free(tp_ratelimit_t *rl);
 
 /* Takes one token for key at now_ms (any monotonic millisecond clock, e.g.

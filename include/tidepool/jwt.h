@@ -40,6 +40,7 @@ typedef struct tp_jwt_keys tp_jwt_keys_t;
 
 /* Returns an empty, owned key set (free with tp_jwt_keys_free). */
 tp_jwt_keys_t *tp_jwt_keys_new(void);
+/* Frees k, wiping the HMAC secret first; NULL is a no-op. */
 void tp_jwt_keys_free(tp_jwt_keys_t *k);
 /* Sets the HS256 secret (copied; at least 32 bytes, RFC 7518 §3.2). False with
  * err set (never containing the secret) when too short. */
