@@ -18,6 +18,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,6 +70,7 @@ typedef struct role_rule {
 
 struct tp_auth {
     unsigned magic;
+    atomic_int refs;
     tp_auth_mode_t mode;
     cidr_t *proxies;
     size_t nproxies;
@@ -566,6 +568,7 @@ tp_auth_t *tp_auth_new(const tp_config_t *c, char *err, size_t errlen)
 {
     tp_auth_t *a = tp_xcalloc(1, sizeof *a);
     a->magic = AUTH_MAGIC;
+    atomic_init(&a->refs, 1);
     pthread_mutex_init(&a->mu, NULL);
     const char *mode = c->auth.mode ? c->auth.mode : "none";
     bool ok = build_proxies(a, c, err, errlen) && build_rules(a, c, err, errlen);
@@ -595,9 +598,16 @@ tp_auth_t *tp_auth_new(const tp_config_t *c, char *err, size_t errlen)
     return a;
 }
 
+tp_auth_t *tp_auth_ref(tp_auth_t *a)
+{
+    if (a != NULL)
+        atomic_fetch_add(&a->refs, 1);
+    return a;
+}
+
 void tp_auth_free(tp_auth_t *a)
 {
-    if (a == NULL)
+    if (a == NULL || atomic_fetch_sub(&a->refs, 1) != 1)
         return;
     free(a->proxies);
     for (size_t i = 0; i < a->nrules; i++) {

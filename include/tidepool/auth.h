@@ -116,8 +116,11 @@ typedef struct tp_auth tp_auth_t;
  * Reload: build a new one and swap it in when this succeeds (carry the token
  * table snapshot over with tp_auth_set_tokens(new, tp_auth_tokens_ref(...))). */
 tp_auth_t *tp_auth_new(const tp_config_t *c, char *err, size_t errlen) TP_WUR;
-/* Frees a and drops its snapshot reference; NULL is a no-op. No tp_auth_check
- * may be running on it (swap first, free after the requests using it end). */
+/* A verifier is reference-counted so a reload can swap it while requests
+ * still use the old one: tp_auth_new returns one reference, tp_auth_ref adds
+ * one (returns a), tp_auth_free drops one and the last frees everything
+ * (wiping secrets). NULL is a no-op for both. */
+tp_auth_t *tp_auth_ref(tp_auth_t *a);
 void tp_auth_free(tp_auth_t *a);
 /* The mode a was built for. */
 tp_auth_mode_t tp_auth_mode(const tp_auth_t *a);

@@ -136,7 +136,15 @@ static void mode_none_gives_anonymous(void)
     CHECK(p != NULL && strcmp(p->id, "anonymous") == 0 && p->mode == TP_AUTH_MODE_NONE);
     CHECK(has_role(p, "reader") && has_role(p, "writer") && has_role(p, "admin"));
     tp_principal_free(p);
+    /* a second reference keeps the verifier alive after the first is dropped */
+    tp_auth_t *held = tp_auth_ref(a);
     tp_auth_free(a);
+    p = GRANTED(held, &r);
+    CHECK(p != NULL && has_role(p, "admin"));
+    tp_principal_free(p);
+    tp_auth_free(held);
+    tp_auth_free(NULL);
+    CHECK(tp_auth_ref(NULL) == NULL);
     a = auth_from("[auth]\nanonymous_roles = reader\n", err, sizeof err);
     CHECK_MSG(a != NULL, "%s", err);
     p = GRANTED(a, &r);
