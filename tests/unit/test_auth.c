@@ -4,6 +4,7 @@
  * on-behalf-of token kept but redacted), the role mapping and role model,
  * client address, build errors naming the setting, and that no token or
  * secret appears in any refusal or log line. */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -313,6 +314,58 @@ static void token_lookup_many(void)
     CHECK(tp_auth_tokens_find(NULL, (const unsigned char *)"0123456789abcdef0123456789abcdef") == NULL);
     tp_auth_tokens_release(t);
     tp_buf_free(&b);
+}
+
+typedef struct checker {
+    tp_auth_t *a;
+    const char *token;
+    int granted, refused;
+} checker_t;
+
+static void *check_loop(void *arg)
+{
+    checker_t *c = arg;
+    char hdr[128];
+    snprintf(hdr, sizeof hdr, "Bearer %s", c->token);
+    for (int i = 0; i < 3000; i++) {
+        tp_auth_request_t r = {.peer = "127.0.0.1", .now_s = g_now};
+        tp_auth_request_header(&r, "Authorization", hdr);
+        tp_auth_result_t res;
+        if (tp_auth_check(c->a, &r, &res))
+            c->granted++;
+        else
+            c->refused++;
+        tp_auth_result_clear(&res);
+    }
+    return NULL;
+}
+
+/* Requests on three threads while the snapshot is replaced 300 times: config
+ * tokens always pass, the table token passes or not depending on the
+ * snapshot, and nothing is freed under a reader (ASan build). */
+static void snapshot_swaps_under_load(void)
+{
+    tp_auth_t *a = token_auth(true);
+    static const char tok_db[] = "tpk_swap-token-GGGGGGGGGGGGGGGGGGGGGGGGGGGGGGGGG";
+    char *h = sha_hex(tok_db);
+    char *text = tp_xasprintf("swap:reader:%s", h);
+    checker_t c[3] = {{a, TOK_CI, 0, 0}, {a, tok_db, 0, 0}, {a, tok_db, 0, 0}};
+    pthread_t th[3];
+    for (int i = 0; i < 3; i++)
+        pthread_create(&th[i], NULL, check_loop, &c[i]);
+    char err[256];
+    for (int i = 0; i < 300; i++) {
+        tp_auth_tokens_t *t = i % 2 ? NULL : tp_auth_tokens_parse(text, "swap", err, sizeof err);
+        tp_auth_set_tokens(a, t);
+    }
+    for (int i = 0; i < 3; i++)
+        pthread_join(th[i], NULL);
+    CHECK_INT_EQ(c[0].granted, 3000);
+    CHECK_INT_EQ(c[1].granted + c[1].refused, 3000);
+    CHECK_INT_EQ(c[2].granted + c[2].refused, 3000);
+    tp_auth_free(a);
+    free(text);
+    free(h);
 }
 
 static void token_entries_errors(void)
@@ -658,6 +711,7 @@ int main(void)
     TP_RUN(mode_token_from_config);
     TP_RUN(mode_token_snapshot);
     TP_RUN(token_lookup_many);
+    TP_RUN(snapshot_swaps_under_load);
     TP_RUN(token_entries_errors);
     TP_RUN(mode_databricks_apps);
     TP_RUN(apps_groups_and_fallbacks);
