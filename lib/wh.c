@@ -404,8 +404,7 @@ char *tp_wh_normalize_host(const char *host, char **err)
 /* ------------------------------------------------------------------ */
 /* error bodies (§1.11)                                                 */
 
-/* Turns a non-2xx body into error_code and a one-line message (heap strings). */
-static void parse_error_body(const char *body, size_t len, char **code, char **msg)
+void tp_wh_error_body(const char *body, size_t len, char **code, char **msg)
 {
     *code = NULL;
     *msg = NULL;
@@ -461,6 +460,26 @@ static void parse_error_body(const char *body, size_t len, char **code, char **m
         json_decref(j);
     }
     if (body[i] == '<') {
+        /* object-store XML error (external links): <Code> and <Message> */
+        const char *tags[2][2] = {{"<Code>", "</Code>"}, {"<Message>", "</Message>"}};
+        char *parts[2] = {NULL, NULL};
+        for (int k = 0; k < 2; k++) {
+            const char *a = memmem(body + i, len - i, tags[k][0], strlen(tags[k][0]));
+            if (a == NULL)
+                continue;
+            a += strlen(tags[k][0]);
+            const char *e = memmem(a, (size_t)(body + len - a), tags[k][1], strlen(tags[k][1]));
+            if (e == NULL)
+                continue;
+            clean_line(line, sizeof(line), a, (size_t)(e - a));
+            parts[k] = tp_xstrdup(line);
+        }
+        if (parts[1] != NULL) {
+            *code = parts[0];
+            *msg = parts[1];
+            return;
+        }
+        free(parts[0]);
         /* an HTML page from a gateway or proxy: its <title> says the most */
         const char *t = NULL;
         for (size_t k = i; k + 7 <= len; k++)
@@ -852,6 +871,21 @@ static void on_stall_timer(evutil_socket_t fd, short what, void *arg)
     on_call_done(c->easy, CURLE_OPERATION_TIMEDOUT, c);
 }
 
+static void token_request_start(tp_wh_t *wh)
+{
+    if (wh->tok.inflight != NULL)
+        return;
+    call_t *tc = call_new(wh, NULL, K_TOKEN, true, tp_xasprintf("%s%s", wh->host, TOKEN_PATH),
+                          tp_xstrdup("POST " TOKEN_PATH));
+    CURL *e = curl_easy_init();
+    char *scope = curl_easy_escape(e, wh->scope, 0);
+    tc->body = tp_xasprintf("grant_type=client_credentials&scope=%s", scope);
+    curl_free(scope);
+    curl_easy_cleanup(e);
+    wh->tok.inflight = tc;
+    call_start(tc);
+}
+
 static const char *auth_header_for(call_t *c, bool *must_wait)
 {
     tp_wh_t *wh = c->wh;
@@ -867,26 +901,13 @@ static const char *auth_header_for(call_t *c, bool *must_wait)
     if (t->header != NULL && now < t->hard_ms) {
         if (now >= t->stale_ms && t->inflight == NULL && now >= t->next_try_ms) {
             tp_debug("oauth token due for refresh; refreshing in the background");
-            call_t *tc = call_new(wh, NULL, K_TOKEN, true, tp_xasprintf("%s%s", wh->host, TOKEN_PATH),
-                                  tp_xstrdup("POST " TOKEN_PATH));
-            t->inflight = tc;
-            call_start(tc);
+            token_request_start(wh);
         }
         c->tok_gen = t->gen;
         return t->header;
     }
     *must_wait = true;
     return NULL;
-}
-
-static void token_request_start(tp_wh_t *wh)
-{
-    if (wh->tok.inflight != NULL)
-        return;
-    call_t *tc = call_new(wh, NULL, K_TOKEN, true, tp_xasprintf("%s%s", wh->host, TOKEN_PATH),
-                          tp_xstrdup("POST " TOKEN_PATH));
-    wh->tok.inflight = tc;
-    call_start(tc);
 }
 
 static void call_start(call_t *c)
@@ -1049,7 +1070,7 @@ static void describe_failure(call_t *c, CURLcode rc, char *out, size_t outlen, c
         return;
     }
     char *msg = NULL;
-    parse_error_body(c->raw.data ? c->raw.data : "", c->raw.len, code, &msg);
+    tp_wh_error_body(c->raw.data ? c->raw.data : "", c->raw.len, code, &msg);
     if (*code)
         snprintf(out, outlen, "%s: HTTP %ld: %s: %s", c->what, c->http, *code, msg);
     else

@@ -75,6 +75,14 @@ void tp_wh_config_from_env(tp_wh_config_t *c);
  * frees) for an empty host, an unsupported scheme, or a host with a path. */
 char *tp_wh_normalize_host(const char *host, char **err) TP_WUR;
 
+/* Reads a non-2xx answer body in any of the forms Databricks and the proxies in
+ * front of it use (§1.11): {"error_code": string|number, "message"}, legacy
+ * {"error": ...}, OAuth {"error", "error_description"}, SCIM {"detail"},
+ * "CODE: message" text, object-store XML, or an HTML page (its <title>). Sets
+ * *code (NULL if none) and *msg (never NULL; one line, bounded); the caller
+ * frees both. */
+void tp_wh_error_body(const char *body, size_t len, char **code, char **msg);
+
 /* Creates a client on base (which must outlive it). Copies everything it needs
  * from cfg. Returns NULL with *err set (heap string, caller frees) when the
  * configuration is invalid (missing host or warehouse id, half of an OAuth pair,
