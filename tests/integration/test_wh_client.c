@@ -1018,6 +1018,70 @@ static void connection_refused_is_retried_then_reported(void)
     sink_free(&s);
 }
 
+static void slow_answers_time_out(void)
+{
+    /* a status GET slower than request_timeout_ms: retried, then a timeout error */
+    if (!faults(&E, "latency=1500@get"))
+        return;
+    tp_wh_config_t cfg;
+    cfg_init(&cfg, &E, true);
+    cfg.request_timeout_ms = 300;
+    cfg.retry_budget_ms = 1000;
+    sink_t s;
+    sink_init(&s, NULL);
+    tp_wh_request_t r;
+    req_init(&r, &s, "SELECT 1");
+    r.wait_timeout_s = 0;
+    run1(&cfg, &r, &s);
+    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
+    CHECK_INT_EQ(s.res.kind, TP_WH_ERR_TIMEOUT);
+    CHECK_CONTAINS(s.res.message, "GET status");
+    CHECK_MSG(s.t_done - s.t0 < 5000, "took %lld ms", (long long)(s.t_done - s.t0));
+    sink_free(&s);
+    /* a chunk download that stalls: the stall timer ends it, naming the chunk */
+    if (!faults(&E, "latency=1500@chunk"))
+        return;
+    cfg.request_timeout_ms = 5000;
+    cfg.stall_timeout_ms = 300;
+    sink_init(&s, NULL);
+    req_init(&r, &s, SEQ_SQL);
+    run1(&cfg, &r, &s);
+    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
+    CHECK_INT_EQ(s.res.kind, TP_WH_ERR_TIMEOUT);
+    CHECK_INT_EQ(s.res.chunk_index, 1);
+    CHECK_CONTAINS(s.res.message, "no data received for 300 ms");
+    CHECK_INT_EQ(s.rows, 1000); /* chunk 0 came with the answer, nothing more */
+    faults(&E, NULL);
+    sink_free(&s);
+}
+
+static void free_with_statements_in_flight(void)
+{
+    tp_wh_config_t cfg;
+    cfg_init(&cfg, &E, false);
+    struct event_base *base = event_base_new();
+    char *err = NULL;
+    tp_wh_t *wh = tp_wh_new(base, &cfg, &err);
+    sink_t s[3];
+    for (int i = 0; i < 3; i++) {
+        sink_init(&s[i], base);
+        tp_wh_request_t r;
+        req_init(&r, &s[i], i == 0 ? "SELECT pg_sleep(5)" : SEQ_SQL);
+        r.wait_timeout_s = 0;
+        r.disposition = i == 2 ? TP_WH_EXTERNAL_LINKS : TP_WH_INLINE;
+        s[i].st = tp_wh_submit(wh, &r, &err);
+    }
+    for (int k = 0; k < 20; k++)
+        event_base_loop(base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
+    CHECK(tp_wh_inflight(wh) > 0);
+    tp_wh_free(wh); /* abandons them: no callback, no leak (ASan checks) */
+    for (int i = 0; i < 3; i++) {
+        CHECK(!s[i].done);
+        sink_free(&s[i]);
+    }
+    event_base_free(base);
+}
+
 /* ---- consumer control ---- */
 
 static void pause_resume_backpressure(void)
@@ -1165,6 +1229,9 @@ int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     sanitize = getenv("TP_SANITIZE") && strcmp(getenv("TP_SANITIZE"), "1") == 0;
+#if defined(__SANITIZE_ADDRESS__)
+    sanitize = true; /* make check SANITIZE=1 does not export TP_SANITIZE */
+#endif
     if (tp_test_dsn() == NULL) {
         tp_test_skip("test_wh_client", "no harness Postgres");
         return tp_test_done();
@@ -1207,6 +1274,8 @@ int main(void)
     TP_RUN(fault_expired_links_rerequested);
     TP_RUN(fault_token_endpoint);
     TP_RUN(connection_refused_is_retried_then_reported);
+    TP_RUN(slow_answers_time_out);
+    TP_RUN(free_with_statements_in_flight);
     TP_RUN(pause_resume_backpressure);
     TP_RUN(consumer_stop_and_cancel_mid_stream);
     TP_RUN(blocking_wrapper_and_host_forms);
