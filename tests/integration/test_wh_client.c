@@ -330,24 +330,58 @@ static void run1(const tp_wh_config_t *cfg, const tp_wh_request_t *r, sink_t *s)
 static const char *SEQ_SQL = "SELECT g AS n, md5(g::text) AS h, CASE WHEN g % 7 = 0 THEN NULL ELSE g * 2 END AS d "
                              "FROM generate_series(1, 2500) g ORDER BY g";
 
+enum { M_LINKS = 1, M_CSV = 2, M_ASYNC = 4, M_OAUTH = 8, M_SEQ = 16 };
+/* inline JSON, links JSON, links CSV */
+static const int MODES[3] = {0, M_LINKS, M_LINKS | M_CSV};
+
+/* Runs sql with the default config for e (PAT, or OAuth with M_OAUTH) unless
+ * cfg is given; the sink is initialised here (M_SEQ checks column 0 = 1, 2...). */
+static void go(sink_t *s, const emu_t *e, const tp_wh_config_t *cfg, const char *sql, int mode)
+{
+    tp_wh_config_t c;
+    if (cfg == NULL) {
+        cfg_init(&c, e, !(mode & M_OAUTH));
+        cfg = &c;
+    }
+    sink_init(s, NULL);
+    s->check_seq = (mode & M_SEQ) && !(mode & M_CSV);
+    tp_wh_request_t r;
+    req_init(&r, s, sql);
+    if (mode & M_LINKS)
+        r.disposition = TP_WH_EXTERNAL_LINKS;
+    if (mode & M_CSV)
+        r.format = TP_WH_CSV;
+    if (mode & M_ASYNC)
+        r.wait_timeout_s = 0;
+    run1(cfg, &r, s);
+}
+
+/* The 2500-row SEQ_SQL result arrived whole, in order, once. */
+#define CHECK_SEQ_OK(s)                                                                           \
+    do {                                                                                          \
+        CHECK_OK(s);                                                                              \
+        CHECK_INT_EQ((s).res.rows, 2500);                                                         \
+        CHECK_INT_EQ((s).res.chunks, 3);                                                          \
+        CHECK_INT_EQ((s).seq_errors, 0);                                                          \
+        CHECK_INT_EQ((s).offset_errors, 0);                                                       \
+    } while (0)
+
+/* An error of the given kind. */
+#define CHECK_ERR(s, k)                                                                           \
+    do {                                                                                          \
+        CHECK_INT_EQ((s).res.status, TP_WH_ERROR);                                                \
+        CHECK_MSG((s).res.kind == (k), "kind %d, wanted %d: %s", (int)(s).res.kind, (int)(k),     \
+                  (s).res.message ? (s).res.message : "");                                        \
+    } while (0)
+
 /* ---- dispositions x formats ---- */
 
 static void inline_json_multi_chunk(void)
 {
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, SEQ_SQL);
-    s.check_seq = true;
-    run1(&cfg, &r, &s);
-    CHECK_OK(s);
+    go(&s, &E, NULL, SEQ_SQL, M_SEQ);
+    CHECK_SEQ_OK(s);
     CHECK_INT_EQ(s.rows, 2500);
-    CHECK_INT_EQ(s.res.rows, 2500);
-    CHECK_INT_EQ(s.res.chunks, 3);
-    CHECK_INT_EQ(s.seq_errors, 0);
-    CHECK_INT_EQ(s.offset_errors, 0);
     CHECK_INT_EQ(s.manifests, 1);
     CHECK_INT_EQ(s.ncols, 3);
     CHECK_STR_EQ(s.names[0], "n");
@@ -361,20 +395,9 @@ static void inline_json_multi_chunk(void)
 
 static void links_json_multi_chunk(void)
 {
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, SEQ_SQL);
-    r.disposition = TP_WH_EXTERNAL_LINKS;
-    s.check_seq = true;
-    run1(&cfg, &r, &s);
-    CHECK_OK(s);
-    CHECK_INT_EQ(s.rows, 2500);
-    CHECK_INT_EQ(s.res.chunks, 3);
-    CHECK_INT_EQ(s.seq_errors, 0);
-    CHECK_INT_EQ(s.offset_errors, 0);
+    go(&s, &E, NULL, SEQ_SQL, M_SEQ | M_LINKS);
+    CHECK_SEQ_OK(s);
     /* the emulator answers 400 to a link download carrying Authorization and 403
      * without its x-tp-link-key header: success proves both */
     char idq[80];
@@ -385,50 +408,25 @@ static void links_json_multi_chunk(void)
 
 static void links_csv_multi_chunk(void)
 {
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, SEQ_SQL);
-    r.disposition = TP_WH_EXTERNAL_LINKS;
-    r.format = TP_WH_CSV;
-    run1(&cfg, &r, &s);
-    CHECK_OK(s);
-    CHECK_INT_EQ(s.res.rows, 2500);
-    CHECK_INT_EQ(s.res.chunks, 3);
+    go(&s, &E, NULL, SEQ_SQL, M_LINKS | M_CSV);
+    CHECK_SEQ_OK(s);
     /* concatenated pieces: one header then rows 1..2500 in order */
-    int64_t line = 0, seq_bad = 0;
-    char *save = NULL;
+    CHECK_INT_EQ(s.csv_lines, 2501);
     char *text = tp_xstrndup(s.csv.data ? s.csv.data : "", s.csv.len);
-    for (char *l = strtok_r(text, "\n", &save); l; l = strtok_r(NULL, "\n", &save)) {
-        if (line == 0)
-            CHECK_STR_EQ(l, "n,h,d");
-        else if (strtoll(l, NULL, 10) != line)
-            seq_bad++;
-        if (line == 7)
-            CHECK_CONTAINS(l, ",null");
-        line++;
-    }
+    const char *head = "n,h,d\n1,c4ca4238a0b923820dcc509a6f75849b,2\n";
+    CHECK(strncmp(text, head, strlen(head)) == 0);
+    CHECK_CONTAINS(text, "\n7,8f14e45fceea167a5a36dedd4bea2543,null\n");
     free(text);
-    CHECK_INT_EQ(line, 2501);
-    CHECK_INT_EQ(seq_bad, 0);
     CHECK(s.csv_header_pieces >= 1);
     sink_free(&s);
 }
 
 static void inline_csv_rejected_precisely(void)
 {
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT 1");
-    r.format = TP_WH_CSV;
-    run1(&cfg, &r, &s);
-    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
-    CHECK_INT_EQ(s.res.kind, TP_WH_ERR_HTTP);
+    go(&s, &E, NULL, "SELECT 1", M_CSV);
+    CHECK_ERR(s, TP_WH_ERR_HTTP);
     CHECK_INT_EQ(s.res.http_status, 400);
     CHECK_STR_EQ(s.res.error_code, "INVALID_PARAMETER_VALUE");
     CHECK_CONTAINS(s.res.message, "CSV format is not supported with the INLINE disposition");
@@ -438,19 +436,14 @@ static void inline_csv_rejected_precisely(void)
 
 static void ddl_and_empty_results(void)
 {
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
     const char *sqls[] = {"CREATE TABLE IF NOT EXISTS wh_t (a int)", "SELECT a FROM wh_t WHERE false"};
     for (int i = 0; i < 2; i++)
-        for (int d = 0; d < 2; d++) {
+        for (int m = 0; m < 3; m++) {
             sink_t s;
-            sink_init(&s, NULL);
-            tp_wh_request_t r;
-            req_init(&r, &s, sqls[i]);
-            r.disposition = d ? TP_WH_EXTERNAL_LINKS : TP_WH_INLINE;
-            run1(&cfg, &r, &s);
+            go(&s, &E, NULL, sqls[i], MODES[m]);
             CHECK_OK(s);
             CHECK_INT_EQ(s.rows, 0);
+            CHECK_INT_EQ(s.res.rows, 0);
             sink_free(&s);
         }
 }
@@ -459,13 +452,8 @@ static void ddl_and_empty_results(void)
 
 static void failed_statement_reports_sql_state(void)
 {
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT * FROM no_such_table_here");
-    run1(&cfg, &r, &s);
+    go(&s, &E, NULL, "SELECT * FROM no_such_table_here", 0);
     CHECK_INT_EQ(s.res.status, TP_WH_FAILED);
     CHECK_STR_EQ(s.res.sql_state, "42P01");
     CHECK_STR_EQ(s.res.error_code, "BAD_REQUEST");
@@ -473,73 +461,96 @@ static void failed_statement_reports_sql_state(void)
     CHECK(s.res.statement_id != NULL);
     CHECK_INT_EQ(s.manifests, 0);
     sink_free(&s);
+    /* a syntax error while polling (async) */
+    go(&s, &E, NULL, "SELEC 1", M_ASYNC);
+    CHECK_INT_EQ(s.res.status, TP_WH_FAILED);
+    CHECK_STR_EQ(s.res.sql_state, "42601");
+    sink_free(&s);
+}
+
+/* A client and loop of its own, for tests that drive the API by hand. */
+typedef struct rig {
+    struct event_base *base;
+    tp_wh_t *wh;
+} rig_t;
+
+static void rig_open(rig_t *g, const emu_t *e, bool pat)
+{
+    tp_wh_config_t cfg;
+    cfg_init(&cfg, e, pat);
+    g->base = event_base_new();
+    char *err = NULL;
+    g->wh = tp_wh_new(g->base, &cfg, &err);
+    CHECK_MSG(g->wh != NULL, "tp_wh_new: %s", err ? err : "");
+    free(err);
+}
+
+static void rig_close(rig_t *g)
+{
+    tp_wh_free(g->wh);
+    event_base_free(g->base);
+}
+
+static tp_wh_stmt_t *rig_submit(rig_t *g, sink_t *s, const char *sql, int wait_s)
+{
+    sink_init(s, g->base);
+    tp_wh_request_t r;
+    req_init(&r, s, sql);
+    r.wait_timeout_s = wait_s;
+    char *err = NULL;
+    s->t0 = tp_now_ms();
+    s->st = tp_wh_submit(g->wh, &r, &err);
+    CHECK_MSG(s->st != NULL, "submit: %s", err ? err : "");
+    free(err);
+    return s->st;
+}
+
+static void rig_wait(rig_t *g, sink_t *s)
+{
+    while (!s->done && tp_now_ms() - s->t0 < 30000)
+        event_base_loop(g->base, EVLOOP_ONCE);
+    CHECK_MSG(s->done, "no on_done within 30 s");
 }
 
 static void cancel_running_statement(void)
 {
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
-    struct event_base *base = event_base_new();
-    char *err = NULL;
-    tp_wh_t *wh = tp_wh_new(base, &cfg, &err);
-    CHECK(wh != NULL);
+    rig_t g;
+    rig_open(&g, &E, true);
     sink_t s;
-    sink_init(&s, base);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT pg_sleep(30)");
-    r.wait_timeout_s = 0;
-    s.st = tp_wh_submit(wh, &r, &err);
-    CHECK(s.st != NULL);
-    int64_t t0 = tp_now_ms();
+    rig_submit(&g, &s, "SELECT pg_sleep(30)", 0);
     while (s.st && tp_wh_stmt_id(s.st) == NULL && !s.done)
-        event_base_loop(base, EVLOOP_ONCE);
+        event_base_loop(g.base, EVLOOP_ONCE);
     CHECK(!s.done);
     tp_wh_cancel(s.st);
     tp_wh_cancel(s.st); /* idempotent */
-    while (!s.done && tp_now_ms() - t0 < 20000)
-        event_base_loop(base, EVLOOP_ONCE);
+    rig_wait(&g, &s);
     CHECK_INT_EQ(s.res.status, TP_WH_CANCELED);
     CHECK(s.res.statement_id != NULL);
-    CHECK_MSG(s.t_done - t0 < 10000, "cancel took %lld ms", (long long)(s.t_done - t0));
+    CHECK_MSG(s.t_done - s.t0 < 10000, "cancel took %lld ms", (long long)(s.t_done - s.t0));
     CHECK_CONTAINS(s.res.message, "by the client");
-    tp_wh_free(wh);
-    event_base_free(base);
+    rig_close(&g);
     sink_free(&s);
 }
 
 static void cancel_before_send(void)
 {
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
-    struct event_base *base = event_base_new();
-    char *err = NULL;
-    tp_wh_t *wh = tp_wh_new(base, &cfg, &err);
+    rig_t g;
+    rig_open(&g, &E, true);
     sink_t s;
-    sink_init(&s, base);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT 1");
-    s.st = tp_wh_submit(wh, &r, &err);
+    rig_submit(&g, &s, "SELECT 1", 10);
     tp_wh_cancel(s.st); /* nothing has gone out yet */
     CHECK(!s.done);     /* callbacks never run inside the API */
-    while (!s.done)
-        event_base_loop(base, EVLOOP_ONCE);
+    rig_wait(&g, &s);
     CHECK_INT_EQ(s.res.status, TP_WH_CANCELED);
     CHECK(s.res.statement_id == NULL);
-    tp_wh_free(wh);
-    event_base_free(base);
+    rig_close(&g);
     sink_free(&s);
 }
 
 static void continue_timeout_then_poll(void)
 {
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT pg_sleep(1.2) AS slept, 42 AS answer");
-    r.wait_timeout_s = 0; /* async: PENDING at once, then polls */
-    run1(&cfg, &r, &s);
+    go(&s, &E, NULL, "SELECT pg_sleep(1.2) AS slept, 42 AS answer", M_ASYNC);
     CHECK_OK(s);
     CHECK_INT_EQ(s.rows, 1);
     CHECK_STR_EQ(s.first[1], "42");
@@ -563,22 +574,15 @@ static void on_wait_timeout_cancel(void)
     CHECK(s.res.statement_id != NULL);
     CHECK_MSG(s.t_done - s.t0 < 7500, "took %lld ms", (long long)(s.t_done - s.t0));
     sink_free(&s);
-}
 
-static void statement_deadline(void)
-{
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
-    sink_t s;
+    /* the deadline of the client: cancels and says so */
     sink_init(&s, NULL);
-    tp_wh_request_t r;
     req_init(&r, &s, "SELECT pg_sleep(20)");
     r.wait_timeout_s = 0;
     r.timeout_ms = 700;
     run1(&cfg, &r, &s);
-    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
-    CHECK_INT_EQ(s.res.kind, TP_WH_ERR_TIMEOUT);
-    CHECK_CONTAINS(s.res.message, "did not finish within 700 ms");
+    CHECK_ERR(s, TP_WH_ERR_TIMEOUT);
+    CHECK_CONTAINS(s.res.message, "did not finish within 700 ms; cancel sent");
     sink_free(&s);
 }
 
@@ -608,20 +612,14 @@ static void parameter_types(void)
     run1(&cfg, &r, &s);
     CHECK_OK(s);
     CHECK_INT_EQ(s.rows, 1);
-    CHECK_STR_EQ(s.first[0], "42");
-    CHECK_STR_EQ(s.types[0], "INT");
-    CHECK_STR_EQ(s.first[1], "9000000000");
-    CHECK_STR_EQ(s.types[1], "LONG");
-    CHECK_STR_EQ(s.first[2], "it's \"quoted\" \xc3\xa9");
-    CHECK_STR_EQ(s.types[2], "STRING");
-    CHECK_STR_EQ(s.first[3], "2024-02-29");
-    CHECK_STR_EQ(s.types[3], "DATE");
-    CHECK_STR_EQ(s.first[4], "12.34");
-    CHECK_STR_EQ(s.types[4], "DECIMAL");
+    const char *want[][2] = {{"42", "INT"},        {"9000000000", "LONG"}, {"it's \"quoted\" \xc3\xa9", "STRING"},
+                             {"2024-02-29", "DATE"}, {"12.34", "DECIMAL"},  {"true", "BOOLEAN"}};
+    for (size_t i = 0; i < TP_ARRAY_LEN(want); i++) {
+        CHECK_STR_EQ(s.first[i], want[i][0]);
+        CHECK_STR_EQ(s.types[i], want[i][1]);
+    }
     CHECK_INT_EQ(s.prec[4], 10);
     CHECK_INT_EQ(s.scale[4], 2);
-    CHECK_STR_EQ(s.first[5], "true");
-    CHECK_STR_EQ(s.types[5], "BOOLEAN");
     CHECK(s.first_null[6]);
     CHECK_STR_EQ(s.first[7], "plain");
     sink_free(&s);
@@ -634,7 +632,7 @@ static void parameter_types(void)
     r.n_params = 1;
     run1(&cfg, &r, &s);
     CHECK(s.res.status == TP_WH_FAILED || s.res.status == TP_WH_ERROR);
-    CHECK(s.res.message != NULL);
+    CHECK_CONTAINS(s.res.message, "not-a-number");
     sink_free(&s);
 }
 
@@ -646,12 +644,8 @@ static void wrong_pat_is_precise(void)
     cfg_init(&cfg, &E, true);
     cfg.token = "dapi-wrong";
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT 1");
-    run1(&cfg, &r, &s);
-    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
-    CHECK_INT_EQ(s.res.kind, TP_WH_ERR_AUTH);
+    go(&s, &E, &cfg, "SELECT 1", 0);
+    CHECK_ERR(s, TP_WH_ERR_AUTH);
     CHECK_INT_EQ(s.res.http_status, 403);
     CHECK_STR_EQ(s.res.error_code, "403");
     CHECK_CONTAINS(s.res.message, "Invalid access token.");
@@ -664,28 +658,29 @@ static void bearer_override(void)
     tp_wh_config_t cfg;
     cfg_init(&cfg, &E, false);
     cfg.client_id = cfg.client_secret = NULL; /* no client auth at all */
-    sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT 7 AS x");
-    r.bearer_token = PAT;
-    run1(&cfg, &r, &s);
-    CHECK_OK(s);
-    CHECK_STR_EQ(s.first[0], "7");
-    sink_free(&s);
-
-    sink_init(&s, NULL);
-    req_init(&r, &s, "SELECT 7 AS x");
-    r.bearer_token = "user-token-expired";
-    run1(&cfg, &r, &s);
-    CHECK_INT_EQ(s.res.kind, TP_WH_ERR_AUTH);
-    CHECK(strstr(s.res.message, "user-token-expired") == NULL);
-    sink_free(&s);
-
+    const char *tokens[] = {PAT, "user-token-expired"};
+    for (int i = 0; i < 2; i++) {
+        sink_t s;
+        sink_init(&s, NULL);
+        tp_wh_request_t r;
+        req_init(&r, &s, "SELECT 7 AS x");
+        r.bearer_token = tokens[i];
+        run1(&cfg, &r, &s);
+        if (i == 0) {
+            CHECK_OK(s);
+            CHECK_STR_EQ(s.first[0], "7");
+        } else {
+            CHECK_ERR(s, TP_WH_ERR_AUTH);
+            CHECK(strstr(s.res.message, tokens[i]) == NULL);
+        }
+        sink_free(&s);
+    }
     /* no credentials anywhere: refused before anything is sent */
     struct event_base *base = event_base_new();
     char *err = NULL;
     tp_wh_t *wh = tp_wh_new(base, &cfg, &err);
+    sink_t s;
+    tp_wh_request_t r;
     req_init(&r, &s, "SELECT 1");
     CHECK(tp_wh_submit(wh, &r, &err) == NULL);
     CHECK_CONTAINS(err, "no warehouse credentials");
@@ -696,84 +691,56 @@ static void bearer_override(void)
 
 static void oauth_token_cached_and_single_flight(void)
 {
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, false);
     int before = log_count(&E, "/oidc/v1/token", "\"status\":\"200\"");
-    struct event_base *base = event_base_new();
-    char *err = NULL;
-    tp_wh_t *wh = tp_wh_new(base, &cfg, &err);
-    CHECK(wh != NULL);
+    rig_t g;
+    rig_open(&g, &E, false);
     enum { N = 6 };
     sink_t s[N];
     for (int i = 0; i < N; i++) {
-        sink_init(&s[i], base);
-        tp_wh_request_t r;
-        req_init(&r, &s[i], SEQ_SQL);
+        rig_submit(&g, &s[i], SEQ_SQL, 10);
         s[i].check_seq = true;
-        r.disposition = i % 2 ? TP_WH_EXTERNAL_LINKS : TP_WH_INLINE;
-        s[i].st = tp_wh_submit(wh, &r, &err);
-        CHECK(s[i].st != NULL);
     }
-    CHECK_INT_EQ(tp_wh_inflight(wh), N);
-    int64_t t0 = tp_now_ms();
-    for (;;) {
-        int done = 0;
-        for (int i = 0; i < N; i++)
-            done += s[i].done;
-        if (done == N || tp_now_ms() - t0 > 60000)
-            break;
-        event_base_loop(base, EVLOOP_ONCE);
-    }
+    CHECK_INT_EQ(tp_wh_inflight(g.wh), N);
     for (int i = 0; i < N; i++) {
-        CHECK_OK(s[i]);
-        CHECK_INT_EQ(s[i].rows, 2500);
-        CHECK_INT_EQ(s[i].seq_errors, 0);
+        rig_wait(&g, &s[i]);
+        CHECK_SEQ_OK(s[i]);
         sink_free(&s[i]);
     }
-    CHECK_INT_EQ(tp_wh_inflight(wh), 0);
+    CHECK_INT_EQ(tp_wh_inflight(g.wh), 0);
     /* a second round reuses the cached token */
     sink_t s2;
-    sink_init(&s2, base);
-    tp_wh_request_t r;
-    req_init(&r, &s2, "SELECT 1 AS one");
-    run_on(wh, base, &r, &s2);
+    rig_submit(&g, &s2, "SELECT 1 AS one", 10);
+    rig_wait(&g, &s2);
     CHECK_OK(s2);
     sink_free(&s2);
     CHECK_INT_EQ(log_count(&E, "/oidc/v1/token", "\"status\":\"200\"") - before, 1);
-    tp_wh_free(wh);
-    event_base_free(base);
+    rig_close(&g);
 }
 
 static void oauth_token_refreshed_after_ttl(void)
 {
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E_TTL, false);
-    struct event_base *base = event_base_new();
-    char *err = NULL;
-    tp_wh_t *wh = tp_wh_new(base, &cfg, &err);
+    rig_t g;
+    rig_open(&g, &E_TTL, false);
     int before = log_count(&E_TTL, "/oidc/v1/token", "\"status\":\"200\"");
-    /* stream for longer than the 2 s token lifetime: the consumer pauses each
-     * batch, and the chain of chunk requests needs fresh tokens on the way */
+    /* three rounds over ~4 s with a 2 s token lifetime */
     for (int round = 0; round < 3; round++) {
         sink_t s;
-        sink_init(&s, base);
-        tp_wh_request_t r;
-        req_init(&r, &s, SEQ_SQL);
+        rig_submit(&g, &s, SEQ_SQL, 10);
         s.check_seq = true;
-        run_on(wh, base, &r, &s);
+        rig_wait(&g, &s);
         CHECK_OK(s);
         CHECK_INT_EQ(s.rows, 2500);
+        CHECK_INT_EQ(s.seq_errors, 0);
         sink_free(&s);
         struct timeval tv = {1, 300000};
-        event_base_loopexit(base, &tv);
-        event_base_dispatch(base);
+        event_base_loopexit(g.base, &tv);
+        event_base_dispatch(g.base);
     }
     int fetched = log_count(&E_TTL, "/oidc/v1/token", "\"status\":\"200\"") - before;
     CHECK_MSG(fetched >= 2 && fetched <= 5, "%d tokens fetched over ~4 s with a 2 s lifetime", fetched);
     /* no request was ever refused for an expired token */
     CHECK_INT_EQ(log_count(&E_TTL, "\"status\":\"403\"", "/api/2.0/sql"), 0);
-    tp_wh_free(wh);
-    event_base_free(base);
+    rig_close(&g);
 }
 
 static void oauth_wrong_secret_is_precise(void)
@@ -782,12 +749,8 @@ static void oauth_wrong_secret_is_precise(void)
     cfg_init(&cfg, &E, false);
     cfg.client_secret = "not-the-secret";
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT 1");
-    run1(&cfg, &r, &s);
-    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
-    CHECK_INT_EQ(s.res.kind, TP_WH_ERR_AUTH);
+    go(&s, &E, &cfg, "SELECT 1", 0);
+    CHECK_ERR(s, TP_WH_ERR_AUTH);
     CHECK_CONTAINS(s.res.message, "OAuth M2M token request failed");
     CHECK_CONTAINS(s.res.message, "invalid_client");
     CHECK(strstr(s.res.message, "not-the-secret") == NULL);
@@ -800,14 +763,8 @@ static void fault_latency(void)
 {
     if (!faults(&E, "latency=300@get"))
         return;
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT pg_sleep(0.3), 1");
-    r.wait_timeout_s = 0;
-    run1(&cfg, &r, &s);
+    go(&s, &E, NULL, "SELECT pg_sleep(0.3), 1", M_ASYNC);
     CHECK_OK(s);
     CHECK(s.t_done - s.t0 >= 300);
     faults(&E, NULL);
@@ -818,13 +775,8 @@ static void fault_429_retry_after(void)
 {
     if (!faults(&E, "status=429x2@execute,retry_after=1"))
         return;
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT 5 AS five");
-    run1(&cfg, &r, &s);
+    go(&s, &E, NULL, "SELECT 5 AS five", 0);
     CHECK_OK(s);
     CHECK_STR_EQ(s.first[0], "5");
     int64_t took = s.t_done - s.t0;
@@ -835,38 +787,25 @@ static void fault_429_retry_after(void)
 
 static void fault_503_on_get_and_chunk(void)
 {
-    if (!faults(&E, "status=503x2@get,status=503x2@chunk,retry_after=0"))
-        return;
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
-    sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, SEQ_SQL);
-    r.wait_timeout_s = 0;
-    s.check_seq = true;
-    run1(&cfg, &r, &s);
-    CHECK_OK(s);
-    CHECK_INT_EQ(s.rows, 2500);
-    CHECK_INT_EQ(s.seq_errors, 0);
-    faults(&E, NULL);
-    sink_free(&s);
+    for (int m = 0; m < 3; m++) {
+        if (!faults(&E, "status=503x2@get,status=503x2@chunk,status=503@link,retry_after=0"))
+            return;
+        sink_t s;
+        go(&s, &E, NULL, SEQ_SQL, M_ASYNC | M_SEQ | MODES[m]);
+        CHECK_SEQ_OK(s);
+        faults(&E, NULL);
+        sink_free(&s);
+    }
 }
 
 static void fault_500_on_submit_not_retried(void)
 {
     if (!faults(&E, "status=500@execute"))
         return;
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
-    sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT 1");
     int posts = log_count(&E, "\"method\":\"POST\"", "/api/2.0/sql/statements\"");
-    run1(&cfg, &r, &s);
-    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
-    CHECK_INT_EQ(s.res.kind, TP_WH_ERR_HTTP);
+    sink_t s;
+    go(&s, &E, NULL, "SELECT 1", 0);
+    CHECK_ERR(s, TP_WH_ERR_HTTP);
     CHECK_INT_EQ(s.res.http_status, 500);
     /* a POST that may have run is never sent twice */
     CHECK_INT_EQ(log_count(&E, "\"method\":\"POST\"", "/api/2.0/sql/statements\"") - posts, 1);
@@ -876,30 +815,15 @@ static void fault_500_on_submit_not_retried(void)
 
 static void fault_dropped_connection_mid_chunk(void)
 {
-    for (int d = 0; d < 3; d++) {
+    for (int m = 0; m < 3; m++) {
         if (!faults(&E, "drop_chunk=2"))
             return;
-        tp_wh_config_t cfg;
-        cfg_init(&cfg, &E, true);
         sink_t s;
-        sink_init(&s, NULL);
-        tp_wh_request_t r;
-        req_init(&r, &s, SEQ_SQL);
-        r.disposition = d ? TP_WH_EXTERNAL_LINKS : TP_WH_INLINE;
-        r.format = d == 2 ? TP_WH_CSV : TP_WH_JSON_ARRAY;
-        s.check_seq = d != 2;
-        run1(&cfg, &r, &s);
-        CHECK_OK(s);
-        CHECK_INT_EQ(s.res.rows, 2500);
-        CHECK_INT_EQ(s.seq_errors, 0); /* nothing delivered twice, nothing skipped */
-        if (d == 2) {
-            /* byte-exact: the resumed CSV equals a clean download */
-            CHECK_INT_EQ(s.csv.len > 0 ? (int64_t)s.csv.data[s.csv.len - 1] : 0, '\n');
-            int64_t lines = 0;
-            for (size_t i = 0; i < s.csv.len; i++)
-                lines += s.csv.data[i] == '\n';
-            CHECK_INT_EQ(lines, 2501);
-        }
+        go(&s, &E, NULL, SEQ_SQL, M_SEQ | MODES[m]);
+        /* resumed where it broke: nothing delivered twice, nothing skipped */
+        CHECK_SEQ_OK(s);
+        if (MODES[m] & M_CSV)
+            CHECK_INT_EQ(s.csv_lines, 2501);
         faults(&E, NULL);
         sink_free(&s);
     }
@@ -907,20 +831,12 @@ static void fault_dropped_connection_mid_chunk(void)
 
 static void fault_truncated_chunk(void)
 {
-    for (int d = 0; d < 3; d++) {
+    for (int m = 0; m < 3; m++) {
         if (!faults(&E, "truncate_chunk=1"))
             return;
-        tp_wh_config_t cfg;
-        cfg_init(&cfg, &E, true);
         sink_t s;
-        sink_init(&s, NULL);
-        tp_wh_request_t r;
-        req_init(&r, &s, SEQ_SQL);
-        r.disposition = d ? TP_WH_EXTERNAL_LINKS : TP_WH_INLINE;
-        r.format = d == 2 ? TP_WH_CSV : TP_WH_JSON_ARRAY;
-        run1(&cfg, &r, &s);
-        CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
-        CHECK_INT_EQ(s.res.kind, TP_WH_ERR_PROTOCOL);
+        go(&s, &E, NULL, SEQ_SQL, MODES[m]);
+        CHECK_ERR(s, TP_WH_ERR_PROTOCOL);
         CHECK(s.res.chunk_index >= 0);
         CHECK_CONTAINS(s.res.message, "chunk ");
         CHECK_CONTAINS(s.res.message, s.res.statement_id ? s.res.statement_id : "?");
@@ -932,37 +848,21 @@ static void fault_truncated_chunk(void)
 
 static void fault_expired_links_rerequested(void)
 {
-    for (int f = 0; f < 2; f++) {
+    for (int m = 1; m < 3; m++) {
         if (!faults(&E, "expire_links=2"))
             return;
-        tp_wh_config_t cfg;
-        cfg_init(&cfg, &E, true);
         sink_t s;
-        sink_init(&s, NULL);
-        tp_wh_request_t r;
-        req_init(&r, &s, SEQ_SQL);
-        r.disposition = TP_WH_EXTERNAL_LINKS;
-        r.format = f ? TP_WH_CSV : TP_WH_JSON_ARRAY;
-        s.check_seq = !f;
-        run1(&cfg, &r, &s);
-        CHECK_OK(s);
-        CHECK_INT_EQ(s.res.rows, 2500);
-        CHECK_INT_EQ(s.seq_errors, 0);
+        go(&s, &E, NULL, SEQ_SQL, M_SEQ | MODES[m]);
+        CHECK_SEQ_OK(s);
         faults(&E, NULL);
         sink_free(&s);
     }
     /* links that never come back fresh: a precise error, not a loop */
     if (!faults(&E, "expire_links"))
         return;
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, true);
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, SEQ_SQL);
-    r.disposition = TP_WH_EXTERNAL_LINKS;
-    run1(&cfg, &r, &s);
-    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
+    go(&s, &E, NULL, SEQ_SQL, M_LINKS);
+    CHECK_ERR(s, TP_WH_ERR_PROTOCOL);
     CHECK_INT_EQ(s.res.chunk_index, 0);
     CHECK_CONTAINS(s.res.message, "expired");
     faults(&E, NULL);
@@ -974,24 +874,18 @@ static void fault_token_endpoint(void)
     /* fails twice then works: retried */
     if (!faults(&E, "token_fail=2:503"))
         return;
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, false);
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT 3 AS three");
-    run1(&cfg, &r, &s);
+    go(&s, &E, NULL, "SELECT 3 AS three", M_OAUTH);
     CHECK_OK(s);
     sink_free(&s);
     /* keeps failing: a precise error once the retry budget is spent */
     if (!faults(&E, "token_fail=1000:500"))
         return;
+    tp_wh_config_t cfg;
+    cfg_init(&cfg, &E, false);
     cfg.retry_budget_ms = 1500;
-    sink_init(&s, NULL);
-    req_init(&r, &s, "SELECT 3 AS three");
-    run1(&cfg, &r, &s);
-    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
-    CHECK_INT_EQ(s.res.kind, TP_WH_ERR_AUTH);
+    go(&s, &E, &cfg, "SELECT 3 AS three", 0);
+    CHECK_ERR(s, TP_WH_ERR_AUTH);
     CHECK_CONTAINS(s.res.message, "OAuth M2M token request failed");
     CHECK_CONTAINS(s.res.message, "HTTP 500");
     faults(&E, NULL);
@@ -1007,13 +901,9 @@ static void connection_refused_is_retried_then_reported(void)
     cfg.host = url;
     cfg.retry_budget_ms = 800;
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT 1");
-    run1(&cfg, &r, &s);
-    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
-    CHECK_INT_EQ(s.res.kind, TP_WH_ERR_TRANSPORT);
-    CHECK_CONTAINS(s.res.message, "after");
+    go(&s, &E, &cfg, "SELECT 1", 0);
+    CHECK_ERR(s, TP_WH_ERR_TRANSPORT);
+    CHECK_CONTAINS(s.res.message, "Couldn't connect");
     CHECK_CONTAINS(s.res.message, "attempts");
     sink_free(&s);
 }
@@ -1028,13 +918,8 @@ static void slow_answers_time_out(void)
     cfg.request_timeout_ms = 300;
     cfg.retry_budget_ms = 1000;
     sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, "SELECT 1");
-    r.wait_timeout_s = 0;
-    run1(&cfg, &r, &s);
-    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
-    CHECK_INT_EQ(s.res.kind, TP_WH_ERR_TIMEOUT);
+    go(&s, &E, &cfg, "SELECT 1", M_ASYNC);
+    CHECK_ERR(s, TP_WH_ERR_TIMEOUT);
     CHECK_CONTAINS(s.res.message, "GET status");
     CHECK_MSG(s.t_done - s.t0 < 5000, "took %lld ms", (long long)(s.t_done - s.t0));
     sink_free(&s);
@@ -1043,11 +928,8 @@ static void slow_answers_time_out(void)
         return;
     cfg.request_timeout_ms = 5000;
     cfg.stall_timeout_ms = 300;
-    sink_init(&s, NULL);
-    req_init(&r, &s, SEQ_SQL);
-    run1(&cfg, &r, &s);
-    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
-    CHECK_INT_EQ(s.res.kind, TP_WH_ERR_TIMEOUT);
+    go(&s, &E, &cfg, SEQ_SQL, 0);
+    CHECK_ERR(s, TP_WH_ERR_TIMEOUT);
     CHECK_INT_EQ(s.res.chunk_index, 1);
     CHECK_CONTAINS(s.res.message, "no data received for 300 ms");
     CHECK_INT_EQ(s.rows, 1000); /* chunk 0 came with the answer, nothing more */
@@ -1057,36 +939,27 @@ static void slow_answers_time_out(void)
 
 static void free_with_statements_in_flight(void)
 {
-    tp_wh_config_t cfg;
-    cfg_init(&cfg, &E, false);
-    struct event_base *base = event_base_new();
-    char *err = NULL;
-    tp_wh_t *wh = tp_wh_new(base, &cfg, &err);
+    rig_t g;
+    rig_open(&g, &E, false);
     sink_t s[3];
-    for (int i = 0; i < 3; i++) {
-        sink_init(&s[i], base);
-        tp_wh_request_t r;
-        req_init(&r, &s[i], i == 0 ? "SELECT pg_sleep(5)" : SEQ_SQL);
-        r.wait_timeout_s = 0;
-        r.disposition = i == 2 ? TP_WH_EXTERNAL_LINKS : TP_WH_INLINE;
-        s[i].st = tp_wh_submit(wh, &r, &err);
-    }
+    rig_submit(&g, &s[0], "SELECT pg_sleep(5)", 0);
+    rig_submit(&g, &s[1], SEQ_SQL, 0);
+    rig_submit(&g, &s[2], SEQ_SQL, 10);
     for (int k = 0; k < 20; k++)
-        event_base_loop(base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
-    CHECK(tp_wh_inflight(wh) > 0);
-    tp_wh_free(wh); /* abandons them: no callback, no leak (ASan checks) */
+        event_base_loop(g.base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
+    CHECK(tp_wh_inflight(g.wh) > 0);
+    rig_close(&g); /* abandons them: no callback, no leak (ASan checks) */
     for (int i = 0; i < 3; i++) {
         CHECK(!s[i].done);
         sink_free(&s[i]);
     }
-    event_base_free(base);
 }
 
 /* ---- consumer control ---- */
 
 static void pause_resume_backpressure(void)
 {
-    for (int d = 0; d < 3; d++) {
+    for (int m = 0; m < 3; m++) {
         tp_wh_config_t cfg;
         cfg_init(&cfg, &E, true);
         cfg.rows_per_batch = 100;
@@ -1094,17 +967,14 @@ static void pause_resume_backpressure(void)
         sink_init(&s, NULL);
         tp_wh_request_t r;
         req_init(&r, &s, SEQ_SQL);
-        r.disposition = d ? TP_WH_EXTERNAL_LINKS : TP_WH_INLINE;
-        r.format = d == 2 ? TP_WH_CSV : TP_WH_JSON_ARRAY;
-        s.check_seq = d != 2;
+        r.disposition = MODES[m] & M_LINKS ? TP_WH_EXTERNAL_LINKS : TP_WH_INLINE;
+        r.format = MODES[m] & M_CSV ? TP_WH_CSV : TP_WH_JSON_ARRAY;
+        s.check_seq = !(MODES[m] & M_CSV);
         s.pause_each = true;
         run1(&cfg, &r, &s);
-        CHECK_OK(s);
-        CHECK_INT_EQ(s.res.rows, 2500);
-        CHECK_INT_EQ(s.seq_errors, 0);
-        CHECK_INT_EQ(s.offset_errors, 0);
-        CHECK(s.pauses >= (d == 2 ? 3 : 25));
-        if (d != 2)
+        CHECK_SEQ_OK(s);
+        CHECK(s.pauses >= (MODES[m] & M_CSV ? 3 : 25));
+        if (!(MODES[m] & M_CSV))
             CHECK_MSG(s.batches >= 25, "batches %lld", (long long)s.batches);
         sink_free(&s);
     }
@@ -1115,25 +985,26 @@ static void consumer_stop_and_cancel_mid_stream(void)
     tp_wh_config_t cfg;
     cfg_init(&cfg, &E, true);
     cfg.rows_per_batch = 100;
-    sink_t s;
-    sink_init(&s, NULL);
-    tp_wh_request_t r;
-    req_init(&r, &s, SEQ_SQL);
-    r.disposition = TP_WH_EXTERNAL_LINKS;
-    s.reject_after_rows = 1200;
-    run1(&cfg, &r, &s);
-    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
-    CHECK_INT_EQ(s.res.kind, TP_WH_ERR_CONSUMER);
-    CHECK_INT_EQ(s.rows, 1200);
-    sink_free(&s);
-
-    sink_init(&s, NULL);
-    req_init(&r, &s, SEQ_SQL);
-    s.cancel_after_rows = 1500;
-    run1(&cfg, &r, &s);
-    CHECK_INT_EQ(s.res.status, TP_WH_CANCELED);
-    CHECK_INT_EQ(s.rows, 1500); /* nothing after the cancel */
-    sink_free(&s);
+    for (int i = 0; i < 2; i++) {
+        sink_t s;
+        sink_init(&s, NULL);
+        tp_wh_request_t r;
+        req_init(&r, &s, SEQ_SQL);
+        r.disposition = TP_WH_EXTERNAL_LINKS;
+        if (i == 0)
+            s.reject_after_rows = 1200;
+        else
+            s.cancel_after_rows = 1500;
+        run1(&cfg, &r, &s);
+        if (i == 0) {
+            CHECK_ERR(s, TP_WH_ERR_CONSUMER);
+            CHECK_INT_EQ(s.rows, 1200);
+        } else {
+            CHECK_INT_EQ(s.res.status, TP_WH_CANCELED);
+            CHECK_INT_EQ(s.rows, 1500); /* nothing after the cancel */
+        }
+        sink_free(&s);
+    }
 }
 
 static void blocking_wrapper_and_host_forms(void)
@@ -1258,7 +1129,6 @@ int main(void)
     TP_RUN(cancel_before_send);
     TP_RUN(continue_timeout_then_poll);
     TP_RUN(on_wait_timeout_cancel);
-    TP_RUN(statement_deadline);
     TP_RUN(parameter_types);
     TP_RUN(wrong_pat_is_precise);
     TP_RUN(bearer_override);
