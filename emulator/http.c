@@ -15,10 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/socket.h>
 
 #include <event2/buffer.h>
-#include <event2/bufferevent.h>
 #include <event2/keyvalq_struct.h>
 #include <jansson.h>
 
@@ -248,13 +246,12 @@ static emu_defer_t *defer_new(struct evhttp_request *req, int64_t t0_us, int64_t
 
 /* ---- body delivery with chunk faults ---- */
 
+/* The half body is on the wire: close the connection (and free its request)
+ * without finishing the reply. libevent does not touch evcon after this callback. */
 static void on_dropped_flush(struct evhttp_connection *evcon, void *arg)
 {
     (void)arg;
-    struct bufferevent *bev = evhttp_connection_get_bufferevent(evcon);
-    evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
-    if (fd >= 0)
-        shutdown(fd, SHUT_RDWR); /* libevent sees EOF and frees the connection */
+    evhttp_connection_free(evcon);
 }
 
 static void send_chunk_body(struct evhttp_request *req, const reqinfo_t *ri, const char *ctype,
