@@ -180,6 +180,8 @@ static void on_defer_close(struct evhttp_connection *evcon, void *arg)
     emu_defer_t *d = arg;
     if (d == NULL || d->magic != EMU_DEFER_MAGIC)
         return;
+    if (d->stmt)
+        tp_info("client went away while waiting for statement %s", d->stmt->id);
     unlink_waiter(d);
     emu_defer_free(d); /* libevent frees the request itself */
 }

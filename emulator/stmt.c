@@ -325,7 +325,10 @@ static void free_result(emu_stmt_t *st)
 static void *worker_main(void *arg)
 {
     emu_stmt_t *st = arg;
-    PGconn *conn = PQconnectdb(g.dsn);
+    /* connect_timeout bounds a shutdown that waits for this thread; the DSN may override it */
+    const char *const keys[] = {"connect_timeout", "dbname", NULL};
+    const char *const vals[] = {"10", g.dsn, NULL};
+    PGconn *conn = PQconnectdbParams(keys, vals, 1);
     if (PQstatus(conn) != CONNECTION_OK) {
         set_error(st, "TEMPORARILY_UNAVAILABLE", "08006", PQerrorMessage(conn));
     } else {
@@ -333,7 +336,8 @@ static void *worker_main(void *arg)
         if (st->state == EMU_PENDING)
             st->state = EMU_RUNNING;
         unlock();
-        execute(st, conn);
+        if (!atomic_load(&st->cancel))
+            execute(st, conn);
     }
     PQfinish(conn);
     lock();
