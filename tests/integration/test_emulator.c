@@ -406,6 +406,18 @@ static bool wait_no_sleepers(void)
     return false;
 }
 
+/* Starts SELECT pg_sleep(30) asynchronously on the current emulator and waits
+ * until Postgres runs it; writes the statement id into id. */
+static void start_sleeper(char *id, size_t idlen)
+{
+    resp_t r = exec_sql("\"statement\":\"SELECT pg_sleep(30)\",\"wait_timeout\":\"0s\"");
+    snprintf(id, idlen, "%s", jstr(r.json, "statement_id") ? jstr(r.json, "statement_id") : "");
+    resp_free(&r);
+    for (int i = 0; i < 100 && backends_sleeping() == 0; i++)
+        usleep(20000);
+    CHECK_INT_EQ(backends_sleeping(), 1);
+}
+
 static void wait_timeout_continue_then_cancel(void)
 {
     resp_t r = exec_sql("\"statement\":\"SELECT pg_sleep(30)\",\"wait_timeout\":\"5s\","
@@ -448,14 +460,10 @@ static void wait_timeout_cancel(void)
 
 static void explicit_cancel_async(void)
 {
-    resp_t r = exec_sql("\"statement\":\"SELECT pg_sleep(30)\",\"wait_timeout\":\"0s\"");
     char id[64], path[200];
-    snprintf(id, sizeof id, "%s", jstr(r.json, "statement_id"));
-    resp_free(&r);
-    for (int i = 0; i < 100 && backends_sleeping() == 0; i++)
-        usleep(20000);
+    start_sleeper(id, sizeof id);
     snprintf(path, sizeof path, "/api/2.0/sql/statements/%s/cancel/", id); /* trailing slash */
-    r = http("POST", path, AUTH, NULL, "{}");
+    resp_t r = http("POST", path, AUTH, NULL, "{}");
     CHECK_INT_EQ(r.code, 200);
     resp_free(&r);
     r = poll_done(id);
@@ -1132,12 +1140,9 @@ static void client_leaves_and_close_while_running(void)
     /* libevent 2.1 only notices the gone client when the answer is written: the
      * reply is dropped then, without a crash or leak (the ASan run checks that) */
 
-    r = exec_sql("\"statement\":\"SELECT pg_sleep(30)\",\"wait_timeout\":\"0s\"");
-    char path[200];
-    snprintf(path, sizeof path, "/api/2.0/sql/statements/%s", jstr(r.json, "statement_id"));
-    resp_free(&r);
-    for (int i = 0; i < 100 && backends_sleeping() == 0; i++)
-        usleep(20000);
+    char id[64], path[200];
+    start_sleeper(id, sizeof id);
+    snprintf(path, sizeof path, "/api/2.0/sql/statements/%s", id);
     r = http("DELETE", path, AUTH, NULL, NULL);
     CHECK_INT_EQ(r.code, 200);
     resp_free(&r);
@@ -1181,10 +1186,8 @@ static void results_expire_then_statements_are_forgotten(void)
 static void logs_hold_no_secrets_and_sigterm_is_clean(void)
 {
     /* a statement still running at shutdown is cancelled, and the exit is clean */
-    resp_t r = exec_sql("\"statement\":\"SELECT pg_sleep(30)\",\"wait_timeout\":\"0s\"");
-    resp_free(&r);
-    for (int i = 0; i < 100 && backends_sleeping() == 0; i++)
-        usleep(20000);
+    char id[64];
+    start_sleeper(id, sizeof id);
     int64_t t0 = tp_now_ms();
     int rc1 = tp_test_stop(E1.pid, 10000);
     CHECK(tp_now_ms() - t0 < 5000);
