@@ -665,9 +665,9 @@ static void handle_admin(struct evhttp_request *req, reqinfo_t *ri)
             tp_buf_free(&b);
             return;
         }
+        tp_info("faults set: %s", json_string_value(spec));
         json_decref(root);
         g.faults = f;
-        tp_info("faults set: %s", json_string_value(spec) ? "from /admin/faults" : "");
     } else if (cmd == EVHTTP_REQ_DELETE) {
         char err[8];
         if (!emu_faults_parse(NULL, &g.faults, err, sizeof err))
