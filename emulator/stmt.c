@@ -264,7 +264,10 @@ static void execute(emu_stmt_t *st, PGconn *conn)
     char **cells = NULL;
     bool cancel_sent = false;
     for (;;) {
-        if (!cancel_sent && (atomic_load(&st->cancel) || b.stop)) {
+        /* A row or byte limit does not cancel: the rest is drained unread, so a
+         * statement that writes (INSERT ... RETURNING) still commits. A failing
+         * one (INLINE too large) is cancelled. */
+        if (!cancel_sent && (atomic_load(&st->cancel) || (b.stop && st->err_code))) {
             PGcancel *c = PQgetCancel(conn);
             char eb[256];
             if (c && !PQcancel(c, eb, sizeof eb))
@@ -278,14 +281,6 @@ static void execute(emu_stmt_t *st, PGconn *conn)
             if (res == NULL) {
                 finished = true;
                 break;
-            }
-            if (b.stop && PQresultStatus(res) == PGRES_FATAL_ERROR && !st->err_code) {
-                /* our own cancel after a limit was hit: the rows we kept stand */
-                const char *ss = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-                if (ss && strcmp(ss, "57014") == 0) {
-                    PQclear(res);
-                    continue;
-                }
             }
             handle_result(st, &b, res, &cells);
             PQclear(res);

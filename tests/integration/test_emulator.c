@@ -546,6 +546,21 @@ static void dml_and_ddl(void)
     CHECK_STR_EQ(jstr(r.json, "result.data_array.0.0"), "2");
     CHECK_STR_EQ(jstr(r.json, "result.data_array.0.1"), "2");
     resp_free(&r);
+    /* a row limit on a writing statement truncates the answer, not the write */
+    r = exec_sql("\"statement\":\"INSERT INTO lake.notes SELECT g, 'n' FROM generate_series(10, "
+                 "19) g RETURNING id\",\"row_limit\":1");
+    CHECK_STR_EQ(jstr(r.json, "status.state"), "SUCCEEDED");
+    CHECK_INT_EQ(jint(r.json, "manifest.total_row_count"), 1);
+    CHECK(json_is_true(jget(r.json, "manifest.truncated")));
+    resp_free(&r);
+    char *n = tp_test_sql(tp_test_dsn(), "SELECT count(*) FROM lake.notes WHERE id >= 10");
+    CHECK_STR_EQ(n, "10");
+    free(n);
+    /* INLINE results above 25 MiB fail, as the service's do */
+    r = exec_sql("\"statement\":\"SELECT repeat('x', 1000) FROM generate_series(1, 30000)\"");
+    CHECK_STR_EQ(jstr(r.json, "status.state"), "FAILED");
+    CHECK_CONTAINS(jstr(r.json, "status.error.message"), "EXTERNAL_LINKS");
+    resp_free(&r);
     r = exec_sql("\"statement\":\"CREATE TABLE lake.ddl_t (x int)\"");
     CHECK_STR_EQ(jstr(r.json, "status.state"), "SUCCEEDED");
     CHECK_INT_EQ(jint(r.json, "manifest.schema.column_count"), 0);
