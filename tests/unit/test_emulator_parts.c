@@ -160,6 +160,15 @@ static void cells_take_databricks_forms(void)
     CHECK_STR_EQ(st->cols[7].type_text, "DECIMAL(38,18)");
     CHECK_STR_EQ(st->cols[8].type_name, "NULL");
     CHECK_STR_EQ(st->cols[4].type_text, "ARRAY<INT>");
+    emu_column_t iv = {0};
+    emu_column_map(&iv, 1186, ((1 << 2) | (1 << 1)) << 16 | 0xffff); /* interval year to month */
+    CHECK_STR_EQ(iv.type_text, "INTERVAL YEAR TO MONTH");
+    CHECK_STR_EQ(iv.interval_type, "YEAR TO MONTH");
+    CHECK_STR_EQ(iv.type_name, "INTERVAL");
+    emu_column_free(&iv);
+    emu_column_map(&iv, 1186, -1);
+    CHECK_STR_EQ(iv.type_text, "INTERVAL DAY TO SECOND");
+    emu_column_free(&iv);
     emu_builder_t b;
     emu_builder_init(&b, st);
     char *row[] = {"t", "2021-01-01 10:00:00.5+00", "2021-01-01 10:00:00.123456", "\\xdead",
