@@ -320,6 +320,8 @@ static void free_result(emu_stmt_t *st)
 static void *worker_main(void *arg)
 {
     emu_stmt_t *st = arg;
+    if (st == NULL || st->magic != EMU_STMT_MAGIC)
+        abort(); /* a corrupted hand-off: nothing sane to do */
     /* connect_timeout bounds a shutdown that waits for this thread; the DSN may override it */
     const char *const keys[] = {"connect_timeout", "dbname", NULL};
     const char *const vals[] = {"10", g.dsn, NULL};
