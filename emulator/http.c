@@ -15,10 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/socket.h>
 
 #include <event2/buffer.h>
-#include <event2/bufferevent.h>
 #include <event2/keyvalq_struct.h>
 #include <jansson.h>
 
@@ -182,6 +180,8 @@ static void on_defer_close(struct evhttp_connection *evcon, void *arg)
     emu_defer_t *d = arg;
     if (d == NULL || d->magic != EMU_DEFER_MAGIC)
         return;
+    if (d->stmt)
+        tp_info("client went away while waiting for statement %s", d->stmt->id);
     unlink_waiter(d);
     emu_defer_free(d); /* libevent frees the request itself */
 }
@@ -248,13 +248,12 @@ static emu_defer_t *defer_new(struct evhttp_request *req, int64_t t0_us, int64_t
 
 /* ---- body delivery with chunk faults ---- */
 
+/* The half body is on the wire: close the connection (and free its request)
+ * without finishing the reply. libevent does not touch evcon after this callback. */
 static void on_dropped_flush(struct evhttp_connection *evcon, void *arg)
 {
     (void)arg;
-    struct bufferevent *bev = evhttp_connection_get_bufferevent(evcon);
-    evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
-    if (fd >= 0)
-        shutdown(fd, SHUT_RDWR); /* libevent sees EOF and frees the connection */
+    evhttp_connection_free(evcon);
 }
 
 static void send_chunk_body(struct evhttp_request *req, const reqinfo_t *ri, const char *ctype,
@@ -666,9 +665,9 @@ static void handle_admin(struct evhttp_request *req, reqinfo_t *ri)
             tp_buf_free(&b);
             return;
         }
+        tp_info("faults set: %s", json_string_value(spec));
         json_decref(root);
         g.faults = f;
-        tp_info("faults set: %s", json_string_value(spec) ? "from /admin/faults" : "");
     } else if (cmd == EVHTTP_REQ_DELETE) {
         char err[8];
         if (!emu_faults_parse(NULL, &g.faults, err, sizeof err))
