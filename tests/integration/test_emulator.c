@@ -3,7 +3,11 @@
  * answers field by field against databricks-protocol.md §1 and §2: state
  * paths, formats and dispositions, chunking, external links, bad requests,
  * PAT and OAuth auth, every injected fault, and a clean SIGTERM. */
+#include <arpa/inet.h>
 #include <curl/curl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 #include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
@@ -389,7 +393,7 @@ static int backends_sleeping(void)
 {
     char *n = tp_test_sql(tp_test_dsn(), "SELECT count(*) FROM pg_stat_activity WHERE query "
                                          "LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid() "
-                                         "AND datname = current_database()");
+                                         "AND datname = current_database() AND state = 'active'");
     int v = n ? atoi(n) : -1;
     free(n);
     return v;
@@ -414,7 +418,15 @@ static void start_sleeper(char *id, size_t idlen)
     resp_free(&r);
     for (int i = 0; i < 100 && backends_sleeping() == 0; i++)
         usleep(20000);
-    CHECK_INT_EQ(backends_sleeping(), 1);
+    int n = backends_sleeping();
+    CHECK_INT_EQ(n, 1);
+    if (n != 1) {
+        char *q = tp_test_sql(tp_test_dsn(), "SELECT string_agg(pid || ':' || state || ':' || "
+                                             "query, ' | ') FROM pg_stat_activity WHERE datname "
+                                             "= current_database() AND pid <> pg_backend_pid()");
+        fprintf(stderr, "#   backends: %s\n", q ? q : "?");
+        free(q);
+    }
 }
 
 static void wait_timeout_continue_then_cancel(void)
@@ -1266,6 +1278,66 @@ static void command_line_errors(void)
     free(cmd);
 }
 
+/* Sends raw bytes to E1 and returns what came back before close or a 3 s timeout. */
+static char *raw_exchange(const char *data, size_t len)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)E1.port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct timeval tv = {3, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    tp_buf_t out;
+    tp_buf_init(&out);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
+        size_t off = 0;
+        while (off < len) {
+            ssize_t n = send(fd, data + off, len - off, MSG_NOSIGNAL);
+            if (n <= 0)
+                break;
+            off += (size_t)n;
+        }
+        char buf[4096];
+        ssize_t n;
+        while ((n = recv(fd, buf, sizeof buf, 0)) > 0)
+            tp_buf_append(&out, buf, (size_t)n);
+    }
+    close(fd);
+    return tp_buf_steal(&out);
+}
+
+static void hostile_http_is_refused_cleanly(void)
+{
+    char *r = raw_exchange("GARBAGE\r\n\r\n", 11);
+    CHECK(strstr(r, "200 OK") == NULL);
+    free(r);
+    /* 70 KiB of headers: over the 64 KiB limit */
+    tp_buf_t big;
+    tp_buf_init(&big);
+    tp_buf_puts(&big, "GET /api/2.0/sql/statements/x HTTP/1.1\r\nHost: a\r\n");
+    for (int i = 0; i < 700; i++)
+        tp_buf_printf(&big, "X-Pad-%d: %0100d\r\n", i, 0);
+    tp_buf_puts(&big, "\r\n");
+    r = raw_exchange(big.data, big.len);
+    CHECK(strstr(r, "200 OK") == NULL && strstr(r, "404") == NULL);
+    free(r);
+    tp_buf_free(&big);
+    /* a body announced larger than 17 MiB is refused before it is read */
+    const char *huge = "POST /api/2.0/sql/statements HTTP/1.1\r\nHost: a\r\nAuthorization: "
+                       "Bearer " PAT "\r\nContent-Length: 40000000\r\n\r\n{\"a\":";
+    r = raw_exchange(huge, strlen(huge));
+    CHECK_CONTAINS(r, "413");
+    free(r);
+    /* a body shorter than announced, then the client leaves */
+    const char *cut = "POST /api/2.0/sql/statements HTTP/1.1\r\nHost: a\r\nAuthorization: "
+                      "Bearer " PAT "\r\nContent-Length: 500\r\nConnection: close\r\n\r\n{";
+    r = raw_exchange(cut, strlen(cut));
+    free(r);
+    /* still serving */
+    resp_t ok = exec_sql("\"statement\":\"SELECT 1\"");
+    CHECK_STR_EQ(jstr(ok.json, "status.state"), "SUCCEEDED");
+    resp_free(&ok);
+}
+
 int main(void)
 {
     if (tp_test_dsn() == NULL) {
@@ -1294,6 +1366,7 @@ int main(void)
     TP_RUN(wait_timeout_continue_then_cancel);
     TP_RUN(wait_timeout_cancel);
     TP_RUN(explicit_cancel_async);
+    TP_RUN(hostile_http_is_refused_cleanly);
     TP_RUN(client_leaves_and_close_while_running);
     TP_RUN(results_expire_then_statements_are_forgotten);
     TP_RUN(logs_hold_no_secrets_and_sigterm_is_clean);
