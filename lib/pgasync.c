@@ -14,6 +14,8 @@
  * dashboards' concurrency is spread over the pool instead), COPY, transactions. */
 #include "tidepool/pgasync.h"
 
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <event2/event.h>

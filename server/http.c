@@ -282,14 +282,15 @@ static int hexval(char c)
     return -1;
 }
 
-/* Percent-decodes s[0..n) ('+' is a space). NULL with *why on a bad escape or NUL. */
-static char *pct_decode(const char *s, size_t n, const char **why)
+/* Percent-decodes s[0..n) ('+' is a space when plus). NULL with *why on a bad
+ * escape, a NUL or invalid UTF-8. */
+char *pct_decode(const char *s, size_t n, bool plus, const char **why)
 {
     char *out = tp_xmalloc(n + 1);
     size_t o = 0;
     for (size_t i = 0; i < n; i++) {
         char c = s[i];
-        if (c == '+') {
+        if (c == '+' && plus) {
             c = ' ';
         } else if (c == '%') {
             if (i + 2 >= n) {
@@ -336,7 +337,7 @@ bool rq_parse_query(rq_t *r)
             const char *eq = memchr(p, '=', len);
             size_t klen = eq ? (size_t)(eq - p) : len;
             const char *why = NULL;
-            char *k = pct_decode(p, klen, &why);
+            char *k = pct_decode(p, klen, true, &why);
             if (!k) {
                 char *raw = tp_xstrndup(p, klen > 64 ? 64 : klen);
                 /* the raw name is ASCII-safe only if valid; name it escaped */
@@ -346,7 +347,7 @@ bool rq_parse_query(rq_t *r)
                 free(raw);
                 return false;
             }
-            char *v = eq ? pct_decode(eq + 1, len - klen - 1, &why) : tp_xstrdup("");
+            char *v = eq ? pct_decode(eq + 1, len - klen - 1, true, &why) : tp_xstrdup("");
             if (!v) {
                 tp_buf_t d = {0};
                 tp_buf_printf(&d, "query parameter %s %s", k, why);

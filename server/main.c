@@ -175,7 +175,7 @@ static void status_once(void)
         return;
     }
     tp_migrate_status_t st;
-    char why[256] = "";
+    char why[600] = "";
     bool ok = false;
     if (tp_migrate_status(c, tp_migrate_default_dir(), &st, err, sizeof err))
         ok = tp_migrate_status_current(&st, why, sizeof why);
@@ -238,13 +238,13 @@ static void status_wake(bool reflect)
 
 /* ---- workers ---- */
 
-static int open_listener(const char *listen, char *err, size_t errlen)
+static int open_listener(const char *addr, char *err, size_t errlen)
 {
     struct sockaddr_storage ss;
     int sslen = sizeof ss;
     memset(&ss, 0, sizeof ss);
-    if (evutil_parse_sockaddr_port(listen, (struct sockaddr *)&ss, &sslen) != 0) {
-        snprintf(err, errlen, "server.listen \"%s\" is not ADDR:PORT", listen);
+    if (evutil_parse_sockaddr_port(addr, (struct sockaddr *)&ss, &sslen) != 0) {
+        snprintf(err, errlen, "server.listen \"%s\" is not ADDR:PORT", addr);
         return -1;
     }
     int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -256,7 +256,7 @@ static int open_listener(const char *listen, char *err, size_t errlen)
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0 ||
         bind(fd, (struct sockaddr *)&ss, (socklen_t)sslen) != 0 || listen(fd, 1024) != 0) {
-        snprintf(err, errlen, "cannot listen on %s: %s", listen, strerror(errno));
+        snprintf(err, errlen, "cannot listen on %s: %s", addr, strerror(errno));
         close(fd);
         return -1;
     }
@@ -295,8 +295,24 @@ static void on_stop(evutil_socket_t fd, short what, void *arg)
         evhttp_del_accept_socket(w->http, w->bound);
         w->bound = NULL;
     }
+    event_del(w->tick);
     w->drain_deadline_ms = tp_now_ms() + g_srv.drain_ms;
     on_drain_tick(-1, 0, w);
+}
+
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    worker_t *w = arg;
+    if (w->magic != WORKER_MAGIC)
+        abort();
+    tp_pgpool_stats_t st;
+    tp_pgpool_stats(w->pool, &st);
+    atomic_store_explicit(&w->m.pool_size, st.size, memory_order_relaxed);
+    atomic_store_explicit(&w->m.pool_connected, st.connected, memory_order_relaxed);
+    atomic_store_explicit(&w->m.pool_in_use, st.in_use, memory_order_relaxed);
+    atomic_store_explicit(&w->m.pool_queued, st.queued, memory_order_relaxed);
 }
 
 static void *worker_main(void *arg)
@@ -312,6 +328,7 @@ static void *worker_main(void *arg)
         cache_free(w->cache);
         event_free(w->stop_ev);
         event_free(w->drain_timer);
+        event_free(w->tick);
         event_base_free(w->base);
     }
     return NULL;
@@ -365,6 +382,9 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
     w->cache = cache_new(g_srv.cache_bytes, &w->m);
     w->stop_ev = event_new(w->base, -1, 0, on_stop, w);
     w->drain_timer = evtimer_new(w->base, on_drain_tick, w);
+    w->tick = event_new(w->base, -1, EV_PERSIST, on_tick, w);
+    struct timeval sec = {1, 0};
+    event_add(w->tick, &sec);
     return true;
 }
 

@@ -1,4 +1,4 @@
-/* tidepool-server internals shared by server/*.c: the process-wide state, one
+/* tidepool-server internals shared by the server/ sources: the process-wide state, one
  * worker per thread (event_base, evhttp, listener, Postgres pool, response
  * cache, sync-state view), the per-request context, and the helpers every
  * handler uses (problem+json, replies, query strings, metrics). Program-private:
@@ -11,6 +11,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include <event2/event.h>
 #include <event2/http.h>
@@ -102,6 +103,7 @@ typedef struct worker {
     struct evhttp_bound_socket *bound;
     struct event *stop_ev;
     struct event *drain_timer;
+    struct event *tick; /* publishes pool gauges into metrics once a second */
     int64_t drain_deadline_ms;
     tp_pgpool_t *pool;
     cache_t *cache;
@@ -138,7 +140,7 @@ typedef struct srv {
     atomic_bool listen_up;
     atomic_bool migrations_ok;
     atomic_bool migrations_known;
-    char migrations_why[256]; /* guarded by lock */
+    char migrations_why[600]; /* guarded by lock */
     int64_t drain_ms;
     int64_t cache_bytes; /* per worker */
     int64_t table_max_limit;
@@ -203,6 +205,9 @@ const char *rq_in_header(rq_t *r, const char *name);
 bool rq_parse_query(rq_t *r) TP_WUR;
 const char *rq_q(rq_t *r, const char *key);
 bool utf8_valid(const char *s, size_t n);
+char *pct_decode(const char *s, size_t n, bool plus, const char **why);
+/* ETag from the body, 304 on If-None-Match, else 200 with body. */
+void send_body(rq_t *r, const char *body, size_t len, const char *ctype, const char *source);
 /* Reads the request body; false (problem sent) when over the configured max. */
 bool rq_body(rq_t *r, char **out, size_t *len) TP_WUR;
 void http_date(int64_t wall_ms, char *buf, size_t n);
