@@ -44,6 +44,7 @@ struct tp_pgreq {
     tp_pgpool_t *pool;
     int stmt; /* index in the registry, or -1: unnamed statement */
     char *sql; /* only for stmt == -1 */
+    Oid *types; /* only for stmt == -1 */
     int nparams;
     char **values;
     tp_pg_done_cb cb;
@@ -77,6 +78,8 @@ struct conn {
 typedef struct stmt {
     uint64_t hash;
     char *sql;
+    int ntypes;
+    Oid *types; /* NULL: all inferred */
 } stmt_t;
 
 struct tp_pgpool {
@@ -147,6 +150,7 @@ static void req_free(tp_pgreq_t *r)
         free(r->values[i]);
     free(r->values);
     free(r->sql);
+    free(r->types);
     r->magic = 0;
     free(r);
 }
@@ -260,7 +264,8 @@ static void conn_send(conn_t *c, tp_pgreq_t *r)
     c->req = r;
     if (r->stmt >= 0 && !c->prepared[r->stmt]) {
         stmt_name(name, sizeof name, r->stmt);
-        ok = PQsendPrepare(c->pg, name, c->pool->stmts[r->stmt].sql, 0, NULL);
+        const stmt_t *st = &c->pool->stmts[r->stmt];
+        ok = PQsendPrepare(c->pg, name, st->sql, st->ntypes, st->types);
         c->st = C_PREPARING;
     } else if (r->stmt >= 0) {
         stmt_name(name, sizeof name, r->stmt);
@@ -268,8 +273,8 @@ static void conn_send(conn_t *c, tp_pgreq_t *r)
                                  NULL, 0);
         c->st = C_BUSY;
     } else {
-        ok = PQsendQueryParams(c->pg, r->sql, r->nparams, NULL, (const char *const *)r->values,
-                               NULL, NULL, 0);
+        ok = PQsendQueryParams(c->pg, r->sql, r->nparams, r->types,
+                               (const char *const *)r->values, NULL, NULL, 0);
         c->st = C_BUSY;
     }
     if (!ok) {
@@ -523,8 +528,10 @@ void tp_pgpool_free(tp_pgpool_t *p)
     }
     for (int i = 0; i < p->nconns; i++)
         conn_destroy(&p->conns[i]);
-    for (int i = 0; i < p->nstmts; i++)
+    for (int i = 0; i < p->nstmts; i++) {
         free(p->stmts[i].sql);
+        free(p->stmts[i].types);
+    }
     free(p->stmts);
     free(p->conns);
     free(p->dsn);
@@ -532,22 +539,48 @@ void tp_pgpool_free(tp_pgpool_t *p)
     free(p);
 }
 
-static int stmt_lookup(tp_pgpool_t *p, const char *sql)
+static Oid *copy_types(int n, const unsigned *types)
+{
+    if (!types || n <= 0)
+        return NULL;
+    Oid *t = tp_xcalloc((size_t)n, sizeof(Oid));
+    for (int i = 0; i < n; i++)
+        t[i] = (Oid)types[i];
+    return t;
+}
+
+static bool types_eq(const stmt_t *s, int n, const unsigned *types)
+{
+    if (!types || n <= 0)
+        return s->types == NULL;
+    if (!s->types || s->ntypes != n)
+        return false;
+    for (int i = 0; i < n; i++)
+        if (s->types[i] != (Oid)types[i])
+            return false;
+    return true;
+}
+
+static int stmt_lookup(tp_pgpool_t *p, const char *sql, int n, const unsigned *types)
 {
     uint64_t h = fnv1a(sql);
     for (int i = 0; i < p->nstmts; i++)
-        if (p->stmts[i].hash == h && strcmp(p->stmts[i].sql, sql) == 0)
+        if (p->stmts[i].hash == h && strcmp(p->stmts[i].sql, sql) == 0 &&
+            types_eq(&p->stmts[i], n, types))
             return i;
     if (p->nstmts >= p->max_stmts)
         return -1;
-    p->stmts[p->nstmts].hash = h;
-    p->stmts[p->nstmts].sql = tp_xstrdup(sql);
+    stmt_t *st = &p->stmts[p->nstmts];
+    st->hash = h;
+    st->sql = tp_xstrdup(sql);
+    st->types = copy_types(n, types);
+    st->ntypes = st->types ? n : 0;
     return p->nstmts++;
 }
 
 tp_pg_submit_t tp_pgpool_query(tp_pgpool_t *p, const char *sql, int nparams,
-                               const char *const *values, tp_pg_done_cb cb, void *arg,
-                               tp_pgreq_t **handle)
+                               const unsigned *types, const char *const *values, tp_pg_done_cb cb,
+                               void *arg, tp_pgreq_t **handle)
 {
     if (handle)
         *handle = NULL;
@@ -566,9 +599,11 @@ tp_pg_submit_t tp_pgpool_query(tp_pgpool_t *p, const char *sql, int nparams,
     tp_pgreq_t *r = tp_xcalloc(1, sizeof *r);
     r->magic = REQ_MAGIC;
     r->pool = p;
-    r->stmt = stmt_lookup(p, sql);
-    if (r->stmt < 0)
+    r->stmt = stmt_lookup(p, sql, nparams, types);
+    if (r->stmt < 0) {
         r->sql = tp_xstrdup(sql);
+        r->types = copy_types(nparams, types);
+    }
     r->nparams = nparams;
     r->values = tp_xcalloc((size_t)(nparams > 0 ? nparams : 1), sizeof(char *));
     for (int i = 0; i < nparams; i++)

@@ -96,7 +96,7 @@ void syncstate_then(rq_t *r, void (*cont)(rq_t *r))
     if (w->ss_fetching)
         return;
     w->ss_epoch = e;
-    tp_pg_submit_t s = tp_pgpool_query(w->pool, SS_SQL, 0, NULL, ss_done, w, NULL);
+    tp_pg_submit_t s = tp_pgpool_query(w->pool, SS_SQL, 0, NULL, NULL, ss_done, w, NULL);
     if (s == TP_PG_QUEUED) {
         w->ss_fetching = true;
         return;
@@ -538,7 +538,11 @@ static void flight_fail_refused(flight_t *f, tp_pg_submit_t s)
 static void flight_run(rq_t *r)
 {
     flight_t *f = r->flight;
-    tp_pg_submit_t s = tp_pgpool_query(r->w->pool, r->ds->pg.sql, r->nvals,
+    const tp_defs_body_t *b = &r->ds->pg;
+    unsigned types[b->n_names > 0 ? b->n_names : 1];
+    for (size_t k = 0; k < b->n_names; k++)
+        types[k] = tp_defs_type_oid(r->ds->params[b->index[k]].type);
+    tp_pg_submit_t s = tp_pgpool_query(r->w->pool, b->sql, r->nvals, types,
                                        (const char *const *)r->vals, flight_done, f, NULL);
     if (s != TP_PG_QUEUED)
         flight_fail_refused(f, s);

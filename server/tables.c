@@ -413,7 +413,7 @@ void h_table(rq_t *r, const char *name)
     tp_buf_free(&sel);
     if (!ok)
         return;
-    tp_pg_submit_t s = tp_pgpool_query(r->w->pool, r->sql, r->nvals, (const char *const *)r->vals,
+    tp_pg_submit_t s = tp_pgpool_query(r->w->pool, r->sql, r->nvals, NULL, (const char *const *)r->vals,
                                        table_done, r, NULL);
     if (s != TP_PG_QUEUED)
         rq_pool_refused(r, s);

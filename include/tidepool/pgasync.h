@@ -53,11 +53,13 @@ void tp_pgpool_free(tp_pgpool_t *pool);
 
 /* Sends sql (prepared once per connection, then executed with PQsendQueryPrepared)
  * with nparams text values (NULL entries are SQL NULL; copied, the caller may
- * free them on return). On TP_PG_QUEUED, *handle (if non-NULL) lets the caller
- * cancel before completion. */
+ * free them on return). types: nparams parameter type OIDs for the prepare
+ * (0 = let Postgres infer), or NULL for all inferred; the statement is keyed by
+ * sql and types. On TP_PG_QUEUED, *handle (if non-NULL) lets the caller cancel
+ * before completion. */
 tp_pg_submit_t tp_pgpool_query(tp_pgpool_t *pool, const char *sql, int nparams,
-                               const char *const *values, tp_pg_done_cb cb, void *arg,
-                               tp_pgreq_t **handle) TP_WUR;
+                               const unsigned *types, const char *const *values, tp_pg_done_cb cb,
+                               void *arg, tp_pgreq_t **handle) TP_WUR;
 /* The caller no longer wants the answer (client went away): the callback will
  * not run; a statement already sent finishes on its connection and is dropped. */
 void tp_pgpool_cancel(tp_pgreq_t *req);
