@@ -219,7 +219,8 @@ static void *status_main(void *arg)
         pthread_mutex_lock(&status_mu);
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += status_reflect ? 1 : 5;
+        /* quick retries while something is missing, a slow pulse otherwise */
+        ts.tv_sec += status_reflect || !atomic_load(&g_srv.migrations_ok) ? 1 : 5;
         if (!status_stop)
             pthread_cond_timedwait(&status_cv, &status_mu, &ts);
     }

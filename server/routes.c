@@ -116,11 +116,10 @@ static void h_readyz(rq_t *r)
     pthread_mutex_lock(&g_srv.lock);
     snprintf(why, sizeof why, "%s", g_srv.migrations_why);
     pthread_mutex_unlock(&g_srv.lock);
-    if (pg && mig) {
+    if (pg && mig && lsn) {
         tp_buf_t b = {0};
-        tp_buf_printf(&b, "{\"status\":\"ready\",\"checks\":{\"postgres\":true,\"migrations\":true,"
-                          "\"listen\":%s}}",
-                      lsn ? "true" : "false");
+        tp_buf_puts(&b, "{\"status\":\"ready\",\"checks\":{\"postgres\":true,"
+                        "\"migrations\":true,\"listen\":true}}");
         rq_header(r, "Cache-Control", "no-store");
         rq_reply(r, 200, "application/json", b.data, b.len);
         tp_buf_free(&b);
@@ -132,7 +131,11 @@ static void h_readyz(rq_t *r)
     if (!mig)
         tp_buf_printf(&d, "%smigrations: %s", d.len ? "; " : "",
                       known ? why : "not checked yet");
-    rq_problem(r, 503, "not-ready", d.data, !pg ? "postgres" : "migrations", d.data, 1);
+    if (!lsn)
+        tp_buf_printf(&d, "%sthe LISTEN connection for cache invalidation is down",
+                      d.len ? "; " : "");
+    rq_problem(r, 503, "not-ready", d.data, !pg ? "postgres" : !mig ? "migrations" : "listen",
+               d.data, 1);
     tp_buf_free(&d);
 }
 

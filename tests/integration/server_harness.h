@@ -130,12 +130,32 @@ static bool harness_start(srv_h_t *s, const char *dsn, int threads)
              "max_body_bytes = 4k\nmax_header_bytes = 4k\ntimeout = 10s\n",
              dsn, s->port, threads, s->qdir);
     free(s->conf);
-    s->conf = tp_test_write_tmp("server.conf", conf);
+    char name[64];
+    snprintf(name, sizeof name, "server-%d.conf", s->port);
+    s->conf = tp_test_write_tmp(name, conf);
     free(s->log);
-    s->log = tp_xasprintf("%s/server.log", tp_test_tmpdir());
+    s->log = tp_xasprintf("%s/server-%d.log", tp_test_tmpdir(), s->port);
     char *argv[] = {(char *)tp_test_bin("tidepool-server"), "--config", s->conf, NULL};
     s->pid = tp_test_spawn(argv, s->log);
     return s->pid > 0 && tp_test_wait_port(s->port, 10000);
+}
+
+static resp_t get(srv_h_t *s, const char *path);
+static void resp_free(resp_t *r);
+
+/* Waits (up to 15 s) until /readyz answers 200: Postgres pool, migrations and
+ * the LISTEN connection are all up. */
+static bool harness_ready(srv_h_t *s)
+{
+    for (int i = 0; i < 150; i++) {
+        resp_t r = get(s, "/readyz");
+        long st = r.status;
+        resp_free(&r);
+        if (st == 200)
+            return true;
+        usleep(100000);
+    }
+    return false;
 }
 
 static void resp_free(resp_t *r)

@@ -420,7 +420,7 @@ int main(void)
         return tp_test_done();
     }
     harness_write_defs(&S);
-    if (!harness_start(&S, dsn, 2)) {
+    if (!harness_start(&S, dsn, 2) || !harness_ready(&S)) {
         tp_test_fail(__FILE__, __LINE__, "server did not start; see %s", S.log);
         return tp_test_done();
     }
