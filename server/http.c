@@ -155,11 +155,28 @@ static const char *reason(int status)
     return "Status";
 }
 
+static void on_drained_conn_close(struct evhttp_connection *evcon, void *arg)
+{
+    (void)evcon;
+    worker_t *w = arg;
+    if (w->magic != WORKER_MAGIC)
+        abort();
+    w->closing--;
+}
+
 void rq_reply(rq_t *r, int status, const char *ctype, const char *body, size_t len)
 {
     if (r->magic != RQ_MAGIC)
         abort();
     worker_t *w = r->w;
+    struct evhttp_connection *evcon = evhttp_request_get_connection(r->req);
+    if (atomic_load_explicit(&g_srv.draining, memory_order_relaxed) && evcon) {
+        /* Draining: close after this reply, and count the connection until
+         * evhttp has written it out and freed it. */
+        rq_header(r, "Connection", "close");
+        evhttp_connection_set_closecb(evcon, on_drained_conn_close, w);
+        w->closing++;
+    }
     struct evbuffer *buf = evbuffer_new();
     if (ctype)
         rq_header(r, "Content-Type", ctype);

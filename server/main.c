@@ -271,7 +271,7 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
     worker_t *w = arg;
     if (w->magic != WORKER_MAGIC)
         abort();
-    if (w->inflight == 0 || tp_now_ms() >= w->drain_deadline_ms) {
+    if ((w->inflight == 0 && w->closing <= 0) || tp_now_ms() >= w->drain_deadline_ms) {
         if (w->inflight > 0) {
             char n[16];
             snprintf(n, sizeof n, "%d", w->inflight);
@@ -579,6 +579,14 @@ int main(int argc, char **argv)
     pthread_mutex_unlock(&status_mu);
     pthread_join(status_th, NULL);
     tp_pglisten_free(lsn);
+    /* A repeated SIGTERM while we finish must not kill us mid-cleanup: block
+     * it (every other thread has ended) before libevent restores the default. */
+    sigset_t block;
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    sigaddset(&block, SIGINT);
+    sigaddset(&block, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &block, NULL);
     for (int i = 0; i < 3; i++)
         event_free(sigs[i]);
     event_base_free(g_main_base);

@@ -108,6 +108,7 @@ typedef struct worker {
     tp_pgpool_t *pool;
     cache_t *cache;
     int inflight;
+    int closing; /* connections closing after their last reply while draining */
     int max_inflight;
     metrics_t m;
     /* sync_state view: refreshed when the invalidation epoch moved or after 1 s */
