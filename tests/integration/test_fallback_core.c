@@ -702,7 +702,7 @@ static void failures_map_to_problems(void)
     CHECK_STR_EQ(o.problem.code, "warehouse-rate-limited");
     CHECK(o.problem.retry_after_s > 0);
     tp_fb_outcome_clear(&o);
-    faults("status=500x3@get");
+    faults("status=500x200@get");
     const char *v3[] = {"0", "f3"};
     o = run("slow", v3);
     CHECK_INT_EQ(o.state, TP_FB_FAILED);
