@@ -486,7 +486,7 @@ void h_dataset(rq_t *r, const char *name)
                 /* Join: answered when the leader's query completes. */
                 rq_t **pp = &f->waiters;
                 while (*pp)
-                    pp = &(*pp)->next;
+                    pp = &(*pp)->fnext;
                 *pp = r;
                 r->flight = f;
                 atomic_fetch_add_explicit(&w->m.flights_joined, 1, memory_order_relaxed);
@@ -527,7 +527,7 @@ static void flight_fail_refused(flight_t *f, tp_pg_submit_t s)
     rq_t *list = f->waiters;
     while (list) {
         rq_t *r = list;
-        list = r->next;
+        list = r->fnext;
         rq_pool_refused(r, s);
     }
     free(f->key);
@@ -558,7 +558,7 @@ static void flight_done(PGresult *res, const char *err, void *arg)
     if (err) {
         while (list) {
             rq_t *r = list;
-            list = r->next;
+            list = r->fnext;
             rq_pg_error(r, res, err);
         }
     } else {
@@ -571,7 +571,7 @@ static void flight_done(PGresult *res, const char *err, void *arg)
         freshness_headers(f->w, leader->gen, f->ds_idx, &meta);
         while (list) {
             rq_t *r = list;
-            list = r->next;
+            list = r->fnext;
             send_entry(r, &meta, b.data, b.len, "postgres");
         }
         if (f->key && f->ttl_ms > 0) {

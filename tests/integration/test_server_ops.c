@@ -144,6 +144,19 @@ static void test_single_flight(void)
     CHECK(took < 3000);
     CHECK_MSG(metric("tidepool_singleflight_joined_total") >= joined0 + 5,
               "identical concurrent misses should share one query");
+    /* Regression: joiners arriving while the leader waits for a stale
+     * sync_state view (more than a second old) once corrupted the waiter
+     * lists and crashed the server. */
+    usleep(1200000);
+    const char *q = "/api/v1/datasets/daily_metrics?user_id=9&until=2025-01-05";
+    const char *qs[8] = {q, q, q, q, q, q, q, q};
+    long st2[8];
+    parallel_get(&S, qs, 8, st2, NULL);
+    for (int i = 0; i < 8; i++)
+        CHECK_INT_EQ(st2[i], 200);
+    resp_t r = get(&S, "/healthz");
+    CHECK_INT_EQ(r.status, 200);
+    resp_free(&r);
 }
 
 static void test_queue_full(void)
