@@ -21,6 +21,9 @@
 #include <strings.h>
 #include <sys/stat.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include <libpq-fe.h>
 
 #define MS_S 1000LL
@@ -112,6 +115,67 @@ const tp_setting_t tp_settings[] = {
      .env = "DATABRICKS_APP_PORT", .env_value = "databricks-apps",
      .offset = OFF(auth.mode), .choices = auth_modes,
      .help = "none (loopback listener only), token, databricks-apps or jwt"},
+    {.section = "auth", .key = "anonymous_roles", .type = TP_CFG_STRING,
+     .default_value = "reader, writer, admin", .reloadable = true,
+     .offset = OFF(auth.anonymous_roles),
+     .help = "mode none: roles of the anonymous principal (comma-separated)"},
+    {.section = "auth", .key = "tokens", .type = TP_CFG_STRING, .default_value = "",
+     .reloadable = true, .secret = true, .offset = OFF(auth.tokens),
+     .help = "mode token: `name:role+role:sha256hex` entries, comma-separated (docs/auth.md)"},
+    {.section = "auth", .key = "tokens_file", .type = TP_CFG_STRING, .default_value = "",
+     .reloadable = true, .offset = OFF(auth.tokens_file),
+     .help = "mode token: file of `name:role+role:sha256hex` lines (# comments)"},
+    {.section = "auth", .key = "token_table", .type = TP_CFG_BOOL, .default_value = "true",
+     .reloadable = true, .offset = OFF(auth.token_table),
+     .help = "mode token: also accept tokens from the tidepool.api_tokens table"},
+    {.section = "auth", .key = "trusted_proxies", .type = TP_CFG_STRING,
+     .default_value = "127.0.0.1/32, ::1/128", .reloadable = true,
+     .offset = OFF(auth.trusted_proxies),
+     .help = "addresses or CIDRs whose X-Forwarded-* and X-Real-Ip headers are believed"},
+    {.section = "auth", .key = "roles", .type = TP_CFG_STRING, .default_value = "",
+     .reloadable = true, .offset = OFF(auth.roles),
+     .help = "modes databricks-apps and jwt: `user:role+role`, `group:NAME:role`, `*:role` "
+             "entries, comma-separated"},
+    {.section = "auth", .key = "jwt_secret", .type = TP_CFG_STRING, .default_value = "",
+     .reloadable = true, .secret = true, .offset = OFF(auth.jwt_secret),
+     .help = "mode jwt: HS256 shared secret (at least 32 bytes)"},
+    {.section = "auth", .key = "jwt_jwks_file", .type = TP_CFG_STRING, .default_value = "",
+     .reloadable = true, .offset = OFF(auth.jwt_jwks_file),
+     .help = "mode jwt: JWKS file with the RS256 public keys (selected by kid)"},
+    {.section = "auth", .key = "jwt_public_key_file", .type = TP_CFG_STRING,
+     .default_value = "", .reloadable = true, .offset = OFF(auth.jwt_public_key_file),
+     .help = "mode jwt: PEM RSA public key for RS256 (any kid)"},
+    {.section = "auth", .key = "jwt_audience", .type = TP_CFG_STRING, .default_value = "",
+     .reloadable = true, .offset = OFF(auth.jwt_audience),
+     .help = "mode jwt: required `aud` value; empty skips the check"},
+    {.section = "auth", .key = "jwt_issuer", .type = TP_CFG_STRING, .default_value = "",
+     .reloadable = true, .offset = OFF(auth.jwt_issuer),
+     .help = "mode jwt: required `iss` value; empty skips the check"},
+    {.section = "auth", .key = "jwt_clock_skew", .type = TP_CFG_DURATION,
+     .default_value = "60s", .reloadable = true, .offset = OFF(auth.jwt_clock_skew_ms),
+     .min = 0, .max = 10 * MS_M, .help = "mode jwt: leeway for `exp` and `nbf`"},
+    {.section = "auth", .key = "jwt_roles_claim", .type = TP_CFG_STRING,
+     .default_value = "roles", .reloadable = true, .offset = OFF(auth.jwt_roles_claim),
+     .help = "mode jwt: claim (dotted path, string or array) holding role names"},
+    {.section = "auth", .key = "jwt_groups_claim", .type = TP_CFG_STRING,
+     .default_value = "groups", .reloadable = true, .offset = OFF(auth.jwt_groups_claim),
+     .help = "mode jwt: claim (dotted path, string or array) matched by `group:` roles entries"},
+    {.section = "auth", .key = "rate_per_identity", .type = TP_CFG_INT, .default_value = "20",
+     .reloadable = true, .offset = OFF(auth.rate_per_identity), .min = 0, .max = 1000000,
+     .help = "requests per second per authenticated identity; 0 turns the limit off"},
+    {.section = "auth", .key = "burst_per_identity", .type = TP_CFG_INT,
+     .default_value = "100", .reloadable = true, .offset = OFF(auth.burst_per_identity),
+     .min = 1, .max = 1000000, .help = "requests an identity may send at once"},
+    {.section = "auth", .key = "rate_per_address", .type = TP_CFG_INT, .default_value = "50",
+     .reloadable = true, .offset = OFF(auth.rate_per_address), .min = 0, .max = 1000000,
+     .help = "requests per second per client address (X-Real-Ip from a trusted proxy); 0 = off"},
+    {.section = "auth", .key = "burst_per_address", .type = TP_CFG_INT,
+     .default_value = "200", .reloadable = true, .offset = OFF(auth.burst_per_address),
+     .min = 1, .max = 1000000, .help = "requests a client address may send at once"},
+    {.section = "auth", .key = "rate_limit_keys", .type = TP_CFG_INT,
+     .default_value = "50000", .reloadable = true, .offset = OFF(auth.rate_limit_keys),
+     .min = 1, .max = 10000000,
+     .help = "identities and addresses remembered per limiter; the least recent is forgotten"},
 
     {.section = "log", .key = "level", .type = TP_CFG_ENUM, .default_value = "info",
      .env = "TIDEPOOL_LOG_LEVEL", .reloadable = true, .offset = OFF(log.level),
@@ -608,12 +672,27 @@ static void where_of(const tp_config_t *c, const char *section, const char *key,
               o->source == TP_CFG_SRC_ENV ? tp_settings[i].env : NULL);
 }
 
+/* listen is a valid ADDR:PORT; loopback means localhost, 127.0.0.0/8 or ::1. */
 static bool is_loopback(const char *listen)
 {
     const char *colon = strrchr(listen, ':');
+    char host[256];
     size_t n = (size_t)(colon - listen);
-    return (n == 9 && strncmp(listen, "localhost", 9) == 0) ||
-           (n == 5 && strncmp(listen, "[::1]", 5) == 0) || strncmp(listen, "127.", 4) == 0;
+    if (listen[0] == '[' && n >= 2) { /* "[::1]" */
+        listen++;
+        n -= 2;
+    }
+    if (n >= sizeof host)
+        return false;
+    memcpy(host, listen, n);
+    host[n] = '\0';
+    struct in_addr a4;
+    struct in6_addr a6;
+    if (inet_pton(AF_INET, host, &a4) == 1)
+        return (ntohl(a4.s_addr) >> 24) == 127;
+    if (inet_pton(AF_INET6, host, &a6) == 1)
+        return IN6_IS_ADDR_LOOPBACK(&a6);
+    return strcmp(host, "localhost") == 0;
 }
 
 static bool check_consistency(const tp_config_t *c, char *err, size_t errlen)

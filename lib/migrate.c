@@ -297,32 +297,32 @@ bool tp_migrate_status(PGconn *conn, const char *dir, tp_migrate_status_t *out, 
     return ok;
 }
 
+static const applied_t *find_applied(const applied_set_t *a, int version)
+{
+    for (int i = 0; i < a->n; i++)
+        if (a->v[i].version == version)
+            return &a->v[i];
+    return NULL;
+}
+
 /* Refuses a database this build must not touch; err names the version or file. */
 static bool check_applied(const mig_set_t *s, const applied_set_t *a, char *err, size_t errlen)
 {
     tp_migrate_status_t st;
     compute_status(s, a, &st);
     if (st.unknown_newer) {
-        const char *name = "";
-        for (int i = 0; i < a->n; i++)
-            if (a->v[i].version == st.unknown_newer)
-                name = a->v[i].name;
         snprintf(err, errlen,
                  "database schema is newer than this build: it has migration %04d (%s), this "
                  "build knows up to %04d; refusing to run (upgrade tidepool)",
-                 st.unknown_newer, name, s->n);
+                 st.unknown_newer, find_applied(a, st.unknown_newer)->name, s->n);
         return false;
     }
     if (st.changed) {
         const mig_t *m = &s->v[st.changed - 1];
-        const char *was = "";
-        for (int i = 0; i < a->n; i++)
-            if (a->v[i].version == st.changed)
-                was = a->v[i].checksum;
         snprintf(err, errlen,
                  "%s: changed after it was applied (file sha256 %.12s..., applied %.12s...); "
                  "never edit an applied migration, add a new one",
-                 m->path, m->checksum, was);
+                 m->path, m->checksum, find_applied(a, st.changed)->checksum);
         return false;
     }
     for (int i = 0; i < a->n; i++) {
@@ -365,6 +365,26 @@ static void migration_error(PGconn *c, const PGresult *r, const mig_t *m, char *
         snprintf(err, errlen, "%s: %s; migration rolled back", m->path, pmsg);
 }
 
+/* Gets the connection out of a COPY a migration started (COPY ... FROM STDIN
+ * or TO STDOUT: the runner has no data stream) and drains its results. */
+static void leave_copy(PGconn *c)
+{
+    PGresult *r;
+    while ((r = PQgetResult(c)) != NULL) {
+        ExecStatusType st = PQresultStatus(r);
+        PQclear(r);
+        if (st == PGRES_COPY_IN && PQputCopyEnd(c, "COPY FROM STDIN is not supported in migrations") < 0)
+            break;
+        if (st == PGRES_COPY_OUT) {
+            char *buf;
+            while (PQgetCopyData(c, &buf, 0) > 0)
+                PQfreemem(buf);
+        }
+        if (st == PGRES_COPY_BOTH)
+            break; /* replication protocol: nothing sane to do but let the caller drop it */
+    }
+}
+
 static void rollback_quietly(PGconn *c)
 {
     PGTransactionStatusType ts = PQtransactionStatus(c);
@@ -383,6 +403,16 @@ static bool apply_one(PGconn *c, const mig_t *m, char *err, size_t errlen)
     }
     PGresult *r = PQexec(c, m->sql);
     ExecStatusType st = PQresultStatus(r);
+    if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
+        PQclear(r);
+        leave_copy(c);
+        snprintf(err, errlen,
+                 "%s: COPY FROM STDIN / TO STDOUT cannot run in a migration (no data stream); "
+                 "use INSERT ... VALUES; migration rolled back",
+                 m->path);
+        rollback_quietly(c);
+        return false;
+    }
     if (r == NULL || (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_EMPTY_QUERY)) {
         migration_error(c, r, m, err, errlen);
         PQclear(r);
