@@ -183,7 +183,8 @@ struct rq {
     char **vals;    /* bound values */
     int nvals;
     struct flight *flight;
-    rq_t *next;     /* waiter lists */
+    rq_t *next;     /* the worker's sync_state waiters */
+    rq_t *fnext;    /* the flight's waiters (a leader is on both lists at once) */
     void (*cont)(rq_t *r); /* continuation after sync_state is fresh */
 };
 

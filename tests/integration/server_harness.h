@@ -258,4 +258,47 @@ static const char *problem_field(const resp_t *r)
             CHECK_STR_EQ(problem_field(&(resp)), (const char *)(field));                   \
     } while (0)
 
+/* Database, definitions and a ready server for a test program; false (the
+ * failure or skip already reported) when the program cannot go on. */
+static bool harness_setup(srv_h_t *s, const char *prog, const char **dsn_out, int threads)
+{
+    const char *dsn = tp_test_dsn();
+    *dsn_out = dsn;
+    if (!dsn) {
+        tp_test_skip(prog, "no harness Postgres");
+        return false;
+    }
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    if (!harness_db(dsn)) {
+        tp_test_fail(__FILE__, __LINE__, "database set-up failed");
+        return false;
+    }
+    harness_write_defs(s);
+    if (!harness_start(s, dsn, threads) || !harness_ready(s)) {
+        tp_test_fail(__FILE__, __LINE__, "server did not start; see %s", s->log);
+        return false;
+    }
+    return true;
+}
+
+/* Stops the server if running, prints its log tail when a check failed. */
+static void harness_finish(srv_h_t *s)
+{
+    if (s->pid > 0) {
+        int st = tp_test_stop(s->pid, 15000);
+        CHECK_MSG(st == 0, "server exit status %d", st);
+    }
+    if (tp_test_failed_checks) {
+        char *log = tp_read_file(s->log, NULL);
+        if (log) {
+            size_t n = strlen(log);
+            fprintf(stdout, "# server log tail:\n%s\n", n > 4000 ? log + n - 4000 : log);
+        }
+        free(log);
+    }
+    curl_global_cleanup();
+    free(s->conf);
+    free(s->log);
+}
+
 #endif

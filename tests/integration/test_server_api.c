@@ -409,21 +409,9 @@ static void test_request_log(void)
 
 int main(void)
 {
-    const char *dsn = tp_test_dsn();
-    if (!dsn) {
-        tp_test_skip("test_server_api", "no harness Postgres");
+    const char *dsn;
+    if (!harness_setup(&S, "test_server_api", &dsn, 2))
         return tp_test_done();
-    }
-    curl_global_init(CURL_GLOBAL_DEFAULT);
-    if (!harness_db(dsn)) {
-        tp_test_fail(__FILE__, __LINE__, "database set-up failed");
-        return tp_test_done();
-    }
-    harness_write_defs(&S);
-    if (!harness_start(&S, dsn, 2) || !harness_ready(&S)) {
-        tp_test_fail(__FILE__, __LINE__, "server did not start; see %s", S.log);
-        return tp_test_done();
-    }
     TP_RUN(test_healthz);
     TP_RUN(test_readyz);
     TP_RUN(test_dataset_rows);
@@ -439,18 +427,6 @@ int main(void)
     TP_RUN(test_metrics);
     TP_RUN(test_openapi);
     TP_RUN(test_request_log);
-    int st = tp_test_stop(S.pid, 15000);
-    CHECK_MSG(st == 0, "server exit status %d", st);
-    if (tp_test_failed_checks) {
-        char *log = tp_read_file(S.log, NULL);
-        if (log) {
-            size_t n = strlen(log);
-            fprintf(stdout, "# server log tail:\n%s\n", n > 3000 ? log + n - 3000 : log);
-        }
-        free(log);
-    }
-    curl_global_cleanup();
-    free(S.conf);
-    free(S.log);
+    harness_finish(&S);
     return tp_test_done();
 }
