@@ -324,6 +324,7 @@ static void *worker_main(void *arg)
     pthread_setname_np(pthread_self(), name);
     event_base_dispatch(w->base);
     if (w->inflight == 0) {
+        fb_worker_free(w);
         evhttp_free(w->http);
         tp_pgpool_free(w->pool);
         cache_free(w->cache);
@@ -381,6 +382,7 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
     };
     w->pool = tp_pgpool_new(w->base, &po);
     w->cache = cache_new(g_srv.cache_bytes, &w->m);
+    fb_worker_init(w);
     w->stop_ev = event_new(w->base, -1, 0, on_stop, w);
     w->drain_timer = evtimer_new(w->base, on_drain_tick, w);
     w->tick = event_new(w->base, -1, EV_PERSIST, on_tick, w);
@@ -541,6 +543,7 @@ int main(int argc, char **argv)
 
     signal(SIGPIPE, SIG_IGN);
     evthread_use_pthreads();
+    fb_global_init();
     g_srv.workers = tp_xcalloc((size_t)g_srv.nthreads, sizeof(worker_t));
     for (int i = 0; i < g_srv.nthreads; i++) {
         if (!worker_init(&g_srv.workers[i], i, per, err, sizeof err)) {
@@ -599,6 +602,7 @@ int main(int argc, char **argv)
         tables_release(g_srv.tables);
         for (int i = 0; i < g_srv.njobs; i++)
             free(g_srv.job_names[i]);
+        fb_global_free();
         tp_config_free(&g_srv.cfg);
     }
     tp_info("tidepool-server stopped");

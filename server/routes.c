@@ -23,7 +23,7 @@
 
 static const char *const route_names[RT__N] = {
     "/api/v1/datasets", "/api/v1/datasets/{name}", "/api/v1/tables/{table}", "/healthz",
-    "/readyz", "/metrics", "/api/v1/openapi.json", "other"};
+    "/readyz", "/metrics", "/api/v1/openapi.json", "/api/v1/statements/{id}", "other"};
 
 static void not_allowed(rq_t *r, const char *allow)
 {
@@ -182,6 +182,8 @@ void route_request(struct evhttp_request *req, void *arg)
         route = RT_DATASET, name = path + strlen(ds_prefix);
     else if (strncmp(path, tb_prefix, strlen(tb_prefix)) == 0 && !strchr(path + strlen(tb_prefix), '/'))
         route = RT_TABLE, name = path + strlen(tb_prefix);
+    else if (fb_statement_path(path, &name))
+        route = RT_STATEMENT;
     r->route = route;
     r->route_name = route_names[route];
     if (route == RT_OTHER) {
@@ -191,7 +193,9 @@ void route_request(struct evhttp_request *req, void *arg)
         tp_buf_free(&d);
     } else if (route == RT_DATASET && !method_is(r, GET | EVHTTP_REQ_POST)) {
         not_allowed(r, "GET, HEAD, POST");
-    } else if (route != RT_DATASET && !method_is(r, GET)) {
+    } else if (route == RT_STATEMENT && !method_is(r, GET | EVHTTP_REQ_DELETE)) {
+        not_allowed(r, "GET, HEAD, DELETE");
+    } else if (route != RT_DATASET && route != RT_STATEMENT && !method_is(r, GET)) {
         not_allowed(r, "GET, HEAD");
     } else if (route == RT_HEALTHZ) {
         h_healthz(r);
@@ -207,6 +211,8 @@ void route_request(struct evhttp_request *req, void *arg)
         h_datasets(r);
     } else if (route == RT_DATASET) {
         h_dataset(r, name);
+    } else if (route == RT_STATEMENT) {
+        h_statement(r, name);
     } else {
         h_table(r, name);
     }
