@@ -338,14 +338,6 @@ static void fb_run(rq_t *r)
 {
     struct fbreq *q = r->fbr;
     fbw_t *fw = &g_fbw[r->w->id];
-    if (!fw->lp) {
-        tp_fb_problem_t p = {.status = 503, .code = "warehouse-unavailable", .retry_after_s = 30,
-                             .detail = (char *)(g_disabled_why ? g_disabled_why
-                                                               : "the warehouse client could not "
-                                                                 "be set up (see the server log)")};
-        reply_problem(r, &p, NULL);
-        return;
-    }
     const char *token = r->ds->obo ? nonempty(rq_in_header(r, "X-Forwarded-Access-Token")) : NULL;
     owner_of(token, q->owner, sizeof q->owner);
     tp_fb_request_t req = {
@@ -391,6 +383,18 @@ static void fb_decide(rq_t *r)
     if (q->route.source == TP_FB_SRC_POSTGRES) {
         fbreq_free(r);
         dataset_postgres(r);
+        return;
+    }
+    if (!g_fbw[w->id].lp) {
+        /* No warehouse in this deployment (501), or its client failed to start (503). */
+        tp_fb_problem_t p = {.status = g_disabled_why ? 501 : 503,
+                             .code = g_disabled_why ? "warehouse-not-configured"
+                                                    : "warehouse-unavailable",
+                             .retry_after_s = g_disabled_why ? 0 : 30,
+                             .detail = (char *)(g_disabled_why ? g_disabled_why
+                                                               : "the warehouse client could not "
+                                                                 "be set up (see the server log)")};
+        reply_problem(r, &p, NULL);
         return;
     }
     if (q->route.source == TP_FB_SRC_NONE) {
