@@ -360,6 +360,7 @@ struct flight {
     bool done;
     bool cacheable;
     bool too_large;
+    bool counted;           /* counts in fb->st.in_flight (until done or cancelled) */
     const char *cancel_why; /* set when we cancelled it */
     int64_t max_bytes;
     tp_fb_result_t *building; /* owner loop only, until done */
@@ -821,7 +822,9 @@ static void on_done(tp_wh_stmt_t *st, const tp_wh_result_t *res, void *arg)
     f->done = true;
     f->lp = NULL;
     f->finished_ms = now;
-    fb->st.in_flight--;
+    if (f->counted)
+        fb->st.in_flight--;
+    f->counted = false;
     if (ok) {
         if (!f->building) { /* no rows and no manifest (should not happen on SUCCEEDED) */
             tp_wh_manifest_t m = {0};
@@ -852,6 +855,8 @@ static void maybe_cancel(tp_fb_loop_t *lp, flight_t *f, const char *why)
         f->cancel_why = why;
         st = f->st;
         fb->st.cancelled++;
+        fb->st.in_flight--; /* the warehouse stops it; it no longer costs */
+        f->counted = false;
     }
     pthread_mutex_unlock(&fb->lock);
     if (st) {
@@ -996,7 +1001,9 @@ void tp_fb_loop_free(tp_fb_loop_t *lp)
         f->lp = NULL;
         f->st = NULL; /* tp_wh_free abandons it without calling on_done */
         f->finished_ms = now;
-        fb->st.in_flight--;
+        if (f->counted)
+            fb->st.in_flight--;
+        f->counted = false;
         fb->st.failed++;
         for (tp_fb_waiter_t *w = f->waiters; w; w = w->next)
             event_active(w->ev, EV_READ, 1);
@@ -1161,6 +1168,7 @@ tp_fb_state_t tp_fb_start(tp_fb_loop_t *lp, const tp_fb_request_t *req, tp_fb_ou
             return out->state;
         }
         fb->st.submitted++;
+        f->counted = true;
         f->next = fb->flights;
         fb->flights = f;
         f->cacheable = fb->cfg.result_cache_bytes > 0;

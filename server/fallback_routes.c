@@ -20,6 +20,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include <event2/bufferevent.h>
 #include <event2/http.h>
 #include <openssl/evp.h>
 
@@ -45,6 +46,7 @@ struct fbreq {
     bool routed;
     tp_fb_waiter_t *waiter;
     struct evhttp_connection *watched; /* close callback set on it */
+    struct event *closed_ev;           /* EV_CLOSED on its socket: the client left */
     char owner[128];                   /* of the handle being waited on */
 };
 
@@ -141,6 +143,8 @@ static void fbreq_free(rq_t *r)
         return;
     if (q->watched && evhttp_request_get_connection(r->req) == q->watched)
         evhttp_connection_set_closecb(q->watched, NULL, NULL);
+    if (q->closed_ev)
+        event_free(q->closed_ev);
     for (size_t i = 0; i < q->n; i++)
         free(q->vals[i]);
     free(q->vals);
@@ -282,21 +286,38 @@ static void reply_outcome(rq_t *r, tp_fb_outcome_t *o)
 
 /* ---- waiting ---- */
 
-static void on_client_close(struct evhttp_connection *evcon, void *arg)
+/* The waiting client went away: stop waiting (which cancels a statement
+ * nobody else wants) and end the request. */
+static void client_gone(struct fbreq *q)
 {
-    (void)evcon;
-    struct fbreq *q = arg;
     if (q->magic != FBREQ_MAGIC)
         abort();
     rq_t *r = q->r;
-    q->watched = NULL;
     tp_fb_waiter_detach(q->waiter);
     q->waiter = NULL;
     const char *kv[] = {"request_id", r->id, NULL};
     tp_logkv(TP_LOG_INFO, kv, "client left while waiting for the warehouse");
     fbreq_free(r);
-    /* evhttp handed the request back to us (no connection): replying frees it. */
+    /* Without a connection, replying only frees the request; with one (the
+     * socket saw the peer's FIN first) the write fails and evhttp closes it. */
     rq_reply(r, 499, NULL, NULL, 0);
+}
+
+static void on_client_close(struct evhttp_connection *evcon, void *arg)
+{
+    (void)evcon;
+    struct fbreq *q = arg;
+    q->watched = NULL;
+    client_gone(q);
+}
+
+/* evhttp 2.1 does not read a connection while its request is pending, so a
+ * client leaving is only seen through EV_CLOSED (EPOLLRDHUP) on its socket. */
+static void on_socket_closed(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    client_gone(arg);
 }
 
 static void on_wait(tp_fb_outcome_t *o, void *arg)
@@ -329,6 +350,13 @@ static void wait_or_reply(rq_t *r, tp_fb_state_t st, tp_fb_outcome_t *o, tp_fb_w
     if (evcon) {
         q->watched = evcon;
         evhttp_connection_set_closecb(evcon, on_client_close, q);
+        struct bufferevent *bev = evhttp_connection_get_bufferevent(evcon);
+        evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
+        if (fd >= 0 && (event_base_get_features(r->w->base) & EV_FEATURE_EARLY_CLOSE)) {
+            q->closed_ev = event_new(r->w->base, fd, EV_CLOSED, on_socket_closed, q);
+            if (q->closed_ev)
+                event_add(q->closed_ev, NULL);
+        }
     }
 }
 
