@@ -182,8 +182,12 @@ static void on_defer_close(struct evhttp_connection *evcon, void *arg)
         return;
     if (d->stmt)
         tp_info("client went away while waiting for statement %s", d->stmt->id);
+    /* A request still queued on the connection is freed with it; one that
+     * libevent detached (evcon NULL) is ours. */
+    if (evhttp_request_get_connection(d->req) == NULL)
+        evhttp_request_free(d->req);
     unlink_waiter(d);
-    emu_defer_free(d); /* libevent frees the request itself */
+    emu_defer_free(d);
 }
 
 void emu_defer_answer(emu_defer_t *d)
@@ -253,7 +257,18 @@ static emu_defer_t *defer_new(struct evhttp_request *req, int64_t t0_us, int64_t
 static void on_dropped_flush(struct evhttp_connection *evcon, void *arg)
 {
     (void)arg;
+    evhttp_connection_set_closecb(evcon, NULL, NULL);
     evhttp_connection_free(evcon);
+}
+
+/* The client left before the half body was flushed: libevent detached the
+ * unfinished request from the dying connection, so it is ours to free. */
+static void on_dropped_close(struct evhttp_connection *evcon, void *arg)
+{
+    (void)evcon;
+    struct evhttp_request *req = arg;
+    if (evhttp_request_get_connection(req) == NULL)
+        evhttp_request_free(req);
 }
 
 static void send_chunk_body(struct evhttp_request *req, const reqinfo_t *ri, const char *ctype,
@@ -265,6 +280,7 @@ static void send_chunk_body(struct evhttp_request *req, const reqinfo_t *ri, con
         snprintf(cl, sizeof cl, "%zu", len);
         evhttp_add_header(h, "Content-Type", ctype);
         evhttp_add_header(h, "Content-Length", cl);
+        evhttp_connection_set_closecb(evhttp_request_get_connection(req), on_dropped_close, req);
         evhttp_send_reply_start(req, 200, "OK");
         struct evbuffer *b = evbuffer_new();
         evbuffer_add(b, data, len / 2);
