@@ -126,6 +126,8 @@ static void request_host(struct evhttp_request *req, char *out, size_t outlen)
         ok = isalnum((unsigned char)*p) || strchr(".-:[]_", *p);
     if (ok)
         snprintf(out, outlen, "%s", h);
+    else if (strchr(g.listen_addr, ':')) /* IPv6 literal */
+        snprintf(out, outlen, "[%s]:%d", g.listen_addr, g.listen_port);
     else
         snprintf(out, outlen, "%s:%d", g.listen_addr, g.listen_port);
 }
