@@ -1378,6 +1378,38 @@ static void hostile_http_is_refused_cleanly(void)
     resp_free(&ok);
 }
 
+/* With its database unreachable, statements fail (HTTP 200, FAILED, 08006) and
+ * the emulator keeps answering. */
+static void postgres_down_fails_statements(void)
+{
+    emu_t e3 = {0};
+    int dead = tp_test_free_port();
+    char dsn[128];
+    snprintf(dsn, sizeof dsn, "host=127.0.0.1 port=%d dbname=x connect_timeout=2", dead);
+    e3.port = tp_test_free_port();
+    snprintf(e3.base, sizeof e3.base, "http://127.0.0.1:%d", e3.port);
+    char listen[64];
+    snprintf(listen, sizeof listen, "127.0.0.1:%d", e3.port);
+    char *argv[] = {(char *)tp_test_bin("tidepool-warehouse"), "--listen", listen, "--dsn", dsn,
+                    "--token", PAT, NULL};
+    e3.log = tp_test_write_tmp("emu-down.log", "");
+    e3.pid = tp_test_spawn(argv, e3.log);
+    CHECK(tp_test_wait_port(e3.port, 10000));
+    cur_base = e3.base;
+    resp_t r = exec_sql("\"statement\":\"SELECT 1\"");
+    CHECK_INT_EQ(r.code, 200);
+    CHECK_STR_EQ(jstr(r.json, "status.state"), "FAILED");
+    CHECK_STR_EQ(jstr(r.json, "status.error.error_code"), "TEMPORARILY_UNAVAILABLE");
+    CHECK_STR_EQ(jstr(r.json, "status.sql_state"), "08006");
+    resp_free(&r);
+    r = http("GET", "/oidc/.well-known/oauth-authorization-server", NULL, NULL, NULL);
+    CHECK_INT_EQ(r.code, 200);
+    resp_free(&r);
+    cur_base = E1.base;
+    CHECK_INT_EQ(tp_test_stop(e3.pid, 5000), 0);
+    free(e3.log);
+}
+
 int main(void)
 {
     if (tp_test_dsn() == NULL) {
@@ -1407,6 +1439,7 @@ int main(void)
     TP_RUN(wait_timeout_cancel);
     TP_RUN(explicit_cancel_async);
     TP_RUN(hostile_http_is_refused_cleanly);
+    TP_RUN(postgres_down_fails_statements);
     TP_RUN(dropped_chunk_with_client_gone);
     TP_RUN(client_leaves_and_close_while_running);
     TP_RUN(results_expire_then_statements_are_forgotten);
