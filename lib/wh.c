@@ -764,6 +764,7 @@ static void choose_sink(call_t *c)
     static const char *const stmt_path[] = {"result", "data_array"};
     static const char *const chunk_path[] = {"data_array"};
     c->sink = SINK_JSON;
+    st->batch_pos = 0; /* a new parser: its batch starts empty */
     if (c->kind == K_LINK)
         c->json = tp_whjson_new(NULL, 0);
     else if (c->kind == K_CHUNK)
@@ -1990,8 +1991,7 @@ static void take_result_data(tp_wh_stmt_t *st, json_t *rd, tp_whjson_t *j)
     }
     set_next(st, rd);
     st->chunk_expect_rows = got;
-    st->held = j;
-    st->batch_pos = 0;
+    st->held = j; /* batch_pos stays: rows of a streamed batch may be out already */
     st->held_complete = true;
     flush_held(st);
 }
@@ -2162,8 +2162,7 @@ static void on_link_result(tp_wh_stmt_t *st, call_t *c)
     c->json = NULL;
     call_free(st->call);
     st->call = NULL;
-    st->held = j;
-    st->batch_pos = 0;
+    st->held = j; /* batch_pos stays: rows of a streamed batch may be out already */
     st->held_complete = true;
     flush_held(st);
 }

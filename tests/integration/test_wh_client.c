@@ -980,6 +980,37 @@ static void pause_resume_backpressure(void)
     }
 }
 
+/* Large chunks arrive in many network reads: pauses land mid-chunk, and resumes
+ * deliver part of what was parsed meanwhile before the download goes on. */
+static void pause_resume_large_chunks(void)
+{
+    const char *sql = "SELECT g AS n, 'v' || g AS v FROM generate_series(1, 300000) g ORDER BY g";
+    for (int m = 0; m < 3; m++) {
+        tp_wh_config_t cfg;
+        cfg_init(&cfg, &E_BIG, true);
+        cfg.rows_per_batch = 777;
+        sink_t s;
+        sink_init(&s, NULL);
+        s.discard_csv = true;
+        tp_wh_request_t r;
+        req_init(&r, &s, sql);
+        r.disposition = MODES[m] & M_LINKS ? TP_WH_EXTERNAL_LINKS : TP_WH_INLINE;
+        r.format = MODES[m] & M_CSV ? TP_WH_CSV : TP_WH_JSON_ARRAY;
+        s.check_seq = !(MODES[m] & M_CSV);
+        s.pause_each = true;
+        run1(&cfg, &r, &s);
+        CHECK_OK(s);
+        CHECK_INT_EQ(s.res.rows, 300000);
+        CHECK_INT_EQ(s.seq_errors, 0);
+        CHECK_INT_EQ(s.offset_errors, 0);
+        if (MODES[m] & M_CSV)
+            CHECK_INT_EQ(s.csv_lines, 300001);
+        else
+            CHECK_INT_EQ(s.rows, 300000);
+        sink_free(&s);
+    }
+}
+
 static void consumer_stop_and_cancel_mid_stream(void)
 {
     tp_wh_config_t cfg;
@@ -1147,6 +1178,7 @@ int main(void)
     TP_RUN(slow_answers_time_out);
     TP_RUN(free_with_statements_in_flight);
     TP_RUN(pause_resume_backpressure);
+    TP_RUN(pause_resume_large_chunks);
     TP_RUN(consumer_stop_and_cancel_mid_stream);
     TP_RUN(blocking_wrapper_and_host_forms);
     tp_test_stop(E.pid, 5000);
