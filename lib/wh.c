@@ -249,15 +249,20 @@ static void st_log(const tp_wh_stmt_t *st, tp_log_level_t lvl, int64_t chunk, co
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    snprintf(cbuf, sizeof(cbuf), "%lld", (long long)chunk);
-    const char *kv[] = {"statement_id", st && st->id ? st->id : NULL,
-                        "label",        st && st->label ? st->label : NULL,
-                        chunk >= 0 ? "chunk" : NULL, cbuf, NULL};
-    if (st == NULL || st->label == NULL) {
-        kv[2] = chunk >= 0 ? "chunk" : NULL;
-        kv[3] = cbuf;
-        kv[4] = NULL;
+    const char *kv[7];
+    int n = 0;
+    kv[n++] = "statement_id";
+    kv[n++] = st && st->id ? st->id : NULL;
+    if (st && st->label) {
+        kv[n++] = "label";
+        kv[n++] = st->label;
     }
+    if (chunk >= 0) {
+        snprintf(cbuf, sizeof(cbuf), "%lld", (long long)chunk);
+        kv[n++] = "chunk";
+        kv[n++] = cbuf;
+    }
+    kv[n] = NULL;
     tp_log_emit(lvl, kv, "%s", msg);
 }
 

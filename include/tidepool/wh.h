@@ -34,8 +34,8 @@ typedef struct tp_wh_stmt tp_wh_stmt_t;
 
 typedef struct tp_wh_config {
     /* Workspace URL (DATABRICKS_HOST). Normalised: "https://" added when there is
-     * no scheme, trailing "/" and ":443" dropped; "http://" is kept as given
-     * (the local emulator speaks plain HTTP). Required. */
+     * no scheme, path, trailing "/" and ":443" dropped; "http://" is kept as
+     * given (the local emulator speaks plain HTTP). Required. */
     const char *host;
     const char *warehouse_id; /* required */
     /* Auth: token (PAT, "Authorization: Bearer <token>") wins when set; else
@@ -70,9 +70,11 @@ void tp_wh_config_init(tp_wh_config_t *c);
  * environment; empty variables count as unset). Cannot fail. */
 void tp_wh_config_from_env(tp_wh_config_t *c);
 
-/* Normalises a workspace host as described for tp_wh_config.host. Returns a
- * heap string the caller frees, or NULL with *err set to a heap message (caller
- * frees) for an empty host, an unsupported scheme, or a host with a path. */
+/* Normalises a workspace host as described for tp_wh_config.host (surrounding
+ * blanks, any path, query and trailing slashes are dropped, as the Databricks
+ * SDKs do). Returns a heap string the caller frees, or NULL with *err set to a
+ * heap message (caller frees) for an empty host, a scheme other than http or
+ * https, or a host with user info or blanks. */
 char *tp_wh_normalize_host(const char *host, char **err) TP_WUR;
 
 /* Reads a non-2xx answer body in any of the forms Databricks and the proxies in

@@ -1066,6 +1066,55 @@ static void blocking_wrapper_and_host_forms(void)
     tp_wh_result_clear(&res);
 }
 
+/* Everything the client logs at debug level over a busy run: no token, no
+ * secret, no link URL or link header. */
+static void secrets_never_logged(void)
+{
+    char *path = tp_xasprintf("%s/client-log.jsonl", tp_test_tmpdir());
+    FILE *f = fopen(path, "w");
+    CHECK(f != NULL);
+    if (f == NULL) {
+        free(path);
+        return;
+    }
+    tp_log_set_stream(f);
+    tp_log_set_level(TP_LOG_DEBUG);
+    sink_t s;
+    for (int m = 0; m < 3; m++) {
+        go(&s, &E, NULL, SEQ_SQL, MODES[m] | M_OAUTH);
+        CHECK_OK(s);
+        sink_free(&s);
+    }
+    if (faults(&E, "expire_links=1,drop_chunk=1,status=503@link")) {
+        go(&s, &E, NULL, SEQ_SQL, M_LINKS);
+        CHECK_OK(s);
+        sink_free(&s);
+        faults(&E, NULL);
+    }
+    tp_wh_config_t cfg;
+    cfg_init(&cfg, &E, false);
+    cfg.client_secret = "wrong-secret-xyz";
+    go(&s, &E, &cfg, "SELECT 1", 0);
+    CHECK_ERR(s, TP_WH_ERR_AUTH);
+    sink_free(&s);
+    cfg_init(&cfg, &E, true);
+    cfg.token = "dapi-wrong-abc";
+    go(&s, &E, &cfg, "SELECT 1", 0);
+    CHECK_ERR(s, TP_WH_ERR_AUTH);
+    sink_free(&s);
+    tp_log_set_level(TP_LOG_ERROR);
+    tp_log_set_stream(NULL);
+    fclose(f);
+    char *text = tp_read_file(path, NULL);
+    CHECK(text != NULL && strlen(text) > 200);
+    const char *never[] = {PAT, CLIENT_SECRET, "wrong-secret-xyz", "dapi-wrong-abc", "Bearer", "Basic",
+                           "access_token", "_tp_blob", "x-tp-link-key", "Authorization"};
+    for (size_t i = 0; text && i < TP_ARRAY_LEN(never); i++)
+        CHECK_MSG(strstr(text, never[i]) == NULL, "the client log contains \"%s\"", never[i]);
+    free(text);
+    free(path);
+}
+
 /* ---- a big result with flat memory ---- */
 
 static long vm_hwm_kb(void)
@@ -1181,6 +1230,7 @@ int main(void)
     TP_RUN(pause_resume_large_chunks);
     TP_RUN(consumer_stop_and_cancel_mid_stream);
     TP_RUN(blocking_wrapper_and_host_forms);
+    TP_RUN(secrets_never_logged);
     tp_test_stop(E.pid, 5000);
     tp_test_stop(E_TTL.pid, 5000);
     tp_test_stop(E_BIG.pid, 5000);
