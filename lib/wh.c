@@ -162,14 +162,12 @@ struct tp_wh_stmt {
     int64_t chunk_base;      /* row offset of its first row */
     int64_t chunk_rows_done; /* its rows (or CSV bytes' rows) delivered */
     int64_t chunk_bytes_done;
-    int64_t chunk_expect_rows; /* -1 unknown */
     tp_whjson_t *held;         /* parser whose batch still has rows to deliver */
     size_t batch_pos;
     bool held_complete; /* the chunk's download is over; after flushing, move on */
     int64_t next_index;
     char *next_link;
     link_t link;
-    bool have_link;
     bool refreshing;
     tp_wh_result_t res;
     tp_wh_stmt_t *prev, *next;
@@ -955,8 +953,14 @@ static void call_start(call_t *c)
     curl_easy_setopt(e, CURLOPT_WRITEDATA, c);
     curl_easy_setopt(e, CURLOPT_USERAGENT, wh->user_agent);
     bool stream = c->kind == K_CHUNK || c->kind == K_LINK;
-    if (!stream)
-        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)wh->cfg.request_timeout_ms);
+    if (!stream) {
+        /* the submit may legitimately wait wait_timeout seconds at the server */
+        long limit = (long)wh->cfg.request_timeout_ms;
+        if (c->kind == K_EXEC && c->st != NULL && c->st->req.wait_timeout_s > 0 &&
+            limit < c->st->req.wait_timeout_s * 1000L + 10000L)
+            limit = c->st->req.wait_timeout_s * 1000L + 10000L;
+        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, limit);
+    }
     struct curl_slist *h = NULL;
     if (c->kind == K_LINK) {
         for (struct curl_slist *x = c->xhdrs; x; x = x->next)
@@ -1605,7 +1609,6 @@ tp_wh_stmt_t *tp_wh_submit(tp_wh_t *wh, const tp_wh_request_t *req, char **err)
     st->phase = P_SUBMIT;
     st->poll_delay_ms = wh->cfg.poll_initial_ms;
     st->res.chunk_index = -1;
-    st->chunk_expect_rows = -1;
     st->timer = evtimer_new(wh->base, on_poll_timer, st);
     st->deadline = evtimer_new(wh->base, on_deadline, st);
     st->defer = event_new(wh->base, -1, 0, on_defer, st);
@@ -1957,7 +1960,6 @@ static void take_result_data(tp_wh_stmt_t *st, json_t *rd, tp_whjson_t *j)
         /* the link carries the chain; the result object may too */
         bool on_link = json_object_get(l, "next_chunk_index") || json_object_get(l, "next_chunk_internal_link");
         set_next(st, on_link ? l : rd);
-        st->have_link = true;
         st->refreshing = false;
         start_link_download(st);
         return;
@@ -1995,7 +1997,6 @@ static void take_result_data(tp_wh_stmt_t *st, json_t *rd, tp_whjson_t *j)
         return;
     }
     set_next(st, rd);
-    st->chunk_expect_rows = got;
     st->held = j; /* batch_pos stays: rows of a streamed batch may be out already */
     st->held_complete = true;
     flush_held(st);
@@ -2047,7 +2048,6 @@ static void after_chunk(tp_wh_stmt_t *st)
     st->chunk_rows_done = 0;
     st->chunk_bytes_done = 0;
     link_clear(&st->link);
-    st->have_link = false;
     if (st->next_link != NULL || st->next_index >= 0) {
         int64_t next = st->chunk + 1;
         if (st->next_index >= 0 && st->next_index != next) {

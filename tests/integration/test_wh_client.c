@@ -586,6 +586,52 @@ static void on_wait_timeout_cancel(void)
     sink_free(&s);
 }
 
+static void request_fields(void)
+{
+    tp_wh_config_t cfg;
+    cfg_init(&cfg, &E, true);
+    cfg.request_timeout_ms = 1000; /* shorter than the wait: the submit still gets its 5 s */
+    sink_t s;
+    go(&s, &E, &cfg, "CREATE SCHEMA IF NOT EXISTS wh_s", 0);
+    CHECK_OK(s);
+    sink_free(&s);
+    go(&s, &E, &cfg, "CREATE TABLE IF NOT EXISTS main.wh_s.t AS SELECT 41 AS v", 0);
+    CHECK_OK(s);
+    sink_free(&s);
+    /* catalog and schema make the bare name resolve */
+    sink_init(&s, NULL);
+    tp_wh_request_t r;
+    req_init(&r, &s, "SELECT v + 1 AS w, pg_sleep(1.5) AS z FROM t");
+    r.catalog = "main";
+    r.schema = "wh_s";
+    r.wait_timeout_s = 5;
+    run1(&cfg, &r, &s);
+    CHECK_OK(s);
+    CHECK_STR_EQ(s.first[0], "42");
+    sink_free(&s);
+    /* row_limit cuts the result and says so */
+    sink_init(&s, NULL);
+    req_init(&r, &s, SEQ_SQL);
+    r.row_limit = 10;
+    s.check_seq = true;
+    run1(&cfg, &r, &s);
+    CHECK_OK(s);
+    CHECK_INT_EQ(s.rows, 10);
+    CHECK_INT_EQ(s.seq_errors, 0);
+    CHECK(s.res.truncated);
+    sink_free(&s);
+    /* byte_limit too */
+    sink_init(&s, NULL);
+    req_init(&r, &s, SEQ_SQL);
+    r.byte_limit = 2000;
+    s.check_seq = true;
+    run1(&cfg, &r, &s);
+    CHECK_OK(s);
+    CHECK(s.rows > 0 && s.rows < 2500);
+    CHECK(s.res.truncated);
+    sink_free(&s);
+}
+
 /* ---- parameters ---- */
 
 static void parameter_types(void)
@@ -1210,6 +1256,7 @@ int main(void)
     TP_RUN(continue_timeout_then_poll);
     TP_RUN(on_wait_timeout_cancel);
     TP_RUN(parameter_types);
+    TP_RUN(request_fields);
     TP_RUN(wrong_pat_is_precise);
     TP_RUN(bearer_override);
     TP_RUN(oauth_token_cached_and_single_flight);
