@@ -1102,8 +1102,9 @@ static void on_call_done(CURL *easy, CURLcode rc, void *arg)
     bool stopping = st != NULL && stmt_stopping(st);
     int64_t delay;
     bool ok_http = rc == CURLE_OK && c->http >= 200 && c->http < 300 && !c->local_abort;
-    /* OAuth: a 401 may mean our cached token died early; refresh once and retry */
-    if (!ok_http && !stopping && rc == CURLE_OK && c->http == 401 && c->use_auth &&
+    /* OAuth: a 401, or the 403 "Invalid access token." the service answers, may
+     * mean our cached token died early (revoked, clock skew): refresh once, retry */
+    if (!ok_http && !stopping && rc == CURLE_OK && (c->http == 401 || c->http == 403) && c->use_auth &&
         c->wh->client_id != NULL && c->wh->pat_header == NULL && c->auth_override == NULL &&
         !c->auth_retried) {
         c->auth_retried = true;
@@ -1111,7 +1112,7 @@ static void on_call_done(CURL *easy, CURLcode rc, void *arg)
             c->wh->tok.hard_ms = 0;
             c->wh->tok.stale_ms = 0;
         }
-        st_log(st, TP_LOG_WARN, c->chunk, "%s: HTTP 401 with a cached OAuth token; refreshing it", c->what);
+        st_log(st, TP_LOG_WARN, c->chunk, "%s: HTTP %ld with a cached OAuth token; refreshing it", c->what, c->http);
         call_start(c);
         return;
     }

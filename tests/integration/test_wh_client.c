@@ -41,7 +41,8 @@ static bool emu_start(emu_t *e, const char *name, const char *const *extra)
     const char *dsn = tp_test_dsn();
     if (dsn == NULL)
         return false;
-    e->port = tp_test_free_port();
+    if (e->port == 0)
+        e->port = tp_test_free_port(); /* else restart on the same port */
     snprintf(e->url, sizeof(e->url), "http://127.0.0.1:%d", e->port);
     snprintf(e->log, sizeof(e->log), "%s/%s.log", tp_test_tmpdir(), name);
     char listen[64];
@@ -789,6 +790,35 @@ static void oauth_token_refreshed_after_ttl(void)
     rig_close(&g);
 }
 
+/* The warehouse forgets our token (revoked; here: the emulator restarts and
+ * loses its tokens): the 403 makes the client fetch a new one and retry once. */
+static void oauth_token_revoked_is_refetched(void)
+{
+    emu_t r = {0};
+    if (!emu_start(&r, "emulator-restart", NULL))
+        return;
+    rig_t g;
+    rig_open(&g, &r, false);
+    for (int round = 0; round < 2; round++) {
+        if (round == 1) {
+            tp_test_stop(r.pid, 5000);
+            if (!emu_start(&r, "emulator-restart2", NULL))
+                break;
+        }
+        sink_t s;
+        rig_submit(&g, &s, SEQ_SQL, 10);
+        s.check_seq = true;
+        rig_wait(&g, &s);
+        CHECK_SEQ_OK(s);
+        sink_free(&s);
+    }
+    /* after the restart: one refused call, one new token, then success */
+    CHECK_INT_EQ(log_count(&r, "/oidc/v1/token", "\"status\":\"200\""), 1);
+    CHECK_INT_EQ(log_count(&r, "\"status\":\"403\"", "/api/2.0/sql/statements"), 1);
+    rig_close(&g);
+    tp_test_stop(r.pid, 5000);
+}
+
 static void oauth_wrong_secret_is_precise(void)
 {
     tp_wh_config_t cfg;
@@ -1261,6 +1291,7 @@ int main(void)
     TP_RUN(bearer_override);
     TP_RUN(oauth_token_cached_and_single_flight);
     TP_RUN(oauth_token_refreshed_after_ttl);
+    TP_RUN(oauth_token_revoked_is_refetched);
     TP_RUN(oauth_wrong_secret_is_precise);
     TP_RUN(fault_latency);
     TP_RUN(fault_429_retry_after);
