@@ -328,6 +328,7 @@ void tp_wh_config_init(tp_wh_config_t *c)
     c->statement_timeout_ms = 0;
     c->max_response_bytes = 64 << 20;
     c->rows_per_batch = 1024;
+    c->max_connections = 64;
 }
 
 static const char *env_nonempty(const char *name)
@@ -1284,6 +1285,7 @@ tp_wh_t *tp_wh_new(struct event_base *base, const tp_wh_config_t *cfg, char **er
     DEF(unknown_state_ms);
     DEF(max_response_bytes);
     DEF(rows_per_batch);
+    DEF(max_connections);
 #undef DEF
     if (wh->cfg.retry_budget_ms < 0)
         wh->cfg.retry_budget_ms = 0;
@@ -1304,6 +1306,7 @@ tp_wh_t *tp_wh_new(struct event_base *base, const tp_wh_config_t *cfg, char **er
     wh->ca_file = dup_or_null(cfg->ca_file);
     wh->user_agent = tp_xstrdup("tidepool/" TP_VERSION);
     wh->cv = tp_curlev_new(base);
+    tp_curlev_set_max_host_connections(wh->cv, (long)wh->cfg.max_connections);
     return wh;
 }
 
@@ -1440,7 +1443,7 @@ static void finish(tp_wh_stmt_t *st, tp_wh_status_t status, tp_wh_errkind_t kind
         evtimer_del(st->deadline);
     if (need_cancel && status == TP_WH_ERROR)
         send_cancel(st->wh, st->id, st->bearer_header);
-    st_log(st, status == TP_WH_SUCCEEDED ? TP_LOG_INFO : status == TP_WH_ERROR ? TP_LOG_ERROR : TP_LOG_WARN,
+    st_log(st, status == TP_WH_SUCCEEDED ? TP_LOG_DEBUG : status == TP_WH_ERROR ? TP_LOG_ERROR : TP_LOG_INFO,
            chunk, "statement %s%s%s (rows=%lld chunks=%lld)", tp_wh_status_name(status),
            st->res.message ? ": " : "", st->res.message ? st->res.message : "", (long long)st->res.rows,
            (long long)st->res.chunks);

@@ -60,6 +60,8 @@ typedef struct tp_wh_config {
     int64_t statement_timeout_ms; /* default overall limit per statement; 0 = none */
     int64_t max_response_bytes; /* cap for one buffered API response body, default 64 MiB */
     int64_t rows_per_batch;     /* rows per on_rows call at most, default 1024 */
+    int64_t max_connections;    /* connections to one host at a time (more transfers queue;
+                                   HTTP/2 multiplexes over them), default 64 */
 } tp_wh_config_t;
 
 /* Fills c with defaults and NULL strings. Cannot fail. */
