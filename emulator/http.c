@@ -16,7 +16,13 @@
 #include <string.h>
 #include <strings.h>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
 #include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/http.h>
 #include <event2/keyvalq_struct.h>
 #include <jansson.h>
 
@@ -888,9 +894,22 @@ static void dispatch(struct evhttp_request *req, int64_t t0_us, bool after_laten
     }
 }
 
+/* Responses go out as headers then body; without TCP_NODELAY, Nagle plus the
+ * client's delayed ACK hold every chunk on a kept-alive connection ~40 ms. */
+static void set_nodelay(struct evhttp_request *req)
+{
+    struct evhttp_connection *conn = evhttp_request_get_connection(req);
+    struct bufferevent *bev = conn ? evhttp_connection_get_bufferevent(conn) : NULL;
+    evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
+    int one = 1;
+    if (fd >= 0)
+        (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
 static void on_request(struct evhttp_request *req, void *arg)
 {
     (void)arg;
+    set_nodelay(req);
     if (g.stopping) {
         evhttp_send_error(req, 503, "shutting down");
         return;
