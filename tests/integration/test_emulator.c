@@ -1278,11 +1278,12 @@ static void command_line_errors(void)
     free(cmd);
 }
 
-/* Sends raw bytes to E1 and returns what came back before close or a 3 s timeout. */
-static char *raw_exchange(const char *data, size_t len)
+/* Sends raw bytes to port and returns what came back before close or a 3 s
+ * timeout (read=false: closes at once, unread data and all). */
+static char *raw_send(int port, const char *data, size_t len, bool read)
 {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)E1.port),
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     struct timeval tv = {3, 0};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
@@ -1298,11 +1299,50 @@ static char *raw_exchange(const char *data, size_t len)
         }
         char buf[4096];
         ssize_t n;
-        while ((n = recv(fd, buf, sizeof buf, 0)) > 0)
+        while (read && (n = recv(fd, buf, sizeof buf, 0)) > 0)
             tp_buf_append(&out, buf, (size_t)n);
+        if (!read)
+            usleep(100000); /* let the answer start flowing into unread buffers */
     }
     close(fd);
     return tp_buf_steal(&out);
+}
+
+static char *raw_exchange(const char *data, size_t len)
+{
+    return raw_send(E1.port, data, len, true);
+}
+
+/* A connection-drop fault on a 14 MB chunk whose client leaves before the
+ * half body is flushed: the emulator frees the orphaned request (ASan checks). */
+static void dropped_chunk_with_client_gone(void)
+{
+    cur_base = E2.base;
+    resp_t r = exec_sql("\"statement\":\"SELECT repeat('x', 1000) FROM generate_series(1, "
+                        "14000)\",\"disposition\":\"EXTERNAL_LINKS\"");
+    CHECK_INT_EQ(jint(r.json, "manifest.total_chunk_count"), 1);
+    json_t *l = jget(r.json, "result.external_links.0");
+    const char *url = jstr(l, "external_link");
+    CHECK(url != NULL);
+    if (url != NULL) {
+        resp_t f = http("POST", "/admin/faults", "Authorization: Bearer " PAT, NULL,
+                        "{\"spec\":\"drop_chunk=1\"}");
+        CHECK_INT_EQ(f.code, 200);
+        resp_free(&f);
+        const char *path = strstr(url + 7, "/");
+        char *req = tp_xasprintf("GET %s HTTP/1.1\r\nHost: x\r\nx-tp-link-key: %s\r\n\r\n", path,
+                                 jstr(l, "http_headers.x-tp-link-key"));
+        free(raw_send(E2.port, req, strlen(req), false));
+        free(req);
+        usleep(300000);
+        /* the fault was used up and the emulator still serves the link whole */
+        resp_t d = download(l, true, NULL);
+        CHECK_INT_EQ(d.code, 200);
+        CHECK_INT_EQ((long long)d.body.len, jint(l, "byte_count"));
+        resp_free(&d);
+    }
+    resp_free(&r);
+    cur_base = E1.base;
 }
 
 static void hostile_http_is_refused_cleanly(void)
@@ -1338,6 +1378,38 @@ static void hostile_http_is_refused_cleanly(void)
     resp_free(&ok);
 }
 
+/* With its database unreachable, statements fail (HTTP 200, FAILED, 08006) and
+ * the emulator keeps answering. */
+static void postgres_down_fails_statements(void)
+{
+    emu_t e3 = {0};
+    int dead = tp_test_free_port();
+    char dsn[128];
+    snprintf(dsn, sizeof dsn, "host=127.0.0.1 port=%d dbname=x connect_timeout=2", dead);
+    e3.port = tp_test_free_port();
+    snprintf(e3.base, sizeof e3.base, "http://127.0.0.1:%d", e3.port);
+    char listen[64];
+    snprintf(listen, sizeof listen, "127.0.0.1:%d", e3.port);
+    char *argv[] = {(char *)tp_test_bin("tidepool-warehouse"), "--listen", listen, "--dsn", dsn,
+                    "--token", PAT, NULL};
+    e3.log = tp_test_write_tmp("emu-down.log", "");
+    e3.pid = tp_test_spawn(argv, e3.log);
+    CHECK(tp_test_wait_port(e3.port, 10000));
+    cur_base = e3.base;
+    resp_t r = exec_sql("\"statement\":\"SELECT 1\"");
+    CHECK_INT_EQ(r.code, 200);
+    CHECK_STR_EQ(jstr(r.json, "status.state"), "FAILED");
+    CHECK_STR_EQ(jstr(r.json, "status.error.error_code"), "TEMPORARILY_UNAVAILABLE");
+    CHECK_STR_EQ(jstr(r.json, "status.sql_state"), "08006");
+    resp_free(&r);
+    r = http("GET", "/oidc/.well-known/oauth-authorization-server", NULL, NULL, NULL);
+    CHECK_INT_EQ(r.code, 200);
+    resp_free(&r);
+    cur_base = E1.base;
+    CHECK_INT_EQ(tp_test_stop(e3.pid, 5000), 0);
+    free(e3.log);
+}
+
 int main(void)
 {
     if (tp_test_dsn() == NULL) {
@@ -1367,6 +1439,8 @@ int main(void)
     TP_RUN(wait_timeout_cancel);
     TP_RUN(explicit_cancel_async);
     TP_RUN(hostile_http_is_refused_cleanly);
+    TP_RUN(postgres_down_fails_statements);
+    TP_RUN(dropped_chunk_with_client_gone);
     TP_RUN(client_leaves_and_close_while_running);
     TP_RUN(results_expire_then_statements_are_forgotten);
     TP_RUN(logs_hold_no_secrets_and_sigterm_is_clean);

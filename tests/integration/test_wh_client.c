@@ -41,7 +41,8 @@ static bool emu_start(emu_t *e, const char *name, const char *const *extra)
     const char *dsn = tp_test_dsn();
     if (dsn == NULL)
         return false;
-    e->port = tp_test_free_port();
+    if (e->port == 0)
+        e->port = tp_test_free_port(); /* else restart on the same port */
     snprintf(e->url, sizeof(e->url), "http://127.0.0.1:%d", e->port);
     snprintf(e->log, sizeof(e->log), "%s/%s.log", tp_test_tmpdir(), name);
     char listen[64];
@@ -586,6 +587,52 @@ static void on_wait_timeout_cancel(void)
     sink_free(&s);
 }
 
+static void request_fields(void)
+{
+    tp_wh_config_t cfg;
+    cfg_init(&cfg, &E, true);
+    cfg.request_timeout_ms = 1000; /* shorter than the wait: the submit still gets its 5 s */
+    sink_t s;
+    go(&s, &E, &cfg, "CREATE SCHEMA IF NOT EXISTS wh_s", 0);
+    CHECK_OK(s);
+    sink_free(&s);
+    go(&s, &E, &cfg, "CREATE TABLE IF NOT EXISTS main.wh_s.t AS SELECT 41 AS v", 0);
+    CHECK_OK(s);
+    sink_free(&s);
+    /* catalog and schema make the bare name resolve */
+    sink_init(&s, NULL);
+    tp_wh_request_t r;
+    req_init(&r, &s, "SELECT v + 1 AS w, pg_sleep(1.5) AS z FROM t");
+    r.catalog = "main";
+    r.schema = "wh_s";
+    r.wait_timeout_s = 5;
+    run1(&cfg, &r, &s);
+    CHECK_OK(s);
+    CHECK_STR_EQ(s.first[0], "42");
+    sink_free(&s);
+    /* row_limit cuts the result and says so */
+    sink_init(&s, NULL);
+    req_init(&r, &s, SEQ_SQL);
+    r.row_limit = 10;
+    s.check_seq = true;
+    run1(&cfg, &r, &s);
+    CHECK_OK(s);
+    CHECK_INT_EQ(s.rows, 10);
+    CHECK_INT_EQ(s.seq_errors, 0);
+    CHECK(s.res.truncated);
+    sink_free(&s);
+    /* byte_limit too */
+    sink_init(&s, NULL);
+    req_init(&r, &s, SEQ_SQL);
+    r.byte_limit = 2000;
+    s.check_seq = true;
+    run1(&cfg, &r, &s);
+    CHECK_OK(s);
+    CHECK(s.rows > 0 && s.rows < 2500);
+    CHECK(s.res.truncated);
+    sink_free(&s);
+}
+
 /* ---- parameters ---- */
 
 static void parameter_types(void)
@@ -741,6 +788,35 @@ static void oauth_token_refreshed_after_ttl(void)
     /* no request was ever refused for an expired token */
     CHECK_INT_EQ(log_count(&E_TTL, "\"status\":\"403\"", "/api/2.0/sql"), 0);
     rig_close(&g);
+}
+
+/* The warehouse forgets our token (revoked; here: the emulator restarts and
+ * loses its tokens): the 403 makes the client fetch a new one and retry once. */
+static void oauth_token_revoked_is_refetched(void)
+{
+    emu_t r = {0};
+    if (!emu_start(&r, "emulator-restart", NULL))
+        return;
+    rig_t g;
+    rig_open(&g, &r, false);
+    for (int round = 0; round < 2; round++) {
+        if (round == 1) {
+            tp_test_stop(r.pid, 5000);
+            if (!emu_start(&r, "emulator-restart2", NULL))
+                break;
+        }
+        sink_t s;
+        rig_submit(&g, &s, SEQ_SQL, 10);
+        s.check_seq = true;
+        rig_wait(&g, &s);
+        CHECK_SEQ_OK(s);
+        sink_free(&s);
+    }
+    /* after the restart: one refused call, one new token, then success */
+    CHECK_INT_EQ(log_count(&r, "/oidc/v1/token", "\"status\":\"200\""), 1);
+    CHECK_INT_EQ(log_count(&r, "\"status\":\"403\"", "/api/2.0/sql/statements"), 1);
+    rig_close(&g);
+    tp_test_stop(r.pid, 5000);
 }
 
 static void oauth_wrong_secret_is_precise(void)
@@ -980,6 +1056,37 @@ static void pause_resume_backpressure(void)
     }
 }
 
+/* Large chunks arrive in many network reads: pauses land mid-chunk, and resumes
+ * deliver part of what was parsed meanwhile before the download goes on. */
+static void pause_resume_large_chunks(void)
+{
+    const char *sql = "SELECT g AS n, 'v' || g AS v FROM generate_series(1, 300000) g ORDER BY g";
+    for (int m = 0; m < 3; m++) {
+        tp_wh_config_t cfg;
+        cfg_init(&cfg, &E_BIG, true);
+        cfg.rows_per_batch = 777;
+        sink_t s;
+        sink_init(&s, NULL);
+        s.discard_csv = true;
+        tp_wh_request_t r;
+        req_init(&r, &s, sql);
+        r.disposition = MODES[m] & M_LINKS ? TP_WH_EXTERNAL_LINKS : TP_WH_INLINE;
+        r.format = MODES[m] & M_CSV ? TP_WH_CSV : TP_WH_JSON_ARRAY;
+        s.check_seq = !(MODES[m] & M_CSV);
+        s.pause_each = true;
+        run1(&cfg, &r, &s);
+        CHECK_OK(s);
+        CHECK_INT_EQ(s.res.rows, 300000);
+        CHECK_INT_EQ(s.seq_errors, 0);
+        CHECK_INT_EQ(s.offset_errors, 0);
+        if (MODES[m] & M_CSV)
+            CHECK_INT_EQ(s.csv_lines, 300001);
+        else
+            CHECK_INT_EQ(s.rows, 300000);
+        sink_free(&s);
+    }
+}
+
 static void consumer_stop_and_cancel_mid_stream(void)
 {
     tp_wh_config_t cfg;
@@ -1033,6 +1140,55 @@ static void blocking_wrapper_and_host_forms(void)
     CHECK_INT_EQ(res.kind, TP_WH_ERR_REQUEST);
     CHECK_CONTAINS(res.message, "warehouse id");
     tp_wh_result_clear(&res);
+}
+
+/* Everything the client logs at debug level over a busy run: no token, no
+ * secret, no link URL or link header. */
+static void secrets_never_logged(void)
+{
+    char *path = tp_xasprintf("%s/client-log.jsonl", tp_test_tmpdir());
+    FILE *f = fopen(path, "w");
+    CHECK(f != NULL);
+    if (f == NULL) {
+        free(path);
+        return;
+    }
+    tp_log_set_stream(f);
+    tp_log_set_level(TP_LOG_DEBUG);
+    sink_t s;
+    for (int m = 0; m < 3; m++) {
+        go(&s, &E, NULL, SEQ_SQL, MODES[m] | M_OAUTH);
+        CHECK_OK(s);
+        sink_free(&s);
+    }
+    if (faults(&E, "expire_links=1,drop_chunk=1,status=503@link")) {
+        go(&s, &E, NULL, SEQ_SQL, M_LINKS);
+        CHECK_OK(s);
+        sink_free(&s);
+        faults(&E, NULL);
+    }
+    tp_wh_config_t cfg;
+    cfg_init(&cfg, &E, false);
+    cfg.client_secret = "wrong-secret-xyz";
+    go(&s, &E, &cfg, "SELECT 1", 0);
+    CHECK_ERR(s, TP_WH_ERR_AUTH);
+    sink_free(&s);
+    cfg_init(&cfg, &E, true);
+    cfg.token = "dapi-wrong-abc";
+    go(&s, &E, &cfg, "SELECT 1", 0);
+    CHECK_ERR(s, TP_WH_ERR_AUTH);
+    sink_free(&s);
+    tp_log_set_level(TP_LOG_ERROR);
+    tp_log_set_stream(NULL);
+    fclose(f);
+    char *text = tp_read_file(path, NULL);
+    CHECK(text != NULL && strlen(text) > 200);
+    const char *never[] = {PAT, CLIENT_SECRET, "wrong-secret-xyz", "dapi-wrong-abc", "Bearer", "Basic",
+                           "access_token", "_tp_blob", "x-tp-link-key", "Authorization"};
+    for (size_t i = 0; text && i < TP_ARRAY_LEN(never); i++)
+        CHECK_MSG(strstr(text, never[i]) == NULL, "the client log contains \"%s\"", never[i]);
+    free(text);
+    free(path);
 }
 
 /* ---- a big result with flat memory ---- */
@@ -1130,10 +1286,12 @@ int main(void)
     TP_RUN(continue_timeout_then_poll);
     TP_RUN(on_wait_timeout_cancel);
     TP_RUN(parameter_types);
+    TP_RUN(request_fields);
     TP_RUN(wrong_pat_is_precise);
     TP_RUN(bearer_override);
     TP_RUN(oauth_token_cached_and_single_flight);
     TP_RUN(oauth_token_refreshed_after_ttl);
+    TP_RUN(oauth_token_revoked_is_refetched);
     TP_RUN(oauth_wrong_secret_is_precise);
     TP_RUN(fault_latency);
     TP_RUN(fault_429_retry_after);
@@ -1147,8 +1305,10 @@ int main(void)
     TP_RUN(slow_answers_time_out);
     TP_RUN(free_with_statements_in_flight);
     TP_RUN(pause_resume_backpressure);
+    TP_RUN(pause_resume_large_chunks);
     TP_RUN(consumer_stop_and_cancel_mid_stream);
     TP_RUN(blocking_wrapper_and_host_forms);
+    TP_RUN(secrets_never_logged);
     tp_test_stop(E.pid, 5000);
     tp_test_stop(E_TTL.pid, 5000);
     tp_test_stop(E_BIG.pid, 5000);

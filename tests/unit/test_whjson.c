@@ -236,6 +236,32 @@ static void error_bodies_all_forms(void)
     }
 }
 
+static void config_from_env(void)
+{
+    setenv("DATABRICKS_HOST", "adb-1.2.azuredatabricks.net", 1);
+    setenv("DATABRICKS_WAREHOUSE_ID", "abc123", 1);
+    setenv("DATABRICKS_TOKEN", "", 1); /* empty counts as unset */
+    setenv("DATABRICKS_CLIENT_ID", "cid", 1);
+    setenv("DATABRICKS_CLIENT_SECRET", "csec", 1);
+    tp_wh_config_t c;
+    tp_wh_config_init(&c);
+    c.warehouse_id = "from-config"; /* set fields win */
+    tp_wh_config_from_env(&c);
+    CHECK_STR_EQ(c.host, "adb-1.2.azuredatabricks.net");
+    CHECK_STR_EQ(c.warehouse_id, "from-config");
+    CHECK(c.token == NULL);
+    CHECK_STR_EQ(c.client_id, "cid");
+    CHECK_STR_EQ(c.client_secret, "csec");
+    CHECK_INT_EQ(c.poll_initial_ms, 100);
+    CHECK_INT_EQ(c.poll_max_ms, 5000);
+    /* half an OAuth pair is refused up front */
+    c.client_secret = NULL;
+    char *err = NULL;
+    CHECK(tp_wh_new(NULL, &c, &err) == NULL);
+    CHECK_CONTAINS(err, "without a client secret");
+    free(err);
+}
+
 int main(void)
 {
     TP_RUN(parses_whole_document);
@@ -244,5 +270,6 @@ int main(void)
     TP_RUN(rejects_bad_input_precisely);
     TP_RUN(hosts_normalise);
     TP_RUN(error_bodies_all_forms);
+    TP_RUN(config_from_env);
     return tp_test_done();
 }
