@@ -101,6 +101,10 @@ void fb_worker_init(worker_t *w)
     wc.client_id = nonempty(c->warehouse.client_id);
     wc.client_secret = nonempty(c->warehouse.client_secret);
     wc.statement_timeout_ms = c->warehouse.timeout_ms;
+    /* Fast first polls: a quick statement is answered a few ms after it ends
+     * (the submission itself does not wait, so that a cancel is sent at once). */
+    wc.poll_initial_ms = 2;
+    wc.poll_max_ms = 2000;
     char *err = NULL;
     fbw_t *fw = &g_fbw[w->id];
     fw->wh = tp_wh_new(w->base, &wc, &err);
