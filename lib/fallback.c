@@ -1074,7 +1074,8 @@ static flight_t *flight_start(tp_fb_loop_t *lp, const tp_fb_request_t *req, char
     wr.n_params = np;
     wr.catalog = fb->cfg.catalog;
     wr.schema = fb->cfg.schema;
-    wr.wait_timeout_s = 0; /* asynchronous: the client polls */
+    int sw = fb->cfg.submit_wait_s;
+    wr.wait_timeout_s = sw >= 5 && sw <= 50 && req->wait_ms >= sw * 1000 ? sw : 0;
     wr.bearer_token = ds->obo ? req->bearer_token : NULL;
     wr.timeout_ms = fb->cfg.timeout_ms;
     wr.label = ds->name;

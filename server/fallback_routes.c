@@ -48,6 +48,7 @@ struct fbreq {
     struct evhttp_connection *watched; /* close callback set on it */
     struct event *closed_ev;           /* EV_CLOSED on its socket: the client left */
     char owner[128];                   /* of the handle being waited on */
+    bool is_poll;                      /* GET /statements/{id}, not a dataset read */
 };
 
 static tp_fb_t *g_fb;
@@ -73,6 +74,7 @@ void fb_global_init(void)
         .timeout_ms = c->warehouse.timeout_ms,
         .catalog = c->warehouse.catalog,
         .schema = c->warehouse.schema,
+        .submit_wait_s = 5,
     };
     g_fb = tp_fb_new(&fc);
     g_fbw = tp_xcalloc((size_t)g_srv.nthreads, sizeof *g_fbw);
@@ -176,12 +178,13 @@ static void owner_of(const char *token, char *out, size_t n)
         k += snprintf(out + k, n - (size_t)k, "%02x", md[i]);
 }
 
-/* The wait budget: Prefer: wait=N (RFC 7240) capped by warehouse.max_wait,
- * else dflt. */
+/* The wait budget: Prefer: wait=N (RFC 7240) capped by warehouse.max_wait;
+ * respond-async alone means 0; else dflt. */
 static int64_t wait_budget(rq_t *r, int64_t dflt)
 {
     const char *p = rq_in_header(r, "Prefer");
     int64_t ms = dflt;
+    bool given = false;
     for (const char *s = p; s && (s = strcasestr(s, "wait")) != NULL; s += 4) {
         if (s != p && s[-1] != ' ' && s[-1] != ',' && s[-1] != ';')
             continue;
@@ -195,10 +198,14 @@ static int64_t wait_budget(rq_t *r, int64_t dflt)
             v++;
         char *end;
         long long secs = strtoll(v, &end, 10);
-        if (end != v && secs >= 0 && secs < 86400)
+        if (end != v && secs >= 0 && secs < 86400) {
             ms = secs * 1000;
+            given = true;
+        }
         break;
     }
+    if (!given && p && strcasestr(p, "respond-async"))
+        ms = 0; /* asks for a 202 at once unless a wait is given */
     return ms > g_srv.cfg.warehouse.max_wait_ms ? g_srv.cfg.warehouse.max_wait_ms : ms;
 }
 
@@ -331,7 +338,7 @@ static void on_wait(tp_fb_outcome_t *o, void *arg)
         abort();
     q->waiter = NULL;
     rq_t *r = q->r;
-    if (o->state == TP_FB_PENDING && evhttp_request_get_connection(r->req) == NULL) {
+    if (o->state == TP_FB_PENDING && !q->is_poll && evhttp_request_get_connection(r->req) == NULL) {
         /* Nobody will read the 202: drop the handle (and maybe the statement). */
         fbw_t *fw = &g_fbw[r->w->id];
         if (fw->lp && !tp_fb_delete(fw->lp, o->id, q->owner))
@@ -513,6 +520,7 @@ void h_statement(rq_t *r, const char *id)
         return;
     }
     struct fbreq *q = fbreq_new(r);
+    q->is_poll = true;
     int64_t budget = wait_budget(r, 0);
     tp_fb_waiter_t *w = NULL;
     snprintf(q->owner, sizeof q->owner, "%s", plain);

@@ -113,6 +113,12 @@ typedef struct tp_fb_config {
     int64_t result_ttl_ms;      /* cache entries and finished handles */
     int64_t abandon_ms;
     int64_t timeout_ms;         /* per statement; 0 = the client's default */
+    /* 0, or 5..50: a request that waits at least this long submits with
+     * wait_timeout=N s (CONTINUE), so the warehouse answers the submission as
+     * soon as the statement ends (no polling delay); a cancel asked for
+     * meanwhile is sent when the submission returns (within N s). Shorter
+     * waits and 0 submit asynchronously and poll (2 ms, then backing off). */
+    int submit_wait_s;
     const char *catalog, *schema; /* NULL or "" = not sent; copied */
 } tp_fb_config_t;
 

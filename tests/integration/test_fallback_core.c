@@ -146,19 +146,25 @@ static void faults(const char *spec)
               (int)rc, code);
 }
 
+/* Requests the emulator has logged so far with method and a path starting with prefix. */
+static int logged(const char *method, const char *prefix)
+{
+    char *text = tp_read_file(EMU_LOG, NULL);
+    char m[16], p[128];
+    snprintf(m, sizeof m, "\"%s\"", method);
+    snprintf(p, sizeof p, "\"path\":\"%s", prefix);
+    int n = 0;
+    for (char *line = text ? strtok(text, "\n") : NULL; line; line = strtok(NULL, "\n"))
+        if (strstr(line, m) && strstr(line, p))
+            n++;
+    free(text);
+    return n;
+}
+
 /* Statement executions the emulator has logged so far. */
 static int executions(void)
 {
-    char *text = tp_read_file(EMU_LOG, NULL);
-    int n = 0;
-    for (char *p = text; p && (p = strstr(p, "\"POST\"")) != NULL; p++) {
-        char *eol = strchr(p, '\n');
-        char *hit = strstr(p, "\"/api/2.0/sql/statements\"");
-        if (hit && (!eol || hit < eol))
-            n++;
-    }
-    free(text);
-    return n;
+    return logged("POST", "/api/2.0/sql/statements\"");
 }
 
 /* Backends of the emulator's database running pg_sleep right now. */
@@ -174,6 +180,7 @@ static int sleeping(void)
 
 typedef struct opts {
     int64_t max_in_flight, abandon_ms, max_result_bytes, cache_bytes;
+    int submit_wait_s;
     const char *host;
 } opts_t;
 
@@ -201,6 +208,7 @@ static void fb_up(opts_t o)
         .result_ttl_ms = 60000,
         .abandon_ms = o.abandon_ms ? o.abandon_ms : 60000,
         .timeout_ms = 20000,
+        .submit_wait_s = o.submit_wait_s,
     };
     FB = tp_fb_new(&fc);
     LP = tp_fb_loop_new(FB, B, WH);
@@ -402,6 +410,38 @@ static void result_shapes_and_cache(void)
     CHECK_INT_EQ(st.cache_hits, 1);
     CHECK_INT_EQ(st.in_flight, 0);
     CHECK(st.cache_entries == 1 && st.cache_bytes > 0);
+    fb_down();
+}
+
+/* With submit_wait_s the warehouse holds the submission until the statement
+ * ends: the result comes without a single status poll. */
+static void submission_waits_at_the_warehouse(void)
+{
+    fb_up((opts_t){.submit_wait_s = 5});
+    spin(NULL, 200);
+    int gets0 = logged("GET", "/api/2.0/sql/statements/");
+    const char *v[] = {"0.3", "sw"};
+    got_t g = {0};
+    tp_fb_outcome_t o;
+    tp_fb_waiter_t *w;
+    int64_t t0 = tp_now_ms();
+    CHECK_INT_EQ(start("slow", v, "u", NULL, 5000, &g, &o, &w), TP_FB_WAITING);
+    spin(&g.called, 8000);
+    CHECK_INT_EQ(g.o.state, TP_FB_READY);
+    int64_t took = tp_now_ms() - t0;
+    CHECK_MSG(took >= 300 && took < 1500, "took %lld ms", (long long)took);
+    tp_fb_outcome_clear(&g.o);
+    spin(NULL, 200);
+    CHECK_INT_EQ(logged("GET", "/api/2.0/sql/statements/") - gets0, 0);
+    /* a shorter budget submits without waiting, and polls */
+    const char *v2[] = {"0.3", "sw2"};
+    got_t g2 = {0};
+    CHECK_INT_EQ(start("slow", v2, "u", NULL, 4000, &g2, &o, &w), TP_FB_WAITING);
+    spin(&g2.called, 8000);
+    CHECK_INT_EQ(g2.o.state, TP_FB_READY);
+    tp_fb_outcome_clear(&g2.o);
+    spin(NULL, 200);
+    CHECK(logged("GET", "/api/2.0/sql/statements/") - gets0 > 0);
     fb_down();
 }
 
@@ -738,6 +778,7 @@ int main(void)
     TP_RUN(routing_rules);
     TP_RUN(result_shapes_and_cache);
     TP_RUN(single_flight);
+    TP_RUN(submission_waits_at_the_warehouse);
     TP_RUN(wait_budget_then_poll);
     TP_RUN(in_flight_limit);
     TP_RUN(abandoned_statement_is_cancelled);

@@ -212,6 +212,9 @@ static void routing_rules(void)
     resp_free(&bad);
 }
 
+static void parallel(const char *const *paths, int n, const char *const *hdrs, long *status,
+                     long timeout_ms);
+
 static void budget_202_poll_delete(void)
 {
     int64_t t0 = tp_now_ms();
@@ -236,6 +239,22 @@ static void budget_202_poll_delete(void)
     p = get_h(loc, "Accept: text/csv", NULL);
     CHECK_INT_EQ(p.status, 200);
     CHECK_CONTAINS(p.body, "slept,tag\r\n");
+    resp_free(&p);
+    /* respond-async alone asks for the 202 at once */
+    t0 = tp_now_ms();
+    a = get_h("/api/v1/datasets/slow?secs=1&tag=ra", "Prefer: respond-async", NULL);
+    CHECK_INT_EQ(a.status, 202);
+    CHECK(tp_now_ms() - t0 < 800);
+    snprintf(loc, sizeof loc, "%s", hdr(&a, "Location") ? hdr(&a, "Location") : "");
+    resp_free(&a);
+    /* a poller that leaves does not lose the statement for the others */
+    const char *pl[] = {loc};
+    long pst[1];
+    const char *ph[] = {"Prefer: wait=5", NULL};
+    parallel(pl, 1, ph, pst, 200);
+    CHECK_INT_EQ(pst[0], 0);
+    p = get_h(loc, "Prefer: wait=5", NULL);
+    CHECK_INT_EQ(p.status, 200);
     resp_free(&p);
     /* the default budget (warehouse.wait = 2s) runs out: 202 after about 2 s */
     t0 = tp_now_ms();
@@ -329,7 +348,7 @@ static void disconnect_cancels(void)
     CHECK(sleeping_becomes(0, 5000));
     const char *paths[] = {"/api/v1/datasets/slow?secs=30&tag=dc"};
     long st[1];
-    const char *hdrs[] = {"Prefer: wait=6", NULL};
+    const char *hdrs[] = {"Prefer: wait=4", NULL}; /* < 5 s: submitted without waiting */
     int64_t t0 = tp_now_ms();
     parallel(paths, 1, hdrs, st, 700); /* the client gives up after 0.7 s */
     CHECK_INT_EQ(st[0], 0);
@@ -339,6 +358,16 @@ static void disconnect_cancels(void)
     CHECK(sleeping_becomes(0, 6000));
     int64_t took = tp_now_ms() - t1;
     CHECK_MSG(took < 1200, "statement stopped %lld ms after the client left", (long long)took);
+    /* with a budget of 5 s or more the submission waits at the warehouse (up
+     * to 5 s): the cancel goes out when it returns */
+    const char *p6[] = {"/api/v1/datasets/slow?secs=30&tag=dc6"};
+    const char *h6[] = {"Prefer: wait=6", NULL};
+    parallel(p6, 1, h6, st, 700);
+    CHECK_INT_EQ(st[0], 0);
+    t1 = tp_now_ms();
+    CHECK(sleeping_becomes(0, 8000));
+    took = tp_now_ms() - t1;
+    CHECK_MSG(took < 5500, "statement stopped %lld ms after the client left", (long long)took);
     /* a shared statement survives one of its clients leaving */
     const char *two[] = {"/api/v1/datasets/slow?secs=2&tag=dc2", "/api/v1/datasets/slow?secs=2&tag=dc2"};
     CURLM *m = curl_multi_init();
