@@ -31,6 +31,7 @@
 #include <event2/thread.h>
 #include <event2/util.h>
 
+#include "tidepool/auth_tokens.h"
 #include "tidepool/log.h"
 #include "tidepool/migrate.h"
 #include "tidepool/pg.h"
@@ -163,6 +164,27 @@ static void gen_swap(defgen_t *g)
 
 /* ---- status thread: blocking Postgres work, off every loop ---- */
 
+/* Token table snapshot for auth mode token: at start, on NOTIFY tidepool_auth
+ * and every minute. A failed load keeps the previous snapshot. */
+static void load_tokens(PGconn *c)
+{
+    static int64_t last_ms;
+    if (!tp_auth_wants_token_table(g_srv.auth))
+        return;
+    bool dirty = atomic_exchange(&g_srv.tokens_dirty, false);
+    if (!dirty && last_ms && tp_now_ms() - last_ms < 60000)
+        return;
+    char err[512];
+    tp_auth_tokens_t *t = tp_auth_tokens_load(c, err, sizeof err);
+    if (!t) {
+        const char *kv[] = {"error", err, NULL};
+        tp_logkv(TP_LOG_WARN, kv, "loading tidepool.api_tokens failed; keeping the previous tokens");
+        return;
+    }
+    last_ms = tp_now_ms();
+    tp_auth_set_tokens(g_srv.auth, t);
+}
+
 static void status_once(void)
 {
     char err[512];
@@ -186,6 +208,7 @@ static void status_once(void)
     pthread_mutex_unlock(&g_srv.lock);
     atomic_store(&g_srv.migrations_ok, ok);
     atomic_store(&g_srv.migrations_known, true);
+    load_tokens(c);
     PQfinish(c);
 
     pthread_mutex_lock(&status_mu);
@@ -331,6 +354,8 @@ static void *worker_main(void *arg)
         event_free(w->drain_timer);
         event_free(w->tick);
         event_base_free(w->base);
+        tp_ratelimit_free(w->rl_addr);
+        tp_ratelimit_free(w->rl_ident);
     }
     return NULL;
 }
@@ -383,6 +408,14 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
     w->cache = cache_new(g_srv.cache_bytes, &w->m);
     w->stop_ev = event_new(w->base, -1, 0, on_stop, w);
     w->drain_timer = evtimer_new(w->base, on_drain_tick, w);
+    const tp_config_t *cf = &g_srv.cfg;
+    double n = (double)g_srv.nthreads;
+    w->rl_addr = tp_ratelimit_new((double)cf->auth.rate_per_address / n,
+                                  (double)cf->auth.burst_per_address / n + 1,
+                                  (size_t)(cf->auth.rate_limit_keys > 0 ? cf->auth.rate_limit_keys : 10000));
+    w->rl_ident = tp_ratelimit_new((double)cf->auth.rate_per_identity / n,
+                                   (double)cf->auth.burst_per_identity / n + 1,
+                                   (size_t)(cf->auth.rate_limit_keys > 0 ? cf->auth.rate_limit_keys : 10000));
     w->tick = event_new(w->base, -1, EV_PERSIST, on_tick, w);
     struct timeval sec = {1, 0};
     event_add(w->tick, &sec);
@@ -412,6 +445,15 @@ static void on_notify(const char *channel, const char *payload, void *arg)
         atomic_store(&g_srv.all_inval, e);
     const char *kv[] = {"job", job, "payload", payload, NULL};
     tp_logkv(TP_LOG_INFO, kv, "sync notification: cache entries of the job dropped");
+}
+
+static void on_auth_notify(const char *channel, const char *payload, void *arg)
+{
+    (void)payload;
+    (void)arg;
+    atomic_store(&g_srv.tokens_dirty, true);
+    if (channel)
+        status_wake(false);
 }
 
 static struct event_base *g_main_base;
@@ -446,6 +488,8 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
 static void usage(FILE *f)
 {
     fprintf(f, "Usage: tidepool-server [OPTIONS]\n"
+               "       tidepool-server [-c FILE] token create NAME --roles R[,R] [--ttl 90d]\n"
+               "       tidepool-server [-c FILE] token list | token revoke NAME|ID\n"
                "tidepool-server answers dashboard reads and write-backs over HTTP.\n\n"
                "  -c, --config FILE  configuration file (default %s if it exists)\n"
                "      --check        validate configuration and definitions, then exit\n"
@@ -478,7 +522,7 @@ int main(int argc, char **argv)
     const char *config_path = NULL;
     bool check = false;
     int c;
-    while ((c = getopt_long(argc, argv, "c:hV", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "+c:hV", opts, NULL)) != -1) {
         switch (c) {
         case 'c': config_path = optarg; break;
         case 'k': check = true; break;
@@ -487,7 +531,8 @@ int main(int argc, char **argv)
         default: usage(stderr); return 2;
         }
     }
-    if (optind < argc) {
+    bool token_cmd = optind < argc && strcmp(argv[optind], "token") == 0;
+    if (optind < argc && !token_cmd) {
         usage(stderr);
         return 2;
     }
@@ -500,6 +545,29 @@ int main(int argc, char **argv)
         return 2;
     }
     tp_log_set_global("program", "tidepool-server");
+    if (token_cmd) {
+        if (optind + 1 >= argc) {
+            usage(stderr);
+            tp_config_free(&g_srv.cfg);
+            return 2;
+        }
+        PGconn *conn = tp_pg_connect(g_srv.cfg.postgres.dsn, 10000, err, sizeof err);
+        if (!conn) {
+            fprintf(stderr, "tidepool-server: %s\n", err);
+            tp_config_free(&g_srv.cfg);
+            return 1;
+        }
+        int rc = tp_auth_token_command(conn, argc - optind - 1, argv + optind + 1, stdout, stderr);
+        PQfinish(conn);
+        tp_config_free(&g_srv.cfg);
+        return rc;
+    }
+    g_srv.auth = tp_auth_new(&g_srv.cfg, err, sizeof err);
+    if (!g_srv.auth) {
+        fprintf(stderr, "tidepool-server: %s\n", err);
+        tp_config_free(&g_srv.cfg);
+        return 2;
+    }
     tp_log_level_t lvl;
     if (g_srv.cfg.log.level && tp_log_parse_level(g_srv.cfg.log.level, &lvl))
         tp_log_set_level(lvl);
@@ -513,14 +581,18 @@ int main(int argc, char **argv)
     pthread_mutex_init(&g_srv.lock, NULL);
 
     defgen_t *g0 = gen_build(true);
-    if (!g0)
+    if (!g0) {
+        tp_auth_free(g_srv.auth);
+        tp_config_free(&g_srv.cfg);
         return 2;
+    }
     if (check) {
         printf("config: ok\ndatasets: %zu\n", g0->set->n_datasets);
         for (size_t i = 0; i < g0->set->n_datasets; i++)
             printf("  dataset %s (%zu params)\n", g0->set->datasets[i].name,
                    g0->set->datasets[i].n_params);
         gen_release(g0);
+        tp_auth_free(g_srv.auth);
         tp_config_free(&g_srv.cfg);
         return 0;
     }
@@ -558,6 +630,10 @@ int main(int argc, char **argv)
     tp_pglisten_t *lsn = tp_pglisten_new(g_main_base, g_srv.dsn, "tidepool_sync",
                                          (int)g_srv.cfg.postgres.connect_timeout_ms, on_notify,
                                          NULL);
+    tp_pglisten_t *auth_lsn = NULL;
+    if (tp_auth_wants_token_table(g_srv.auth))
+        auth_lsn = tp_pglisten_new(g_main_base, g_srv.dsn, "tidepool_auth",
+                                   (int)g_srv.cfg.postgres.connect_timeout_ms, on_auth_notify, NULL);
     pthread_t status_th;
     pthread_create(&status_th, NULL, status_main, NULL);
     for (int i = 0; i < g_srv.nthreads; i++)
@@ -579,6 +655,7 @@ int main(int argc, char **argv)
     pthread_mutex_unlock(&status_mu);
     pthread_join(status_th, NULL);
     tp_pglisten_free(lsn);
+    tp_pglisten_free(auth_lsn);
     /* A repeated SIGTERM while we finish must not kill us mid-cleanup: block
      * it (every other thread has ended) before libevent restores the default. */
     sigset_t block;
@@ -597,6 +674,7 @@ int main(int argc, char **argv)
         free(g_srv.workers);
         gen_release(g_srv.gen);
         tables_release(g_srv.tables);
+        tp_auth_free(g_srv.auth);
         for (int i = 0; i < g_srv.njobs; i++)
             free(g_srv.job_names[i]);
         tp_config_free(&g_srv.cfg);

@@ -201,7 +201,7 @@ void route_request(struct evhttp_request *req, void *arg)
         h_metrics(r);
     } else if (route == RT_OPENAPI) {
         h_openapi(r);
-    } else if (!parse_format(r)) {
+    } else if (!rq_authenticate(r) || !parse_format(r)) {
         /* problem sent */
     } else if (route == RT_DATASETS) {
         h_datasets(r);

@@ -29,6 +29,7 @@ typedef struct srv_h {
     char *log;
     char *conf;
     char qdir[512];
+    const char *extra_conf; /* appended to the config file (e.g. an [auth] section) */
 } srv_h_t;
 
 typedef struct resp {
@@ -127,8 +128,8 @@ static bool harness_start(srv_h_t *s, const char *dsn, int threads)
     snprintf(conf, sizeof conf,
              "[postgres]\ndsn = %s\npool_size = 4\n"
              "[server]\nlisten = 127.0.0.1:%d\nthreads = %d\ndefinitions = %s\n"
-             "max_body_bytes = 4k\nmax_header_bytes = 4k\ntimeout = 10s\n",
-             dsn, s->port, threads, s->qdir);
+             "max_body_bytes = 4k\nmax_header_bytes = 4k\ntimeout = 10s\n%s",
+             dsn, s->port, threads, s->qdir, s->extra_conf ? s->extra_conf : "");
     free(s->conf);
     char name[64];
     snprintf(name, sizeof name, "server-%d.conf", s->port);
