@@ -34,6 +34,7 @@
 #include "tidepool/auth_tokens.h"
 #include "tidepool/log.h"
 #include "tidepool/migrate.h"
+#include "tidepool/notify.h"
 #include "tidepool/pg.h"
 
 srv_t g_srv;
@@ -464,9 +465,11 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     (void)arg;
     if (sig == SIGHUP) {
         tp_info("SIGHUP: reloading definitions");
+        tp_notify_reloading();
         defgen_t *g = gen_build(false);
         if (!g) {
             tp_warn("reload failed: keeping the previous definitions");
+            tp_notify_ready();
             return;
         }
         gen_swap(g);
@@ -475,11 +478,13 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
         snprintf(n, sizeof n, "%zu", g->set->n_datasets);
         const char *kv[] = {"datasets", n, NULL};
         tp_logkv(TP_LOG_INFO, kv, "definitions reloaded");
+        tp_notify_ready();
         return;
     }
     if (atomic_exchange(&g_srv.draining, true))
         return;
     tp_info("shutting down: draining in-flight requests");
+    tp_notify_stopping();
     for (int i = 0; i < g_srv.nthreads; i++)
         event_active(g_srv.workers[i].stop_ev, EV_READ, 0);
     event_base_loopexit(g_main_base, NULL);
@@ -644,6 +649,10 @@ int main(int argc, char **argv)
     const char *kv[] = {"listen", g_srv.cfg.server.listen, "threads", nth, "pool_per_thread", pool,
                         NULL};
     tp_logkv(TP_LOG_INFO, kv, "tidepool-server listening");
+    tp_notify_wd_t *wd = NULL;
+    if (!tp_notify_wd_start(g_main_base, &wd))
+        tp_warn("systemd watchdog timer could not be armed");
+    tp_notify_ready();
 
     event_base_dispatch(g_main_base);
 
@@ -654,6 +663,7 @@ int main(int argc, char **argv)
     pthread_cond_signal(&status_cv);
     pthread_mutex_unlock(&status_mu);
     pthread_join(status_th, NULL);
+    tp_notify_wd_free(wd);
     tp_pglisten_free(lsn);
     tp_pglisten_free(auth_lsn);
     /* A repeated SIGTERM while we finish must not kill us mid-cleanup: block
