@@ -407,6 +407,42 @@ static void test_request_log(void)
     free(log);
 }
 
+static void test_check_flag(void)
+{
+    /* the shipped demo datasets load */
+    char conf[1024];
+    snprintf(conf, sizeof conf, "[server]\ndefinitions = %s/sql/queries\n",
+             getenv("TP_ROOT") ? getenv("TP_ROOT") : ".");
+    char *path = tp_test_write_tmp("check-demo.conf", conf);
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s --check --config %s 2>&1", tp_test_bin("tidepool-server"), path);
+    char *out = NULL;
+    CHECK_INT_EQ(tp_test_cmd(cmd, &out), 0);
+    CHECK_CONTAINS(out, "dataset daily_metrics (3 params)");
+    CHECK_CONTAINS(out, "dataset users");
+    free(out);
+    free(path);
+    /* a broken definition: exit 2 and file:line */
+    char dir[600];
+    snprintf(dir, sizeof dir, "%s/broken-defs", tp_test_tmpdir());
+    mkdir(dir, 0755);
+    char file[700];
+    snprintf(file, sizeof file, "%s/bad.sql", dir);
+    FILE *f = fopen(file, "w");
+    if (f) {
+        fputs("-- @param a INT\n-- @colour blue\nSELECT :a\n", f);
+        fclose(f);
+    }
+    snprintf(conf, sizeof conf, "[server]\ndefinitions = %s\n", dir);
+    path = tp_test_write_tmp("check-bad.conf", conf);
+    snprintf(cmd, sizeof cmd, "%s --check --config %s 2>&1", tp_test_bin("tidepool-server"), path);
+    out = NULL;
+    CHECK_INT_EQ(tp_test_cmd(cmd, &out), 2);
+    CHECK_CONTAINS(out, "bad.sql:2:");
+    free(out);
+    free(path);
+}
+
 int main(void)
 {
     const char *dsn;
@@ -427,6 +463,7 @@ int main(void)
     TP_RUN(test_metrics);
     TP_RUN(test_openapi);
     TP_RUN(test_request_log);
+    TP_RUN(test_check_flag);
     harness_finish(&S);
     return tp_test_done();
 }
