@@ -227,6 +227,7 @@ static void status_once(void)
     status_reflect = false;
     pthread_mutex_unlock(&status_mu);
     tables_swap(t);
+    atomic_store(&g_srv.tables_ready, true);
     char n[16];
     snprintf(n, sizeof n, "%zu", t->n);
     const char *kv[] = {"tables", n, NULL};

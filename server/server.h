@@ -144,6 +144,7 @@ typedef struct srv {
     atomic_bool listen_up;
     atomic_bool migrations_ok;
     atomic_bool migrations_known;
+    atomic_bool tables_ready; /* exposed tables reflected at least once */
     char migrations_why[600]; /* guarded by lock */
     int64_t drain_ms;
     int64_t cache_bytes; /* per worker */

@@ -144,19 +144,29 @@ static bool harness_start(srv_h_t *s, const char *dsn, int threads)
 static resp_t get(srv_h_t *s, const char *path);
 static void resp_free(resp_t *r);
 
+/* GETs path every 100 ms until it answers want (at most tries times);
+ * returns the last response (caller frees). */
+static resp_t await_status(srv_h_t *s, const char *path, long want, int tries)
+{
+    resp_t r = {0};
+    for (int i = 0; i < tries; i++) {
+        resp_free(&r);
+        r = get(s, path);
+        if (r.status == want)
+            break;
+        usleep(100000);
+    }
+    return r;
+}
+
 /* Waits (up to 15 s) until /readyz answers 200: Postgres pool, migrations and
  * the LISTEN connection are all up. */
 static bool harness_ready(srv_h_t *s)
 {
-    for (int i = 0; i < 150; i++) {
-        resp_t r = get(s, "/readyz");
-        long st = r.status;
-        resp_free(&r);
-        if (st == 200)
-            return true;
-        usleep(100000);
-    }
-    return false;
+    resp_t r = await_status(s, "/readyz", 200, 150);
+    bool ok = r.status == 200;
+    resp_free(&r);
+    return ok;
 }
 
 static void resp_free(resp_t *r)

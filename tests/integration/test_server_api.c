@@ -25,14 +25,7 @@ static void test_healthz(void)
 
 static void test_readyz(void)
 {
-    resp_t r = {0};
-    for (int i = 0; i < 50; i++) { /* the status thread checks migrations within a second */
-        resp_free(&r);
-        r = get(&S, "/readyz");
-        if (r.status == 200)
-            break;
-        usleep(100000);
-    }
+    resp_t r = await_status(&S, "/readyz", 200, 50);
     CHECK_INT_EQ(r.status, 200);
     CHECK(json_is_true(json_object_get(json_object_get(r.json, "checks"), "postgres")));
     CHECK(json_is_true(json_object_get(json_object_get(r.json, "checks"), "migrations")));
