@@ -367,7 +367,12 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
     memset(w, 0, sizeof *w);
     w->magic = WORKER_MAGIC;
     w->id = id;
-    w->base = event_base_new();
+    /* The epoll changelist folds the add/remove of write interest that every
+     * reply causes within one loop iteration into fewer epoll_ctl calls. */
+    struct event_config *ec = event_config_new();
+    event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+    w->base = event_base_new_with_config(ec);
+    event_config_free(ec);
     if (!w->base) {
         snprintf(err, errlen, "event_base_new failed");
         return false;
