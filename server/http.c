@@ -552,6 +552,13 @@ void rq_pg_error(rq_t *r, PGresult *res, const char *err)
         return;
     }
     const char *kv[] = {"request_id", r->id, "sqlstate", state, "error", err, NULL};
+    if (state && strcmp(state, "42P01") == 0) {
+        /* A table the dataset reads does not exist yet: its sync has not run. */
+        tp_logkv(TP_LOG_WARN, kv, "query failed: relation missing (sync not run yet?)");
+        rq_problem(r, 503, "data-unavailable",
+                   "the data this reads has not been synced into Postgres yet", NULL, NULL, 30);
+        return;
+    }
     tp_logkv(TP_LOG_ERROR, kv, "query failed");
     rq_problem(r, 500, "query-failed", "the query failed; see the server log for the request id",
                NULL, NULL, 0);

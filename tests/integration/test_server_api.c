@@ -142,7 +142,7 @@ static void test_dataset_list(void)
 {
     resp_t r = get(&S, "/api/v1/datasets");
     CHECK_INT_EQ(r.status, 200);
-    CHECK_INT_EQ(json_array_size(r.json), 5);
+    CHECK_INT_EQ(json_array_size(r.json), 6);
     json_t *dm = NULL;
     for (size_t i = 0; i < json_array_size(r.json); i++)
         if (strcmp(json_string_value(json_object_get(json_array_get(r.json, i), "name")),
@@ -235,6 +235,11 @@ static void test_dataset_bad_input(void)
     resp_free(&r);
     r = get(&S, "/api/v1/datasets/users?source=warehouse");
     CHECK_PROBLEM(r, 501, NULL);
+    resp_free(&r);
+    /* its table was never synced: unavailable, not a server error */
+    r = get(&S, "/api/v1/datasets/not_synced");
+    CHECK_PROBLEM(r, 503, NULL);
+    CHECK(hdr(&r, "Retry-After") != NULL);
     resp_free(&r);
 }
 
