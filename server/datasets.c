@@ -192,10 +192,14 @@ static void list_cont(rq_t *r)
     tp_buf_t b = {0};
     tp_buf_putc(&b, '[');
     int64_t now = tp_wall_ms();
+    bool first = true;
     for (size_t i = 0; i < s->n_datasets; i++) {
         const tp_defs_dataset_t *ds = &s->datasets[i];
-        if (i)
+        if (!rq_allowed(r, ds->roles, ds->n_roles))
+            continue; /* only what the caller may read */
+        if (!first)
             tp_buf_putc(&b, ',');
+        first = false;
         tp_buf_puts(&b, "{\"name\":");
         tp_buf_json_str(&b, ds->name);
         tp_buf_puts(&b, ",\"description\":");
@@ -319,6 +323,8 @@ void h_dataset(rq_t *r, const char *name)
     }
     r->ds = ds;
     r->ds_idx = (int)(ds - set->datasets);
+    if (!rq_authorize(r, ds->roles, ds->n_roles))
+        return;
     const char *src = rq_q(r, "source");
     if (src && strcmp(src, "postgres") != 0 && strcmp(src, "warehouse") != 0) {
         rq_problem(r, 400, "invalid-parameter", "source must be postgres or warehouse", "source",
@@ -404,7 +410,10 @@ void h_dataset(rq_t *r, const char *name)
     /* Validate and apply defaults. */
     tp_buf_t key = {0};
     if (ok) {
-        tp_buf_printf(&key, "%s\x1f%d\x1f%s", ds->name, (int)r->fmt, "anonymous");
+        /* The role part: the principal's roles (answers never depend on more). */
+        tp_buf_printf(&key, "%s\x1f%d\x1f", ds->name, (int)r->fmt);
+        for (char **ro = r->auth.principal->roles; ro && *ro; ro++)
+            tp_buf_printf(&key, "%s+", *ro);
         for (size_t i = 0; i < np && ok; i++) {
             const tp_defs_param_t *p = &ds->params[i];
             const char *why = NULL;
