@@ -11,9 +11,9 @@
  * says X-Tidepool-Source and X-Tidepool-Route-Reason. A waiting client that
  * disconnects detaches (the statement is cancelled when nobody else wants
  * it). GET /api/v1/statements/{id} polls (202 while running), DELETE cancels.
- * Handles belong to their creator: the principal (the server has no
- * authentication yet, so "anonymous") plus, for @obo datasets, a digest of the
- * forwarded access token, so one user never polls another's statement. */
+ * Handles belong to their creator: the authenticated principal plus, for
+ * @obo datasets, a digest of the forwarded access token, so one user never
+ * polls another's statement. */
 #include "server.h"
 
 #include <stdio.h>
@@ -160,11 +160,12 @@ static void fbreq_free(rq_t *r)
     r->fbr = NULL;
 }
 
-/* "anonymous" (no authentication in the server yet) plus, with a token, a
- * digest of it: handles and @obo cache entries are per token holder. */
-static void owner_of(const char *token, char *out, size_t n)
+/* Who owns a handle: the authenticated principal's id, plus, with a token, a
+ * digest of it (handles and @obo cache entries are per token holder). */
+static void owner_of(rq_t *r, const char *token, char *out, size_t n)
 {
-    const char *principal = "anonymous";
+    const tp_principal_t *p = r->auth.principal;
+    const char *principal = p && p->id ? p->id : "anonymous";
     if (!token) {
         snprintf(out, n, "%s", principal);
         return;
@@ -176,6 +177,16 @@ static void owner_of(const char *token, char *out, size_t n)
     int k = snprintf(out, n, "%s|obo:", principal);
     for (unsigned i = 0; i < 8 && k > 0 && (size_t)k + 2 < n; i++)
         k += snprintf(out + k, n - (size_t)k, "%02x", md[i]);
+}
+
+/* The caller's forwarded access token: the one auth took from the proxy, else
+ * the header itself (modes that do not read it); NULL when absent. */
+static const char *access_token(rq_t *r)
+{
+    const tp_principal_t *p = r->auth.principal;
+    if (p && p->access_token && *p->access_token)
+        return p->access_token;
+    return nonempty(rq_in_header(r, "X-Forwarded-Access-Token"));
 }
 
 /* The wait budget: Prefer: wait=N (RFC 7240) capped by warehouse.max_wait;
@@ -377,8 +388,8 @@ static void fb_run(rq_t *r)
 {
     struct fbreq *q = r->fbr;
     fbw_t *fw = &g_fbw[r->w->id];
-    const char *token = r->ds->obo ? nonempty(rq_in_header(r, "X-Forwarded-Access-Token")) : NULL;
-    owner_of(token, q->owner, sizeof q->owner);
+    const char *token = r->ds->obo ? access_token(r) : NULL;
+    owner_of(r, token, q->owner, sizeof q->owner);
     tp_fb_request_t req = {
         .ds = r->ds,
         .values = (const char *const *)q->vals,
@@ -506,10 +517,10 @@ void h_statement(rq_t *r, const char *id)
         reply_outcome(r, &o);
         return;
     }
-    const char *token = nonempty(rq_in_header(r, "X-Forwarded-Access-Token"));
+    const char *token = access_token(r);
     char plain[128], obo[128];
-    owner_of(NULL, plain, sizeof plain);
-    owner_of(token, obo, sizeof obo);
+    owner_of(r, NULL, plain, sizeof plain);
+    owner_of(r, token, obo, sizeof obo);
     if (evhttp_request_get_command(r->req) == EVHTTP_REQ_DELETE) {
         if (tp_fb_delete(fw->lp, id, plain) || (token && tp_fb_delete(fw->lp, id, obo))) {
             rq_header(r, "X-Tidepool-Statement-Id", id);
