@@ -613,7 +613,7 @@ static void detached_waiter_and_delete_cancel(void)
     CHECK_INT_EQ(start("slow", v, "carol", NULL, 10000, &g, &o, &w), TP_FB_WAITING);
     CHECK(sleeping_becomes(1, 5000));
     tp_fb_waiter_detach(w);
-    CHECK(sleeping_becomes(0, 3000));
+    CHECK(sleeping_becomes(0, 8000));
     spin(NULL, 200);
     CHECK(!g.called);
     /* two waiters on one statement: one leaving does not cancel it */
@@ -634,7 +634,7 @@ static void detached_waiter_and_delete_cancel(void)
     CHECK(sleeping_becomes(1, 5000));
     CHECK(!tp_fb_delete(LP, o.id, "frank"));
     CHECK(tp_fb_delete(LP, o.id, "erin"));
-    CHECK(sleeping_becomes(0, 3000));
+    CHECK(sleeping_becomes(0, 8000));
     tp_fb_outcome_t p;
     CHECK_INT_EQ(tp_fb_poll(LP, o.id, "erin", 0, NULL, NULL, &p, NULL), TP_FB_NOT_FOUND);
     tp_fb_stats_t st;

@@ -274,7 +274,7 @@ static void budget_202_poll_delete(void)
     CHECK_PROBLEM(p, 405, NULL);
     resp_free(&p);
     /* DELETE cancels at the warehouse */
-    CHECK(sleeping_becomes(0, 5000));
+    CHECK(sleeping_becomes(0, 10000));
     a = get_h("/api/v1/datasets/slow?secs=30&tag=del", "Prefer: wait=0", NULL);
     CHECK_INT_EQ(a.status, 202);
     snprintf(loc, sizeof loc, "%s", hdr(&a, "Location") ? hdr(&a, "Location") : "");
@@ -283,7 +283,7 @@ static void budget_202_poll_delete(void)
     p = http(&S, "DELETE", loc, NULL, NULL, 0);
     CHECK_INT_EQ(p.status, 204);
     resp_free(&p);
-    CHECK(sleeping_becomes(0, 3000));
+    CHECK(sleeping_becomes(0, 8000));
     p = get(&S, loc);
     CHECK_PROBLEM(p, 404, NULL);
     resp_free(&p);
@@ -345,7 +345,7 @@ static void single_flight(void)
 
 static void disconnect_cancels(void)
 {
-    CHECK(sleeping_becomes(0, 5000));
+    CHECK(sleeping_becomes(0, 10000));
     const char *paths[] = {"/api/v1/datasets/slow?secs=30&tag=dc"};
     long st[1];
     const char *hdrs[] = {"Prefer: wait=4", NULL}; /* < 5 s: submitted without waiting */
@@ -409,7 +409,7 @@ static void disconnect_cancels(void)
 
 static void in_flight_limit(void)
 {
-    CHECK(sleeping_becomes(0, 5000));
+    CHECK(sleeping_becomes(0, 10000));
     char locs[3][128];
     for (int i = 0; i < 3; i++) {
         char path[128];
@@ -442,7 +442,7 @@ static void in_flight_limit(void)
     resp_t d = http(&S, "DELETE", jloc, NULL, NULL, 0);
     CHECK_INT_EQ(d.status, 204);
     resp_free(&d);
-    CHECK(sleeping_becomes(0, 5000));
+    CHECK(sleeping_becomes(0, 10000));
     /* cancelled statements no longer count (a DELETE on the other worker is
      * acted on by the statement's own loop within a sweep) */
     long st = 0;
