@@ -12,6 +12,8 @@
 
 #include <time.h>
 
+#include <openssl/evp.h>
+
 #define SVC "tok-svc-9"
 #define TOK_A "tok-anna-1"
 #define TOK_B "tok-ben-2"
@@ -55,6 +57,8 @@ static void write_defs(void)
     harness_def(&S, "pgfast.sql", "SELECT 1 AS one\n");
 }
 
+static bool start_server(srv_h_t *s, const char *extra, const char *name);
+
 static bool start_all(void)
 {
     DSN = tp_test_dsn();
@@ -73,20 +77,31 @@ static bool start_all(void)
     EMU = tp_test_spawn(eargv, EMU_LOG);
     if (EMU <= 0 || !tp_test_wait_port(EMU_PORT, 10000))
         return false;
-    S.port = tp_test_free_port();
-    char conf[2048];
+    return start_server(&S, "", "fallback-server");
+}
+
+/* Starts a tidepool-server on s with the emulator as its warehouse; extra is
+ * more INI text (e.g. an [auth] section). */
+static bool start_server(srv_h_t *s, const char *extra, const char *name)
+{
+    s->port = tp_test_free_port();
+    if (s != &S)
+        snprintf(s->qdir, sizeof s->qdir, "%s", S.qdir);
+    char conf[4096];
     snprintf(conf, sizeof conf,
              "[postgres]\ndsn = %s\npool_size = 4\n"
              "[server]\nlisten = 127.0.0.1:%d\nthreads = 2\ndefinitions = %s\ntimeout = 30s\n"
              "[warehouse]\nhost = http://127.0.0.1:%d\nwarehouse_id = tidepool-local\ntoken = %s\n"
              "max_in_flight = 3\nwait = 2s\nmax_wait = 6s\nabandon_after = 3s\n"
-             "max_result_bytes = 256k\n",
-             DSN, S.port, S.qdir, EMU_PORT, SVC);
-    S.conf = tp_test_write_tmp("fallback-server.conf", conf);
-    S.log = tp_xasprintf("%s/server.log", tp_test_tmpdir());
-    char *argv[] = {(char *)tp_test_bin("tidepool-server"), "--config", S.conf, NULL};
-    S.pid = tp_test_spawn(argv, S.log);
-    return S.pid > 0 && tp_test_wait_port(S.port, 10000) && harness_ready(&S);
+             "max_result_bytes = 256k\n%s",
+             DSN, s->port, S.qdir, EMU_PORT, SVC, extra);
+    char file[128];
+    snprintf(file, sizeof file, "%s.conf", name);
+    s->conf = tp_test_write_tmp(file, conf);
+    s->log = tp_xasprintf("%s/%s.log", tp_test_tmpdir(), name);
+    char *argv[] = {(char *)tp_test_bin("tidepool-server"), "--config", s->conf, NULL};
+    s->pid = tp_test_spawn(argv, s->log);
+    return s->pid > 0 && tp_test_wait_port(s->port, 10000) && harness_ready(s);
 }
 
 /* Statement executions in the emulator's request log. */
@@ -579,6 +594,67 @@ static void postgres_unaffected_while_warehouse_slow(void)
     faults(NULL);
 }
 
+static void stop_server(srv_h_t *s)
+{
+    if (s->pid > 0)
+        CHECK_INT_EQ(tp_test_stop(s->pid, 15000), 0);
+    free(s->conf);
+    free(s->log);
+    s->conf = s->log = NULL;
+}
+
+static void sha_hex(const char *s, char out[65])
+{
+    unsigned char md[32];
+    unsigned int n = 0;
+    EVP_Digest(s, strlen(s), md, &n, EVP_sha256(), NULL);
+    for (int i = 0; i < 32; i++)
+        snprintf(out + 2 * i, 3, "%02x", md[i]);
+}
+
+/* With authentication on, a statement handle belongs to its principal. */
+static void handles_belong_to_their_principal(void)
+{
+    char ha[65], hb[65], extra[512];
+    sha_hex("alice-secret-token-1", ha);
+    sha_hex("bob-secret-token-2", hb);
+    snprintf(extra, sizeof extra, "[auth]\nmode = token\ntoken_table = false\n"
+                                  "tokens = alice:reader:%s, bob:reader:%s\n", ha, hb);
+    srv_h_t A = {0};
+    if (!start_server(&A, extra, "auth-server")) {
+        CHECK_MSG(false, "auth server did not start; see %s", A.log);
+        stop_server(&A);
+        return;
+    }
+    const char *as_alice[] = {"Authorization: Bearer alice-secret-token-1", "Prefer: wait=0", NULL};
+    const char *as_bob[] = {"Authorization: Bearer bob-secret-token-2", NULL};
+    resp_t a = http(&A, "GET", "/api/v1/datasets/slow?secs=1&tag=auth", as_alice, NULL, 0);
+    CHECK_INT_EQ(a.status, 202);
+    char loc[128];
+    snprintf(loc, sizeof loc, "%s", hdr(&a, "Location") ? hdr(&a, "Location") : "");
+    resp_free(&a);
+    resp_t b = http(&A, "GET", loc, as_bob, NULL, 0);
+    CHECK_PROBLEM(b, 404, NULL);
+    resp_free(&b);
+    b = http(&A, "DELETE", loc, as_bob, NULL, 0);
+    CHECK_PROBLEM(b, 404, NULL);
+    resp_free(&b);
+    b = http(&A, "GET", loc, NULL, NULL, 0);
+    CHECK_INT_EQ(b.status, 401);
+    resp_free(&b);
+    const char *alice_waits[] = {"Authorization: Bearer alice-secret-token-1", "Prefer: wait=5", NULL};
+    a = http(&A, "GET", loc, alice_waits, NULL, 0);
+    CHECK_INT_EQ(a.status, 200);
+    CHECK_STR_EQ(json_string_value(json_object_get(json_array_get(a.json, 0), "tag")), "auth");
+    resp_free(&a);
+    /* the same read by bob shares the result (not @obo), under his own handle */
+    b = http(&A, "GET", "/api/v1/datasets/slow?secs=1&tag=auth", as_bob, NULL, 0);
+    CHECK_INT_EQ(b.status, 200);
+    CHECK_STR_EQ(hdr(&b, "X-Tidepool-Source"), "cache");
+    resp_free(&b);
+    stop_server(&A);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -598,6 +674,7 @@ int main(void)
         TP_RUN(obo_isolation);
         TP_RUN(failures);
         TP_RUN(postgres_unaffected_while_warehouse_slow);
+        TP_RUN(handles_belong_to_their_principal);
     }
     harness_finish(&S);
     if (EMU > 0)
