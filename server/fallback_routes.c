@@ -16,6 +16,7 @@
  * polls another's statement. */
 #include "server.h"
 
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -541,4 +542,46 @@ void h_statement(rq_t *r, const char *id)
         st = tp_fb_poll(fw->lp, id, obo, budget, on_wait, q, &o, &w);
     }
     wait_or_reply(r, st, &o, w);
+}
+
+void fb_metrics(tp_buf_t *b)
+{
+    if (!g_fb)
+        return;
+    tp_fb_stats_t st;
+    tp_fb_stats(g_fb, &st);
+    static const struct {
+        const char *name, *type, *help;
+        size_t off;
+        bool gauge_i64;
+    } m[] = {
+        {"tidepool_fallback_statements_total", "counter", "warehouse statements started",
+         offsetof(tp_fb_stats_t, submitted), false},
+        {"tidepool_fallback_joined_total", "counter", "reads that shared a running statement",
+         offsetof(tp_fb_stats_t, joined), false},
+        {"tidepool_fallback_cache_hits_total", "counter", "reads answered by the result cache",
+         offsetof(tp_fb_stats_t, cache_hits), false},
+        {"tidepool_fallback_busy_total", "counter", "reads refused by warehouse.max_in_flight",
+         offsetof(tp_fb_stats_t, busy), false},
+        {"tidepool_fallback_cancelled_total", "counter",
+         "statements cancelled (abandoned, client gone, deleted)",
+         offsetof(tp_fb_stats_t, cancelled), false},
+        {"tidepool_fallback_succeeded_total", "counter", "statements that succeeded",
+         offsetof(tp_fb_stats_t, succeeded), false},
+        {"tidepool_fallback_failed_total", "counter", "statements that failed",
+         offsetof(tp_fb_stats_t, failed), false},
+        {"tidepool_fallback_in_flight", "gauge", "statements running at the warehouse",
+         offsetof(tp_fb_stats_t, in_flight), true},
+        {"tidepool_fallback_cache_bytes", "gauge", "bytes held by the result cache",
+         offsetof(tp_fb_stats_t, cache_bytes), true},
+        {"tidepool_fallback_handles", "gauge", "statement handles held",
+         offsetof(tp_fb_stats_t, handles), true},
+    };
+    for (size_t i = 0; i < sizeof m / sizeof m[0]; i++) {
+        const char *p = (const char *)&st + m[i].off;
+        long long v = m[i].gauge_i64 ? (long long)*(const int64_t *)p
+                                     : (long long)*(const uint64_t *)p;
+        tp_buf_printf(b, "# HELP %s %s.\n# TYPE %s %s\n%s %lld\n", m[i].name, m[i].help,
+                      m[i].name, m[i].type, m[i].name, v);
+    }
 }

@@ -331,6 +331,7 @@ void h_metrics(rq_t *r)
         tp_buf_printf(&b, "tidepool_job_generation{job=\"%s\"} %lld\n", name,
                       (long long)js->generation);
     }
+    fb_metrics(&b);
     rq_header(r, "Cache-Control", "no-store");
     rq_reply(r, 200, "text/plain; version=0.0.4; charset=utf-8", b.data, b.len);
     tp_buf_free(&b);

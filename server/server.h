@@ -279,6 +279,8 @@ bool fb_dataset(rq_t *r, const tp_defs_value_t *values, const char *const *raw);
 bool fb_statement_path(const char *path, const char **id);
 /* GET (poll, Prefer: wait) and DELETE (cancel) /api/v1/statements/{id}. */
 void h_statement(rq_t *r, const char *id);
+/* Appends the fallback's Prometheus metrics (tidepool_fallback_*) to b. */
+void fb_metrics(tp_buf_t *b);
 
 /* ---- tables.c ---- */
 /* Reflects @expose tables with a blocking connection (status thread only).

@@ -352,10 +352,18 @@ static void single_flight(void)
     for (int i = 0; i < 5; i++)
         paths[i] = "/api/v1/datasets/slow?secs=1&tag=sf";
     long st[5];
-    parallel(paths, 5, NULL, st, 10000);
+    const char *h[] = {"Prefer: wait=6", NULL};
+    parallel(paths, 5, h, st, 10000);
     for (int i = 0; i < 5; i++)
         CHECK_INT_EQ(st[i], 200);
     CHECK_INT_EQ(executions() - ex0, 1);
+    resp_t m = get(&S, "/metrics");
+    static const char joined[] = "\ntidepool_fallback_joined_total ";
+    const char *j = strstr(m.body, joined);
+    long nj = j ? strtol(j + sizeof joined - 1, NULL, 10) : -1;
+    CHECK_MSG(nj >= 4, "tidepool_fallback_joined_total %ld", nj);
+    CHECK_CONTAINS(m.body, "\ntidepool_fallback_in_flight ");
+    resp_free(&m);
 }
 
 static void disconnect_cancels(void)
