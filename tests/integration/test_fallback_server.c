@@ -92,7 +92,7 @@ static bool start_server(srv_h_t *s, const char *extra, const char *name)
              "[postgres]\ndsn = %s\npool_size = 4\n"
              "[server]\nlisten = 127.0.0.1:%d\nthreads = 2\ndefinitions = %s\ntimeout = 30s\n"
              "[warehouse]\nhost = http://127.0.0.1:%d\nwarehouse_id = tidepool-local\ntoken = %s\n"
-             "max_in_flight = 3\nwait = 2s\nmax_wait = 6s\nabandon_after = 3s\n"
+             "max_in_flight = 3\nwait = 5s\nmax_wait = 8s\nabandon_after = 3s\n"
              "max_result_bytes = 256k\n%s",
              DSN, s->port, S.qdir, EMU_PORT, SVC, extra);
     char file[128];
@@ -271,12 +271,19 @@ static void budget_202_poll_delete(void)
     p = get_h(loc, "Prefer: wait=5", NULL);
     CHECK_INT_EQ(p.status, 200);
     resp_free(&p);
-    /* the default budget (warehouse.wait = 2s) runs out: 202 after about 2 s */
+    /* the default budget (warehouse.wait = 5s) runs out: 202 after about 5 s */
     t0 = tp_now_ms();
-    a = get(&S, "/api/v1/datasets/slow?secs=3&tag=p2");
+    a = get(&S, "/api/v1/datasets/slow?secs=7&tag=p2");
     int64_t took = tp_now_ms() - t0;
     CHECK_INT_EQ(a.status, 202);
-    CHECK_MSG(took >= 1900 && took < 2900, "202 after %lld ms", (long long)took);
+    CHECK_MSG(took >= 4900 && took < 6500, "202 after %lld ms", (long long)took);
+    resp_free(&a);
+    /* a budget above warehouse.max_wait (8s) is capped */
+    t0 = tp_now_ms();
+    a = get_h("/api/v1/datasets/slow?secs=10&tag=p3", "Prefer: wait=600", NULL);
+    took = tp_now_ms() - t0;
+    CHECK_INT_EQ(a.status, 202);
+    CHECK_MSG(took >= 7900 && took < 9500, "202 after %lld ms", (long long)took);
     resp_free(&a);
     /* unknown and malformed ids */
     p = get(&S, "/api/v1/statements/0123456789abcdef0123456789abcdef");
