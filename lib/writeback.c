@@ -410,7 +410,7 @@ static void put_head(tp_buf_t *b)
                 "WHERE $3::text IS NOT NULL AND k.actor = $1::text AND k.key = $3::text "
                 "AND k.expires_at > now()),\n"
                 "gone AS (DELETE FROM tidepool.idempotency_keys k WHERE $3::text IS NOT NULL "
-                "AND k.actor = $1::text AND k.key = $3::text AND k.expires_at <= now()),\n");
+                "AND k.actor = $1::text AND k.key = $3::text AND k.expires_at <= now() RETURNING 1),\n");
 }
 
 /* src: the items with their ordinal; for UPDATE/DELETE also the typed key columns
@@ -516,7 +516,11 @@ static void put_trail(tp_buf_t *b, const tp_wb_table_t *t, const char *action)
     tp_buf_puts(b, ",\n");
 }
 
-/* k stores a 2xx response under the key; the final SELECT returns res or the replay. */
+/* k stores a 2xx response under the key; the final SELECT returns res or the replay.
+ * k reads gone so that the expired key is deleted before k inserts it anew (an
+ * unreferenced data-modifying CTE would only run after the main query). A concurrent
+ * request with the same new key makes k fail with 23505 on idempotency_keys_pkey,
+ * rolling back its write; tp_wb_finish then asks for a resend, which replays. */
 static void put_tail(tp_buf_t *b)
 {
     tp_buf_puts(
@@ -525,7 +529,8 @@ static void put_tail(tp_buf_t *b)
         "status, response, response_headers, expires_at) SELECT $1::text, $3::text, $6::text, "
         "$7::text, $4::text, res.status, res.body, CASE WHEN res.etag IS NULL THEN '{}'::jsonb "
         "ELSE jsonb_build_object('ETag', res.etag) END, now() + make_interval(secs => "
-        "$5::integer) FROM res WHERE $3::text IS NOT NULL AND res.status < 300)\n"
+        "$5::integer) FROM res WHERE $3::text IS NOT NULL AND res.status < 300 "
+        "AND (SELECT count(*) FROM gone) >= 0)\n"
         "SELECT status, body, etag, false AS replayed FROM res UNION ALL "
         "SELECT CASE WHEN p.same THEN p.status ELSE 409 END, CASE WHEN p.same THEN p.response "
         "ELSE ");

@@ -579,7 +579,7 @@ static json_t *parse_body(const tp_wb_request_t *req, tp_wb_answer_t *ans)
         return NULL;
     }
     json_error_t jerr;
-    json_t *j = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES, &jerr);
+    json_t *j = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
     if (!j) {
         char d[300];
         snprintf(d, sizeof d, "the body is not valid JSON: %s at line %d column %d", jerr.text,
