@@ -1004,9 +1004,10 @@ static void test_error_mapping(void)
     /* a lost connection: 503 with Retry-After and what to do */
     const tp_wb_table_t *t = T("app.user_notes");
     tp_wb_request_t r = {.op = TP_WB_INSERT, .method = "POST", .path = "/p", .body = "{\"user_id\":1,\"note\":\"n\"}",
-                         .body_len = 25, .idem_key = "k-lost", .actor = "alice", .key_ttl_s = 60};
+                         .body_len = 24, .idem_key = "k-lost", .actor = "alice", .key_ttl_s = 60};
     tp_wb_call_t *call;
-    if (t && tp_wb_prepare(t, &r, &call, &a)) {
+    CHECK(t && tp_wb_prepare(t, &r, &call, &a));
+    if (call) {
         CHECK_INT_EQ(tp_wb_finish(call, NULL, "server closed the connection", &a), TP_WB_ANSWER);
         CHECK_INT_EQ(a.status, 503);
         CHECK_INT_EQ(a.retry_after_s, 1);
@@ -1016,7 +1017,8 @@ static void test_error_mapping(void)
     }
     /* serialization failures are resent (the statement wrote nothing), then 503 */
     PGresult *ser = PQexec(main_conn, "DO $$BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '40001'; END$$");
-    if (t && tp_wb_prepare(t, &r, &call, &a)) {
+    CHECK(t && tp_wb_prepare(t, &r, &call, &a));
+    if (call) {
         CHECK_INT_EQ(tp_wb_finish(call, ser, NULL, &a), TP_WB_RESEND);
         CHECK_INT_EQ(tp_wb_finish(call, ser, NULL, &a), TP_WB_RESEND);
         CHECK_INT_EQ(tp_wb_finish(call, ser, NULL, &a), TP_WB_ANSWER);
@@ -1059,18 +1061,114 @@ static void test_owner_scoping(void)
     free(id);
 }
 
-/* Round-trip time of one insert with idempotency key, audit row (sequential, one
- * connection): printed for the report, not a pass/fail criterion. */
+/* A connection killed while its write waits on a lock: nothing is written, the
+ * answer is 503, and a retry with the same Idempotency-Key writes once. */
+static void test_connection_lost(void)
+{
+    PGconn *holder = conn_new(), *victim = conn_new();
+    if (!holder || !victim)
+        goto out;
+    char *id = new_note("alice", "locked");
+    char sql[200];
+    exec_ok(holder, "BEGIN");
+    snprintf(sql, sizeof sql, "SELECT 1 FROM app.user_notes WHERE id = %s FOR UPDATE", id);
+    exec_ok(holder, sql);
+    const tp_wb_table_t *t = T("app.user_notes");
+    char path[64];
+    snprintf(path, sizeof path, "/api/v1/tables/app.user_notes/%s", id);
+    tp_wb_request_t r = {.op = TP_WB_UPDATE, .method = "PATCH", .path = path, .pk = id,
+                         .body = "{\"note\":\"after\"}", .body_len = 16, .idem_key = "k-kill",
+                         .actor = "alice", .key_ttl_s = 60};
+    tp_wb_call_t *call;
+    tp_wb_answer_t a;
+    if (!t || !tp_wb_prepare(t, &r, &call, &a)) {
+        CHECK_MSG(false, "prepare: %s", a.body ? a.body : "");
+        tp_wb_answer_free(&a);
+        goto out_id;
+    }
+    CHECK(PQsendQueryParams(victim, call->sql, call->nparams, NULL, call->params, NULL, NULL, 0));
+    /* wait until it is blocked on the lock, then kill its backend */
+    char *pid = tp_xasprintf("%d", PQbackendPID(victim));
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+             pid);
+    int64_t deadline = tp_now_ms() + 10000;
+    while (count(sql) != 1 && tp_now_ms() < deadline)
+        ;
+    snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%s)::text", pid);
+    char *killed = tp_test_sql(dsn, sql);
+    CHECK_STR_EQ(killed, "true");
+    free(killed);
+    free(pid);
+    PGresult *res = PQgetResult(victim);
+    tp_wb_next_t next = tp_wb_finish(call, res, PQstatus(victim) == CONNECTION_OK ? NULL : "lost", &a);
+    PQclear(res);
+    while ((res = PQgetResult(victim)) != NULL)
+        PQclear(res);
+    CHECK_INT_EQ(next, TP_WB_ANSWER);
+    CHECK_INT_EQ(a.status, 503);
+    CHECK(a.retry_after_s > 0);
+    CHECK_CONTAINS(a.body, "retry with the same Idempotency-Key");
+    tp_wb_answer_free(&a);
+    exec_ok(holder, "COMMIT");
+    snprintf(sql, sizeof sql,
+             "SELECT note || version || (SELECT count(*) FROM tidepool.audit_log WHERE pk->>'id' = "
+             "'%s' AND action = 'update') FROM app.user_notes WHERE id = %s",
+             id, id);
+    char *v = tp_test_sql(dsn, sql);
+    CHECK_STR_EQ(v, "locked10"); /* nothing written, no audit row */
+    free(v);
+    /* the retry (a new connection, the same call) writes once */
+    tp_wb_call_free(call);
+    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_UPDATE, .pk = id, .body = "{\"note\":\"after\"}",
+                              .key = "k-kill"},
+                     &a),
+                 200);
+    CHECK(!a.replayed);
+    tp_wb_answer_free(&a);
+    v = tp_test_sql(dsn, sql);
+    CHECK_STR_EQ(v, "after21");
+    free(v);
+out_id:
+    free(id);
+out:
+    PQfinish(holder);
+    PQfinish(victim);
+}
+
+/* Round-trip time of one insert with idempotency key and audit row, the statement
+ * prepared as the server's pool does: a sequential loop on one connection, then
+ * pgbench running the very same statement. Printed for the report; the loop must
+ * write exactly one row per request. */
 static void test_latency(void)
 {
     enum { N = 2000 };
+    const tp_wb_table_t *t = T("app.user_notes");
+    if (!t)
+        return;
+    PGresult *p = PQprepare(main_conn, "wb_ins", t->sql[TP_WB_INSERT], 9, NULL);
+    CHECK_INT_EQ(PQresultStatus(p), PGRES_COMMAND_OK);
+    PQclear(p);
     int64_t t0 = tp_now_us();
     for (int i = 0; i < N; i++) {
-        char key[32], body[64];
+        char key[32], body[64], path[] = "/api/v1/tables/app.user_notes";
         snprintf(key, sizeof key, "lat-%d", i);
         snprintf(body, sizeof body, "{\"user_id\":%d,\"note\":\"lat\"}", i % 100 + 1);
+        tp_wb_request_t r = {.op = TP_WB_INSERT, .method = "POST", .path = path, .body = body,
+                             .body_len = strlen(body), .idem_key = key, .actor = "alice",
+                             .request_id = "lat", .key_ttl_s = 3600};
+        tp_wb_call_t *call;
         tp_wb_answer_t a;
-        int st = run(&(req_t){"app.user_notes", TP_WB_INSERT, .body = body, .key = key}, &a);
+        if (!tp_wb_prepare(t, &r, &call, &a)) {
+            CHECK_INT_EQ(a.status, 201);
+            tp_wb_answer_free(&a);
+            return;
+        }
+        PGresult *res = PQexecPrepared(main_conn, "wb_ins", 9, call->params, NULL, NULL, 0);
+        tp_wb_finish(call, res, NULL, &a);
+        PQclear(res);
+        tp_wb_call_free(call);
+        int st = a.status;
         tp_wb_answer_free(&a);
         if (st != 201) {
             CHECK_INT_EQ(st, 201);
@@ -1078,10 +1176,49 @@ static void test_latency(void)
         }
     }
     int64_t us = tp_now_us() - t0;
-    printf("# write-back insert+audit+idempotency key, 1 connection, unprepared: %d in %.2f s, "
-           "%.0f us each, %.0f/s\n",
+    printf("# write-back insert + audit row + idempotency key, prepared, 1 connection, "
+           "sequential: %d in %.2f s = %.0f us each (%.0f/s)\n",
            N, us / 1e6, (double)us / N, N * 1e6 / (double)us);
     CHECK_INT_EQ(count("SELECT count(*) FROM app.user_notes WHERE note = 'lat'"), N);
+    CHECK_INT_EQ(count("SELECT count(*) FROM tidepool.audit_log WHERE request_id = 'lat'"), N);
+
+    /* pgbench, the same statement with literal parameters and a random key */
+    char *out = NULL;
+    if (tp_test_cmd("command -v pgbench", &out) != 0) {
+        free(out);
+        return;
+    }
+    free(out);
+    tp_buf_t sc = {0};
+    tp_buf_puts(&sc, "\\set k random(1, 1000000000000)\n");
+    static const char *vals[] = {"'bench'",  "'req'",  "('k' || :k)",
+                                 "'0000000000000000000000000000000000000000000000000000000000000000'",
+                                 "3600",     "'POST'", "'/api/v1/tables/app.user_notes'",
+                                 "'[{\"user_id\":1,\"note\":\"bench\"}]'", "true"};
+    for (const char *q = t->sql[TP_WB_INSERT]; *q; q++) {
+        if (*q == '$' && q[1] >= '1' && q[1] <= '9') {
+            tp_buf_puts(&sc, vals[q[1] - '1']);
+            q++;
+        } else {
+            tp_buf_putc(&sc, *q);
+        }
+    }
+    tp_buf_puts(&sc, ";\n");
+    char *script = tp_test_write_tmp("wb.pgbench", sc.data);
+    tp_buf_free(&sc);
+    for (int clients = 1; clients <= 4; clients *= 4) {
+        char *cmd = tp_xasprintf("pgbench -n -M prepared -T 4 -c %d -j %d -f %s '%s' 2>&1 | "
+                                 "grep -E '^(tps|latency average)'",
+                                 clients, clients > 1 ? 2 : 1, script, dsn);
+        int rc = tp_test_cmd(cmd, &out);
+        CHECK_INT_EQ(rc, 0);
+        for (char *line = strtok(out ? out : (char[]){""}, "\n"); line; line = strtok(NULL, "\n"))
+            printf("# pgbench, same statement, -c %d: %s\n", clients, line);
+        free(out);
+        free(cmd);
+    }
+    free(script);
+    CHECK(count("SELECT count(*) FROM tidepool.audit_log WHERE actor = 'bench'") > 0);
 }
 
 int main(void)
@@ -1107,6 +1244,7 @@ int main(void)
     TP_RUN(test_outbox_trail);
     TP_RUN(test_error_mapping);
     TP_RUN(test_owner_scoping);
+    TP_RUN(test_connection_lost);
     TP_RUN(test_latency);
     PQfinish(main_conn);
     tp_wb_schema_unref(schema);
