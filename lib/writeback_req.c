@@ -580,7 +580,11 @@ static json_t *parse_body(const tp_wb_request_t *req, tp_wb_answer_t *ans)
     }
     json_error_t jerr;
     json_t *j = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
-    if (!j) {
+    if (!j && (strstr(jerr.text, "too big integer") || strstr(jerr.text, "real number overflow"))) {
+        /* valid JSON whose number no column type can hold */
+        problem1(ans, 422, "invalid-value", "a number in the body is out of range", "body",
+                 jerr.text);
+    } else if (!j) {
         char d[300];
         snprintf(d, sizeof d, "the body is not valid JSON: %s at line %d column %d", jerr.text,
                  jerr.line, jerr.column);

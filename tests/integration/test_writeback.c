@@ -376,6 +376,8 @@ static void test_validation(void)
                    "user_id", "must be an integer between -2147483648");
     expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"user_id\":2147483648,\"note\":\"x\"}"},
                    422, "user_id", "must be an integer between");
+    expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"user_id\":99999999999999999999,\"note\":\"x\"}"},
+                   422, "body", "too big integer");
     expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"user_id\":1.5,\"note\":\"x\"}"}, 422,
                    "user_id", "must be an integer");
     expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"user_id\":1,\"note\":7}"}, 422, "note",
