@@ -182,6 +182,55 @@ void tp_wb_call_free(tp_wb_call_t *call);
  * (daemon or server) until PQcmdTuples says fewer than $1 rows went. */
 extern const char TP_WB_PURGE_SQL[];
 
+/* ---- outbox shipper (tidepool-sync) ----
+ * The daemon ships tidepool.writeback_outbox to the warehouse: tp_wb_ship_next reads
+ * the next batch and builds one MERGE INTO statement for it; the daemon runs that on
+ * the warehouse (tp_wh_submit: name/value/type map one to one onto tp_wh_param_t);
+ * tp_wb_ship_done records the outcome. Order per key: a batch holds at most the
+ * earliest unshipped change of each key, so a key's next change ships only after
+ * the previous one is marked shipped. Idempotent: the MERGE applies full row images
+ * (insert-or-update, delete-if-present), so shipping a change again after a crash
+ * between the MERGE and tp_wb_ship_done leaves the warehouse table the same.
+ * Only one shipper may run at a time: hold the advisory lock TP_WB_SHIP_LOCK
+ * (pg_try_advisory_lock) on the connection used here. Both calls block: run them
+ * on the daemon's own thread or connection, never on an event loop. */
+#define TP_WB_SHIP_LOCK 0x7470776275LL /* pg_try_advisory_lock key */
+
+typedef struct tp_wb_param {
+    char *name;  /* without the ':' */
+    char *value; /* NULL = SQL NULL */
+    char *type;  /* Databricks type: INT, BIGINT, DECIMAL(30,10), STRING, TIMESTAMP, ... */
+} tp_wb_param_t;
+
+#define TP_WB_BATCH_MAGIC 0x57424241u /* "WBBA" */
+
+typedef struct tp_wb_batch {
+    uint32_t magic;
+    char *table;           /* local table (schema.table) */
+    char *warehouse_table; /* catalog.schema.table */
+    char *sql;             /* MERGE INTO ... with :named parameters */
+    tp_wb_param_t *params;
+    size_t nparams;
+    int64_t *ids; /* outbox ids this statement ships, ascending */
+    size_t nids;
+} tp_wb_batch_t;
+
+/* Reads up to max_rows of the oldest unshipped outbox rows of one table and builds
+ * the batch from the earliest due change of each key. Returns 1 with *out (owned),
+ * 0 when nothing is due, -1 with err (e.g. the table is no longer @writable in s). */
+int tp_wb_ship_next(PGconn *conn, const tp_wb_schema_t *s, int max_rows, tp_wb_batch_t **out,
+                    char *err, size_t errlen) TP_WUR;
+/* Records the outcome in one statement: ok marks the batch shipped (with the
+ * warehouse statement id, may be NULL); !ok counts an attempt, keeps error (never a
+ * secret: pass the warehouse's message) and schedules the retry with exponential
+ * backoff and jitter (1 s doubling up to 5 min). */
+bool tp_wb_ship_done(PGconn *conn, const tp_wb_batch_t *b, bool ok, const char *statement_id,
+                     const char *error, char *err, size_t errlen) TP_WUR;
+void tp_wb_batch_free(tp_wb_batch_t *b);
+/* Count of unshipped outbox rows (the backlog for /api/v1/sync and /metrics): run
+ * it with no parameters; one row, one column. */
+extern const char TP_WB_BACKLOG_SQL[];
+
 /* ---- pieces exposed for tests ---- */
 
 /* Checks a value in text form for a column kind (URL primary keys, bulk keys);

@@ -1138,6 +1138,162 @@ out:
     PQfinish(victim);
 }
 
+/* ---- outbox shipper ---- */
+
+/* What the emulator's dialect bridge does to the MERGE: drops the catalog, turns
+ * backticks into double quotes and :name into ($n::pgtype). Returns Postgres SQL. */
+static char *bridge(const tp_wb_batch_t *b)
+{
+    tp_buf_t q = {0};
+    for (const char *p = b->sql; *p;) {
+        if (strncmp(p, "`demo`.", 7) == 0) {
+            p += 7;
+        } else if (*p == '`') {
+            tp_buf_putc(&q, '"');
+            p++;
+        } else if (*p == ':' && p[1] != ':' && (p == b->sql || p[-1] != ':')) {
+            size_t n = strspn(p + 1, "abcdefghijklmnopqrstuvwxyz0123456789_");
+            size_t k = 0;
+            while (k < b->nparams && (strlen(b->params[k].name) != n ||
+                                      strncmp(b->params[k].name, p + 1, n) != 0))
+                k++;
+            CHECK_MSG(k < b->nparams, "unknown parameter %.*s", (int)n, p + 1);
+            const char *ty = k < b->nparams ? b->params[k].type : "STRING";
+            static const char *map[][2] = {{"SMALLINT", "int2"}, {"INT", "int4"},
+                                           {"BIGINT", "int8"},   {"DOUBLE", "float8"},
+                                           {"FLOAT", "float4"},  {"BOOLEAN", "boolean"},
+                                           {"DATE", "date"},     {"TIMESTAMP", "timestamptz"},
+                                           {"TIMESTAMP_NTZ", "timestamp"}, {"STRING", "text"}};
+            const char *pg = strncmp(ty, "DECIMAL", 7) == 0 ? "numeric" : NULL;
+            for (size_t m = 0; !pg && m < TP_ARRAY_LEN(map); m++)
+                if (strcmp(map[m][0], ty) == 0)
+                    pg = map[m][1];
+            CHECK_MSG(pg != NULL, "type %s", ty);
+            tp_buf_printf(&q, "($%zu::%s)", k + 1, pg ? pg : "text");
+            p += 1 + n;
+        } else {
+            tp_buf_putc(&q, *p++);
+        }
+    }
+    return tp_buf_steal(&q);
+}
+
+static bool merge_on_lakehouse(const tp_wb_batch_t *b)
+{
+    char *sql = bridge(b);
+    const char **vals = tp_xcalloc(b->nparams + 1, sizeof *vals);
+    for (size_t i = 0; i < b->nparams; i++)
+        vals[i] = b->params[i].value;
+    PGresult *r = PQexecParams(main_conn, sql, (int)b->nparams, NULL, vals, NULL, NULL, 0);
+    bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    CHECK_MSG(ok, "MERGE: %s\n%s", PQresultErrorMessage(r), sql);
+    PQclear(r);
+    free(vals);
+    free(sql);
+    return ok;
+}
+
+/* Ships everything due; each MERGE runs twice (a crash before the bookkeeping makes
+ * the daemon ship the same batch again), and every other batch is first left
+ * unmarked and fetched anew. Returns the number of batches. */
+static int ship_all(void)
+{
+    int batches = 0;
+    for (int round = 0; round < 100; round++) {
+        tp_wb_batch_t *b;
+        char err[512] = "";
+        int rc = tp_wb_ship_next(main_conn, schema, 50, &b, err, sizeof err);
+        CHECK_MSG(rc >= 0, "%s", err);
+        if (rc <= 0)
+            return batches;
+        CHECK_STR_EQ(b->warehouse_table, "demo.iot.device_assignments");
+        if (!merge_on_lakehouse(b) || !merge_on_lakehouse(b)) {
+            tp_wb_batch_free(b);
+            return batches;
+        }
+        if (round % 2 == 0) { /* "crashed" before marking: the next call returns it again */
+            tp_wb_batch_t *again;
+            CHECK_INT_EQ(tp_wb_ship_next(main_conn, schema, 50, &again, err, sizeof err), 1);
+            CHECK_INT_EQ(again->nids, b->nids);
+            CHECK(again->ids[0] == b->ids[0]);
+            CHECK(merge_on_lakehouse(again));
+            tp_wb_batch_free(b);
+            b = again;
+        }
+        CHECK_MSG(tp_wb_ship_done(main_conn, b, true, "stmt-1", NULL, err, sizeof err), "%s", err);
+        tp_wb_batch_free(b);
+        batches++;
+    }
+    return batches;
+}
+
+static void check_lakehouse_matches(void)
+{
+    CHECK_INT_EQ(count("SELECT count(*) FROM ((SELECT * FROM app.device_assignments EXCEPT "
+                       "SELECT * FROM iot.device_assignments) UNION ALL (SELECT * FROM "
+                       "iot.device_assignments EXCEPT SELECT * FROM app.device_assignments)) d"),
+                 0);
+    CHECK_INT_EQ(count(TP_WB_BACKLOG_SQL), 0);
+}
+
+static void test_outbox_ship(void)
+{
+    exec_ok(main_conn, "CREATE SCHEMA iot; CREATE TABLE iot.device_assignments (LIKE "
+                       "app.device_assignments)");
+    /* what earlier tests left: device 5 inserted, updated, deleted; device 77 inserted */
+    CHECK(count(TP_WB_BACKLOG_SQL) >= 4);
+    CHECK(ship_all() >= 3); /* device 5's three changes need three batches, in order */
+    check_lakehouse_matches();
+    CHECK_INT_EQ(count("SELECT count(*) FROM iot.device_assignments WHERE device_id = 77"), 1);
+    CHECK_INT_EQ(count("SELECT count(*) FROM tidepool.writeback_outbox WHERE shipped_at IS NULL "
+                       "OR statement_id <> 'stmt-1' OR attempts < 1"),
+                 0);
+
+    /* many keys, several changes each, a bulk PATCH among them */
+    tp_wb_answer_t a;
+    const char *t = "app.device_assignments";
+    for (int d = 100; d < 110; d++) {
+        char body[96];
+        snprintf(body, sizeof body, "{\"device_id\":%d,\"user_id\":%d,\"note\":\"n%d\"}", d, d % 3 + 1, d);
+        CHECK_INT_EQ(run(&(req_t){t, TP_WB_INSERT, .body = body}, &a), 201);
+        tp_wb_answer_free(&a);
+    }
+    CHECK_INT_EQ(run(&(req_t){t, TP_WB_UPDATE, .body = "[{\"device_id\":100,\"if_match\":1,\"changes\":"
+                                                       "{\"note\":\"b\"}},{\"device_id\":101,\"if_match\":1,"
+                                                       "\"changes\":{\"note\":null}}]"},
+                     &a),
+                 200);
+    tp_wb_answer_free(&a);
+    CHECK_INT_EQ(run(&(req_t){t, TP_WB_UPDATE, .pk = "100", .if_match = "\"2\"", .body = "{\"user_id\":9}"}, &a),
+                 200);
+    tp_wb_answer_free(&a);
+    CHECK_INT_EQ(run(&(req_t){t, TP_WB_DELETE, .pk = "102", .if_match = "\"1\""}, &a), 200);
+    tp_wb_answer_free(&a);
+    CHECK_INT_EQ(run(&(req_t){t, TP_WB_INSERT, .body = "{\"device_id\":102,\"user_id\":4}"}, &a), 201);
+    tp_wb_answer_free(&a);
+    CHECK_INT_EQ(ship_all(), 3);
+    check_lakehouse_matches();
+
+    /* a failed shipment backs off and is retried later, keeping the order */
+    CHECK_INT_EQ(run(&(req_t){t, TP_WB_UPDATE, .pk = "103", .if_match = "\"1\"", .body = "{\"note\":\"f\"}"}, &a),
+                 200);
+    tp_wb_answer_free(&a);
+    tp_wb_batch_t *b;
+    char err[512] = "";
+    CHECK_INT_EQ(tp_wb_ship_next(main_conn, schema, 50, &b, err, sizeof err), 1);
+    CHECK(tp_wb_ship_done(main_conn, b, false, "stmt-x", "HTTP 503 from the warehouse", err, sizeof err));
+    tp_wb_batch_free(b);
+    CHECK_INT_EQ(count("SELECT count(*) FROM tidepool.writeback_outbox WHERE shipped_at IS NULL AND "
+                       "attempts = 1 AND last_error = 'HTTP 503 from the warehouse' AND "
+                       "next_attempt_at > now()"),
+                 1);
+    CHECK_INT_EQ(tp_wb_ship_next(main_conn, schema, 50, &b, err, sizeof err), 0); /* backing off */
+    CHECK_INT_EQ(count(TP_WB_BACKLOG_SQL), 1);
+    exec_ok(main_conn, "UPDATE tidepool.writeback_outbox SET next_attempt_at = now() WHERE shipped_at IS NULL");
+    CHECK_INT_EQ(ship_all(), 1);
+    check_lakehouse_matches();
+}
+
 /* Round-trip time of one insert with idempotency key and audit row, the statement
  * prepared as the server's pool does: a sequential loop on one connection, then
  * pgbench running the very same statement. Printed for the report; the loop must
@@ -1247,6 +1403,7 @@ int main(void)
     TP_RUN(test_error_mapping);
     TP_RUN(test_owner_scoping);
     TP_RUN(test_connection_lost);
+    TP_RUN(test_outbox_ship);
     TP_RUN(test_latency);
     PQfinish(main_conn);
     tp_wb_schema_unref(schema);
