@@ -540,12 +540,24 @@ static void check_bulk_item(const tp_wb_table_t *t, json_t *it, int idx, tp_buf_
             s = json_string_value(kv);
         }
         const char *m = s ? tp_wb_check_text(c->kind, c->max_chars, s) : "must be a string or integer";
-        if (m)
+        if (m) {
             add_err(e, prefix, c->name, m);
-        else {
-            tp_buf_json_str(&canon, s);
-            tp_buf_putc(&canon, ',');
+            continue;
         }
+        /* canonical text, so that 7, "7" and "07" (or UUIDs in any case) are one row */
+        int64_t iv;
+        if ((c->kind == TP_WB_INT2 || c->kind == TP_WB_INT4 || c->kind == TP_WB_INT8) &&
+            tp_parse_int64(s, INT64_MIN, INT64_MAX, &iv)) {
+            snprintf(text, sizeof text, "%lld", (long long)iv);
+            s = text;
+        } else if (c->kind == TP_WB_UUID) {
+            snprintf(text, sizeof text, "%s", s);
+            for (char *q = text; *q; q++)
+                *q = (char)tolower((unsigned char)*q);
+            s = text;
+        }
+        tp_buf_json_str(&canon, s);
+        tp_buf_putc(&canon, ',');
     }
     json_t *ch = json_object_get(it, "changes");
     if (!json_is_object(ch))
@@ -561,12 +573,19 @@ static void check_bulk_item(const tp_wb_table_t *t, json_t *it, int idx, tp_buf_
     else if (!json_is_integer(im) || json_integer_value(im) < 1)
         add_err(e, prefix, "if_match", "must be the row's version (a positive integer)");
     if (canon.len) {
+        /* seen is "\n" entry "\n" entry "\n" ...: match whole entries only */
+        if (seen->len == 0)
+            tp_buf_putc(seen, '\n');
         tp_buf_putc(&canon, '\n');
-        if (seen->data && strstr(seen->data, canon.data)) {
+        tp_buf_t needle = {0};
+        tp_buf_putc(&needle, '\n');
+        tp_buf_puts(&needle, canon.data);
+        if (strstr(seen->data, needle.data)) {
             char f[32];
             snprintf(f, sizeof f, "[%d]", idx);
             add_err(e, "", f, "names the same row as an earlier item");
         }
+        tp_buf_free(&needle);
         tp_buf_puts(seen, canon.data);
     }
     tp_buf_free(&canon);

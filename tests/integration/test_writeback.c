@@ -467,8 +467,19 @@ static void test_validation(void)
                    422, "[0].if_match", "must be the row's version");
     expect_invalid(&(req_t){n, TP_WB_UPDATE,
                             .body = "[{\"id\":1,\"changes\":{\"note\":\"x\"}},"
-                                    "{\"id\":\"1\",\"changes\":{\"note\":\"y\"}}]"},
+                                    "{\"id\":\"01\",\"changes\":{\"note\":\"y\"}}]"},
                    422, "[1]", "names the same row as an earlier item");
+    /* composite keys: one value equal to a part of another item's key is no duplicate */
+    {
+        tp_wb_answer_t a;
+        CHECK_INT_EQ(run(&(req_t){ch, TP_WB_UPDATE,
+                                  .body = "[{\"a\":1,\"b\":\"1\",\"changes\":{\"flag\":true}},"
+                                          "{\"a\":11,\"b\":\"1\",\"changes\":{\"flag\":true}},"
+                                          "{\"a\":1,\"b\":\"11\",\"changes\":{\"flag\":true}}]"},
+                         &a),
+                     404); /* valid: no such rows */
+        tp_wb_answer_free(&a);
+    }
     expect_invalid(&(req_t){"app.device_assignments", TP_WB_UPDATE,
                             .body = "[{\"device_id\":1,\"changes\":{\"note\":\"x\"}}]"},
                    428, "if_match", "is required in every item");
