@@ -448,6 +448,9 @@ static void sha256_hex(const tp_wb_request_t *req, char out[65])
     EVP_DigestUpdate(ctx, "\n", 1);
     EVP_DigestUpdate(ctx, req->path, strlen(req->path));
     EVP_DigestUpdate(ctx, "\n", 1);
+    if (req->if_match) /* a retry repeats its If-Match; another version is another request */
+        EVP_DigestUpdate(ctx, req->if_match, strlen(req->if_match));
+    EVP_DigestUpdate(ctx, "\n", 1);
     if (req->body && req->body_len)
         EVP_DigestUpdate(ctx, req->body, req->body_len);
     EVP_DigestFinal_ex(ctx, md, &mdlen);

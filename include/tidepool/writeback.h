@@ -118,13 +118,14 @@ bool tp_wb_role_allowed(const tp_wb_table_t *t, const char *role, bool write);
 
 typedef struct tp_wb_request {
     tp_wb_op_t op;
-    const char *method;     /* "POST", "PATCH", "DELETE": part of the request hash */
-    const char *path;       /* the request path as received: part of the request hash */
+    const char *method;     /* "POST", "PATCH", "DELETE" */
+    const char *path;       /* the request path as received */
     const char *pk;         /* PATCH/DELETE: the raw (percent-encoded) URL segment; NULL = bulk PATCH */
     const char *body;       /* request body (may be NULL for DELETE) */
     size_t body_len;
     const char *if_match;   /* If-Match header or NULL */
-    const char *idem_key;   /* Idempotency-Key header or NULL */
+    const char *idem_key;   /* Idempotency-Key header or NULL; the request hash it guards is
+                               SHA-256 of method, path, If-Match and body */
     const char *actor;      /* authenticated principal, non-empty */
     const char *request_id; /* for audit_log; may be NULL */
     int64_t key_ttl_s;      /* how long an idempotency key is kept (>= 1) */

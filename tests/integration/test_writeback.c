@@ -794,6 +794,12 @@ static void test_idempotency(void)
     CHECK(b.replayed);
     CHECK_STR_EQ(b.etag, "\"2\"");
     CHECK_STR_EQ(b.body, a.body);
+    tp_wb_answer_free(&b);
+    /* the same key with another If-Match is another request */
+    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_UPDATE, .pk = id, .body = "{\"note\":\"q\"}",
+                              .if_match = "\"2\"", .key = "k-3"},
+                     &b),
+                 409);
     tp_wb_answer_free(&a);
     tp_wb_answer_free(&b);
     free(id);
