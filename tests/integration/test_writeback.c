@@ -112,7 +112,8 @@ typedef struct req {
     const char *pk, *body, *if_match, *key, *actor;
 } req_t;
 
-static int sends; /* statements sent by run(), to prove invalid input sends none */
+static int sends;   /* statements sent by run(), to prove invalid input sends none */
+static int resends; /* of which re-sent on tp_wb_finish's request (key races) */
 
 /* Prepares and runs one request on c (resending as tp_wb_finish asks); returns status. */
 static int run_on(PGconn *c, const req_t *q, tp_wb_answer_t *ans)
@@ -151,6 +152,7 @@ static int run_on(PGconn *c, const req_t *q, tp_wb_answer_t *ans)
         PQclear(res);
         if (next == TP_WB_ANSWER)
             break;
+        __atomic_add_fetch(&resends, 1, __ATOMIC_SEQ_CST);
     }
     tp_wb_call_free(call);
     return ans->status;
@@ -936,6 +938,91 @@ static void test_concurrent_patch(void)
     free(id);
 }
 
+/* Load with retries: threads on their own connections send inserts, each under its
+ * own key, and retry at random (at once, later, or from another thread while the
+ * first may still run). The end state has exactly one row and one audit entry per
+ * key, and every answer for a key is the same. */
+enum { LOAD_THREADS = 8, LOAD_KEYS = 1200 };
+static char *load_answers[LOAD_KEYS];
+static pthread_mutex_t load_mu = PTHREAD_MUTEX_INITIALIZER;
+static int load_bad;
+
+typedef struct loader {
+    int idx;
+    pthread_barrier_t *bar;
+} loader_t;
+
+static void load_one(PGconn *c, int k)
+{
+    char key[32], body[96];
+    snprintf(key, sizeof key, "load-%d", k);
+    snprintf(body, sizeof body, "{\"user_id\":%d,\"note\":\"load %d\"}", k % 50 + 1, k);
+    tp_wb_answer_t a;
+    int st = run_on(c, &(req_t){"app.user_notes", TP_WB_INSERT, .body = body, .key = key}, &a);
+    pthread_mutex_lock(&load_mu);
+    if (st != 201)
+        load_bad++;
+    else if (!load_answers[k])
+        load_answers[k] = tp_xstrdup(a.body);
+    else if (strcmp(load_answers[k], a.body) != 0)
+        load_bad++;
+    pthread_mutex_unlock(&load_mu);
+    tp_wb_answer_free(&a);
+}
+
+static void *load_main(void *arg)
+{
+    loader_t *l = arg;
+    PGconn *c = conn_new();
+    pthread_barrier_wait(l->bar);
+    if (!c)
+        return NULL;
+    uint64_t rng = 0x9e3779b97f4a7c15ULL * (uint64_t)(l->idx + 1);
+    for (int k = l->idx; k < LOAD_KEYS; k += LOAD_THREADS) {
+        load_one(c, k);
+        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+        if (rng % 4 == 0)
+            load_one(c, k); /* an immediate retry */
+        if (rng % 5 == 0 && k >= 2 * LOAD_THREADS)
+            load_one(c, k - (int)(rng % (2 * LOAD_THREADS))); /* a late retry of some key */
+        if (rng % 7 == 0)
+            load_one(c, (k + 1) % LOAD_KEYS); /* a retry racing the key's own thread */
+    }
+    PQfinish(c);
+    return NULL;
+}
+
+static void test_load_with_retries(void)
+{
+    pthread_barrier_t bar;
+    pthread_barrier_init(&bar, NULL, LOAD_THREADS);
+    pthread_t th[LOAD_THREADS];
+    loader_t ls[LOAD_THREADS];
+    int64_t t0 = tp_now_ms();
+    int sends0 = sends, resends0 = resends;
+    for (int i = 0; i < LOAD_THREADS; i++) {
+        ls[i] = (loader_t){i, &bar};
+        pthread_create(&th[i], NULL, load_main, &ls[i]);
+    }
+    for (int i = 0; i < LOAD_THREADS; i++)
+        pthread_join(th[i], NULL);
+    pthread_barrier_destroy(&bar);
+    printf("# load: %d keys from %d threads with random retries in %lld ms: %d statements, "
+           "%d re-sent after a key race\n",
+           LOAD_KEYS, LOAD_THREADS, (long long)(tp_now_ms() - t0), sends - sends0,
+           resends - resends0);
+    CHECK_INT_EQ(load_bad, 0);
+    CHECK_INT_EQ(count("SELECT count(*) FROM app.user_notes WHERE note LIKE 'load %'"), LOAD_KEYS);
+    CHECK_INT_EQ(count("SELECT count(DISTINCT note) FROM app.user_notes WHERE note LIKE 'load %'"),
+                 LOAD_KEYS);
+    CHECK_INT_EQ(count("SELECT count(*) FROM tidepool.audit_log WHERE after->>'note' LIKE 'load %'"),
+                 LOAD_KEYS);
+    CHECK_INT_EQ(count("SELECT count(*) FROM tidepool.idempotency_keys WHERE key LIKE 'load-%'"),
+                 LOAD_KEYS);
+    for (int k = 0; k < LOAD_KEYS; k++)
+        free(load_answers[k]);
+}
+
 /* ---- trail, errors, scoping ---- */
 
 static void test_outbox_trail(void)
@@ -1416,6 +1503,7 @@ int main(void)
     TP_RUN(test_idempotency);
     TP_RUN(test_idempotency_race);
     TP_RUN(test_concurrent_patch);
+    TP_RUN(test_load_with_retries);
     TP_RUN(test_outbox_trail);
     TP_RUN(test_error_mapping);
     TP_RUN(test_owner_scoping);
