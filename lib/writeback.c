@@ -319,6 +319,8 @@ const tp_wb_table_t *tp_wb_table_at(const tp_wb_schema_t *s, int i)
 
 bool tp_wb_role_allowed(const tp_wb_table_t *t, const char *role, bool write)
 {
+    if (!t || !role)
+        return false;
     char **v = write ? t->write_roles : t->read_roles;
     for (; v && *v; v++)
         if (strcmp(*v, role) == 0)

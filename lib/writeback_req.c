@@ -622,7 +622,7 @@ static tp_wb_call_t *new_call(const tp_wb_table_t *t, const tp_wb_request_t *req
     c->table = t;
     c->op = req->op;
     c->sql = t->sql[req->op];
-    c->nparams = 9;
+    c->nparams = TP_WB_NPARAMS;
     c->params = (const char *const *)c->values;
     c->values[0] = tp_xstrdup(req->actor);
     c->values[1] = req->request_id ? tp_xstrdup(req->request_id) : NULL;
@@ -643,7 +643,7 @@ void tp_wb_call_free(tp_wb_call_t *c)
         return;
     if (c->magic != TP_WB_CALL_MAGIC)
         abort();
-    for (int i = 0; i < 9; i++)
+    for (int i = 0; i < TP_WB_NPARAMS; i++)
         free(c->values[i]);
     c->magic = 0;
     free(c);

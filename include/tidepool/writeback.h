@@ -78,7 +78,7 @@ typedef struct tp_wb_table {
     char *mirror; /* warehouse table catalog.schema.table, or NULL */
     tp_wb_cons_t *cons;
     int ncons;
-    char *sql[TP_WB_NOPS]; /* the plans: 9 parameters each, see tp_wb_prepare */
+    char *sql[TP_WB_NOPS]; /* the plans: TP_WB_NPARAMS parameters each, see tp_wb_prepare */
 } tp_wb_table_t;
 
 typedef struct tp_wb_schema tp_wb_schema_t;
@@ -109,9 +109,12 @@ tp_wb_schema_t *tp_wb_schema_ref(tp_wb_schema_t *s);
 void tp_wb_schema_unref(tp_wb_schema_t *s);
 /* Table by "schema.table" or, when unambiguous, bare "table"; NULL if not writable. */
 const tp_wb_table_t *tp_wb_find(const tp_wb_schema_t *s, const char *name);
+/* Number of writable tables, and the i-th (0-based; NULL out of range), e.g. for
+ * the OpenAPI description. */
 int tp_wb_count(const tp_wb_schema_t *s);
 const tp_wb_table_t *tp_wb_table_at(const tp_wb_schema_t *s, int i);
-/* True if role is one of the table's write roles (or read roles when !write). */
+/* True if role is one of the table's write roles (or, when !write, a read role or a
+ * write role). NULL role: false. */
 bool tp_wb_role_allowed(const tp_wb_table_t *t, const char *role, bool write);
 
 /* ---- requests ---- */
@@ -143,6 +146,7 @@ typedef struct tp_wb_answer {
 void tp_wb_answer_free(tp_wb_answer_t *a);
 
 #define TP_WB_CALL_MAGIC 0x57424341u /* "WBCA" */
+#define TP_WB_NPARAMS 9 /* every plan takes the same nine parameters */
 
 /* One statement to send: sql with nparams text values (NULL = SQL NULL; types are
  * given by casts in the SQL, so pass types = NULL). Owned by the caller. */
@@ -152,7 +156,7 @@ typedef struct tp_wb_call {
     tp_wb_op_t op;
     const char *sql;            /* borrowed from the table */
     int nparams;
-    char *values[9];
+    char *values[TP_WB_NPARAMS];
     const char *const *params;  /* = values, typed for tp_pgpool_query */
     bool has_key;
     int attempts; /* sends so far; tp_wb_finish counts them */
