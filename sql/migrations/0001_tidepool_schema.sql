@@ -6,7 +6,7 @@ CREATE SCHEMA IF NOT EXISTS tidepool;
 
 -- One row per sync job: where it is (watermark, generation) and how it went last.
 CREATE TABLE tidepool.sync_state (
-    job                  text PRIMARY KEY CHECK (job ~ '^[A-Za-z0-9_.-]{1,128}$'),
+    job                  text PRIMARY KEY CHECK (job ~ '^[A-Za-z0-9_.-]+$' AND length(job) <= 1024),  -- no ':' (NOTIFY payload job:generation)
     mode                 text CHECK (mode IN ('snapshot', 'incremental')),
     target_table         text,                      -- schema-qualified target, as defined
     watermark            text,                      -- text form of the @watermark value; NULL = from the start
