@@ -1,8 +1,10 @@
 /* Write-back against the harness Postgres: the migrations (every sql/migrations file in
  * order) plus a test schema, reflection, every validation error, each plan's round
  * trip (insert, patch, delete, bulk patch), If-Match and 412, idempotency (replay,
- * reuse with another body, expiry, a race between two connections), concurrent
- * PATCHes with one version, the audit and outbox trail, error mapping, row scoping. */
+ * reuse with another body, expiry, races between connections, load with random
+ * retries), concurrent PATCHes with one version, the audit and outbox trail, error
+ * mapping (incl. a connection killed mid-write), row scoping, and the outbox shipper
+ * (bridged MERGE on Postgres, then through tp_wh_run and the emulator over HTTP). */
 #include "tidepool/writeback.h"
 
 #include <glob.h>
