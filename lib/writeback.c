@@ -329,6 +329,82 @@ bool tp_wb_role_allowed(const tp_wb_table_t *t, const char *role, bool write)
     return !write && tp_wb_role_allowed(t, role, true);
 }
 
+void tp_wb_json_schema(const tp_wb_table_t *t, tp_buf_t *out)
+{
+    tp_buf_puts(out, "{\"type\":\"object\",\"title\":");
+    tp_buf_json_str(out, t->qualified);
+    tp_buf_puts(out, ",\"additionalProperties\":false,\"properties\":{");
+    for (int i = 0; i < t->ncols; i++) {
+        const tp_wb_col_t *c = &t->cols[i];
+        if (i)
+            tp_buf_putc(out, ',');
+        tp_buf_json_str(out, c->name);
+        tp_buf_putc(out, ':');
+        const char *nul = c->not_null ? "" : ",\"null\"";
+        switch (c->kind) {
+        case TP_WB_INT2:
+            tp_buf_printf(out, "{\"type\":[\"integer\"%s],\"minimum\":-32768,\"maximum\":32767",
+                          nul);
+            break;
+        case TP_WB_INT4:
+            tp_buf_printf(out,
+                          "{\"type\":[\"integer\"%s],\"minimum\":-2147483648,"
+                          "\"maximum\":2147483647",
+                          nul);
+            break;
+        case TP_WB_INT8:
+            tp_buf_printf(out, "{\"type\":[\"integer\"%s],\"format\":\"int64\"", nul);
+            break;
+        case TP_WB_NUMERIC:
+        case TP_WB_FLOAT:
+            tp_buf_printf(out, "{\"type\":[\"number\"%s]", nul);
+            break;
+        case TP_WB_BOOL:
+            tp_buf_printf(out, "{\"type\":[\"boolean\"%s]", nul);
+            break;
+        case TP_WB_TEXT:
+            tp_buf_printf(out, "{\"type\":[\"string\"%s]", nul);
+            if (c->max_chars >= 0)
+                tp_buf_printf(out, ",\"maxLength\":%d", c->max_chars);
+            break;
+        case TP_WB_DATE:
+            tp_buf_printf(out, "{\"type\":[\"string\"%s],\"format\":\"date\"", nul);
+            break;
+        case TP_WB_TIMESTAMPTZ:
+            tp_buf_printf(out, "{\"type\":[\"string\"%s],\"format\":\"date-time\"", nul);
+            break;
+        case TP_WB_UUID:
+            tp_buf_printf(out, "{\"type\":[\"string\"%s],\"format\":\"uuid\"", nul);
+            break;
+        case TP_WB_JSON:
+            tp_buf_puts(out, "{");
+            break;
+        case TP_WB_TIMESTAMP:
+        case TP_WB_OTHER:
+            tp_buf_printf(out, "{\"type\":[\"string\"%s]", nul);
+            break;
+        }
+        if (c->kind != TP_WB_JSON)
+            tp_buf_putc(out, ',');
+        tp_buf_puts(out, "\"x-postgres-type\":");
+        tp_buf_json_str(out, c->type_sql);
+        if (c->readonly)
+            tp_buf_puts(out, ",\"readOnly\":true");
+        tp_buf_putc(out, '}');
+    }
+    tp_buf_puts(out, "},\"required\":[");
+    int n = 0;
+    for (int i = 0; i < t->ncols; i++) {
+        const tp_wb_col_t *c = &t->cols[i];
+        if (c->not_null && !c->has_default && !c->readonly) {
+            if (n++)
+                tp_buf_putc(out, ',');
+            tp_buf_json_str(out, c->name);
+        }
+    }
+    tp_buf_puts(out, "]}");
+}
+
 /* ---- SQL text helpers ---- */
 
 static void put_ident(tp_buf_t *b, const char *s)
@@ -406,13 +482,13 @@ static void put_problem(tp_buf_t *b, int status, const char *code, const char *t
  * The statement returns one row: status, body, etag, replayed. */
 static void put_head(tp_buf_t *b)
 {
-    tp_buf_puts(b,
-                "WITH prev AS (SELECT k.status, k.response, k.response_headers->>'ETag' AS etag, "
-                "k.request_hash = $4::text AS same FROM tidepool.idempotency_keys k "
-                "WHERE $3::text IS NOT NULL AND k.actor = $1::text AND k.key = $3::text "
-                "AND k.expires_at > now()),\n"
-                "gone AS (DELETE FROM tidepool.idempotency_keys k WHERE $3::text IS NOT NULL "
-                "AND k.actor = $1::text AND k.key = $3::text AND k.expires_at <= now() RETURNING 1),\n");
+    tp_buf_puts(
+        b, "WITH prev AS (SELECT k.status, k.response, k.response_headers->>'ETag' AS etag, "
+           "k.request_hash = $4::text AS same FROM tidepool.idempotency_keys k "
+           "WHERE $3::text IS NOT NULL AND k.actor = $1::text AND k.key = $3::text "
+           "AND k.expires_at > now()),\n"
+           "gone AS (DELETE FROM tidepool.idempotency_keys k WHERE $3::text IS NOT NULL "
+           "AND k.actor = $1::text AND k.key = $3::text AND k.expires_at <= now() RETURNING 1),\n");
 }
 
 /* src: the items with their ordinal; for UPDATE/DELETE also the typed key columns
@@ -526,16 +602,15 @@ static void put_trail(tp_buf_t *b, const tp_wb_table_t *t, const char *action)
 static void put_tail(tp_buf_t *b)
 {
     tp_buf_puts(
-        b,
-        "k AS (INSERT INTO tidepool.idempotency_keys (actor, key, method, path, request_hash, "
-        "status, response, response_headers, expires_at) SELECT $1::text, $3::text, $6::text, "
-        "$7::text, $4::text, res.status, res.body, CASE WHEN res.etag IS NULL THEN '{}'::jsonb "
-        "ELSE jsonb_build_object('ETag', res.etag) END, now() + make_interval(secs => "
-        "$5::integer) FROM res WHERE $3::text IS NOT NULL AND res.status < 300 "
-        "AND (SELECT count(*) FROM gone) >= 0)\n"
-        "SELECT status, body, etag, false AS replayed FROM res UNION ALL "
-        "SELECT CASE WHEN p.same THEN p.status ELSE 409 END, CASE WHEN p.same THEN p.response "
-        "ELSE ");
+        b, "k AS (INSERT INTO tidepool.idempotency_keys (actor, key, method, path, request_hash, "
+           "status, response, response_headers, expires_at) SELECT $1::text, $3::text, $6::text, "
+           "$7::text, $4::text, res.status, res.body, CASE WHEN res.etag IS NULL THEN '{}'::jsonb "
+           "ELSE jsonb_build_object('ETag', res.etag) END, now() + make_interval(secs => "
+           "$5::integer) FROM res WHERE $3::text IS NOT NULL AND res.status < 300 "
+           "AND (SELECT count(*) FROM gone) >= 0)\n"
+           "SELECT status, body, etag, false AS replayed FROM res UNION ALL "
+           "SELECT CASE WHEN p.same THEN p.status ELSE 409 END, CASE WHEN p.same THEN p.response "
+           "ELSE ");
     put_problem(b, 409, "idempotency-key-reused", "Conflict",
                 "'this Idempotency-Key was already used with a different request (method, "
                 "path or body); use a new key for a new request'",
@@ -703,23 +778,36 @@ static bool fail_res(PGresult *r, char *err, size_t errlen, const char *what)
 static tp_wb_kind_t kind_of(unsigned oid)
 {
     switch (oid) {
-    case 21: return TP_WB_INT2;
-    case 23: return TP_WB_INT4;
-    case 20: return TP_WB_INT8;
-    case 1700: return TP_WB_NUMERIC;
+    case 21:
+        return TP_WB_INT2;
+    case 23:
+        return TP_WB_INT4;
+    case 20:
+        return TP_WB_INT8;
+    case 1700:
+        return TP_WB_NUMERIC;
     case 700:
-    case 701: return TP_WB_FLOAT;
-    case 16: return TP_WB_BOOL;
+    case 701:
+        return TP_WB_FLOAT;
+    case 16:
+        return TP_WB_BOOL;
     case 25:
     case 1043:
-    case 1042: return TP_WB_TEXT;
-    case 1082: return TP_WB_DATE;
-    case 1184: return TP_WB_TIMESTAMPTZ;
-    case 1114: return TP_WB_TIMESTAMP;
-    case 2950: return TP_WB_UUID;
+    case 1042:
+        return TP_WB_TEXT;
+    case 1082:
+        return TP_WB_DATE;
+    case 1184:
+        return TP_WB_TIMESTAMPTZ;
+    case 1114:
+        return TP_WB_TIMESTAMP;
+    case 2950:
+        return TP_WB_UUID;
     case 114:
-    case 3802: return TP_WB_JSON;
-    default: return TP_WB_OTHER;
+    case 3802:
+        return TP_WB_JSON;
+    default:
+        return TP_WB_OTHER;
     }
 }
 
@@ -731,8 +819,7 @@ static int col_index(const tp_wb_table_t *t, const char *name)
     return -1;
 }
 
-static bool load_columns(PGconn *conn, tp_wb_table_t *t, const char *oid, char *err,
-                         size_t errlen)
+static bool load_columns(PGconn *conn, tp_wb_table_t *t, const char *oid, char *err, size_t errlen)
 {
     const char *q =
         "SELECT a.attname, format_type(a.atttypid, a.atttypmod), "
@@ -848,8 +935,9 @@ static bool apply_decl(tp_wb_table_t *t, tp_wb_decl_t *d, char *err, size_t errl
     }
     if (d->touch) {
         t->touch_col = col_index(t, d->touch);
-        if (t->touch_col < 0 || (t->cols[t->touch_col].kind != TP_WB_TIMESTAMPTZ &&
-                                 t->cols[t->touch_col].kind != TP_WB_TIMESTAMP) ||
+        if (t->touch_col < 0 ||
+            (t->cols[t->touch_col].kind != TP_WB_TIMESTAMPTZ &&
+             t->cols[t->touch_col].kind != TP_WB_TIMESTAMP) ||
             t->cols[t->touch_col].readonly || t->cols[t->touch_col].pk_pos >= 0) {
             snprintf(err, errlen, "%s: touch=%s must name a timestamp column outside the key",
                      t->qualified, d->touch);

@@ -38,14 +38,22 @@ void tp_wb_answer_free(tp_wb_answer_t *a)
 static const char *reason(int status)
 {
     switch (status) {
-    case 400: return "Bad Request";
-    case 404: return "Not Found";
-    case 409: return "Conflict";
-    case 412: return "Precondition Failed";
-    case 422: return "Unprocessable Content";
-    case 428: return "Precondition Required";
-    case 503: return "Service Unavailable";
-    default: return "Internal Server Error";
+    case 400:
+        return "Bad Request";
+    case 404:
+        return "Not Found";
+    case 409:
+        return "Conflict";
+    case 412:
+        return "Precondition Failed";
+    case 422:
+        return "Unprocessable Content";
+    case 428:
+        return "Precondition Required";
+    case 503:
+        return "Service Unavailable";
+    default:
+        return "Internal Server Error";
     }
 }
 
@@ -228,11 +236,9 @@ const char *tp_wb_check_text(tp_wb_kind_t kind, int max_chars, const char *s)
         return NULL;
     }
     case TP_WB_BOOL:
-        return strcmp(s, "true") == 0 || strcmp(s, "false") == 0 ? NULL
-                                                                  : "must be true or false";
+        return strcmp(s, "true") == 0 || strcmp(s, "false") == 0 ? NULL : "must be true or false";
     case TP_WB_TEXT:
-        return max_chars >= 0 && utf8_chars(s) > (size_t)max_chars ? text_message(max_chars)
-                                                                    : NULL;
+        return max_chars >= 0 && utf8_chars(s) > (size_t)max_chars ? text_message(max_chars) : NULL;
     case TP_WB_DATE:
         return parse_date(s) && s[10] == '\0' ? NULL : "must be a date (YYYY-MM-DD)";
     case TP_WB_TIMESTAMPTZ:
@@ -487,7 +493,8 @@ static bool url_key(const tp_wb_table_t *t, const char *seg, tp_buf_t *items, er
     bool ok = true;
     for (int i = 0; i < t->npk; i++) {
         const tp_wb_col_t *c = &t->cols[t->pk[i]];
-        const char *m = strlen(vals[i]) == 0 ? "is empty" : tp_wb_check_text(c->kind, c->max_chars, vals[i]);
+        const char *m =
+            strlen(vals[i]) == 0 ? "is empty" : tp_wb_check_text(c->kind, c->max_chars, vals[i]);
         if (m) {
             add_err(e, "", c->name, m);
             ok = false;
@@ -542,7 +549,8 @@ static void check_bulk_item(const tp_wb_table_t *t, json_t *it, int idx, tp_buf_
         } else if (json_is_string(kv)) {
             s = json_string_value(kv);
         }
-        const char *m = s ? tp_wb_check_text(c->kind, c->max_chars, s) : "must be a string or integer";
+        const char *m =
+            s ? tp_wb_check_text(c->kind, c->max_chars, s) : "must be a string or integer";
         if (m) {
             add_err(e, prefix, c->name, m);
             continue;
@@ -601,7 +609,8 @@ static json_t *parse_body(const tp_wb_request_t *req, tp_wb_answer_t *ans)
         return NULL;
     }
     json_error_t jerr;
-    json_t *j = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
+    json_t *j = json_loadb(req->body, req->body_len,
+                           JSON_REJECT_DUPLICATES | JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
     if (!j && (strstr(jerr.text, "too big integer") || strstr(jerr.text, "real number overflow"))) {
         /* valid JSON whose number no column type can hold */
         problem1(ans, 422, "invalid-value", "a number in the body is out of range", "body",
@@ -686,8 +695,8 @@ bool tp_wb_prepare(const tp_wb_table_t *t, const tp_wb_request_t *req, tp_wb_cal
     }
     if (!bulk && req->op != TP_WB_INSERT && t->if_match_required && im != 1) {
         problem1(ans, 428, "if-match-required",
-                 "this table requires If-Match with the row's ETag on PATCH and DELETE",
-                 "If-Match", im == 0 ? "must be the row's ETag, not *" : "is required");
+                 "this table requires If-Match with the row's ETag on PATCH and DELETE", "If-Match",
+                 im == 0 ? "must be the row's ETag, not *" : "is required");
         return false;
     }
 
@@ -738,8 +747,8 @@ bool tp_wb_prepare(const tp_wb_table_t *t, const tp_wb_request_t *req, tp_wb_cal
             tp_buf_t seen = {0};
             size_t i;
             json_t *it;
-            json_array_foreach(j, i, it) check_bulk_item(t, it, (int)i, &seen, &missing_if_match,
-                                                         &e);
+            json_array_foreach(j, i, it)
+                check_bulk_item(t, it, (int)i, &seen, &missing_if_match, &e);
             tp_buf_free(&seen);
             tp_buf_append(&items, req->body, req->body_len);
         } else {
@@ -838,8 +847,9 @@ static tp_wb_next_t map_error(tp_wb_call_t *call, const PGresult *res, tp_wb_ans
 
     if (strcmp(state, "23505") == 0) {
         bool ours = cname && strcmp(cname, "idempotency_keys_pkey") == 0;
-        snprintf(d, sizeof d, "%s", ours ? "the Idempotency-Key is in use by a concurrent request"
-                                         : "a row with the same unique value already exists");
+        snprintf(d, sizeof d, "%s",
+                 ours ? "the Idempotency-Key is in use by a concurrent request"
+                      : "a row with the same unique value already exists");
         snprintf(d + strlen(d), sizeof d - strlen(d), " (constraint %s)", cname ? cname : "?");
         problem1(ans, 409, ours ? "idempotency-key-in-use" : "unique-violation", d,
                  ours ? "Idempotency-Key" : (cols[0] ? cols : "row"),
@@ -850,8 +860,7 @@ static tp_wb_next_t map_error(tp_wb_call_t *call, const PGresult *res, tp_wb_ans
                  referencing ? "the value refers to a row that does not exist"
                              : "the row is still referenced by another table",
                  cname ? cname : "?");
-        problem1(ans, referencing ? 422 : 409, "foreign-key-violation", d,
-                 cols[0] ? cols : "row",
+        problem1(ans, referencing ? 422 : 409, "foreign-key-violation", d, cols[0] ? cols : "row",
                  referencing ? "refers to a missing row" : "is still referenced");
     } else if (strcmp(state, "23502") == 0) {
         problem1(ans, 422, "not-null-violation", "a required value is missing",
@@ -861,7 +870,8 @@ static tp_wb_next_t map_error(tp_wb_call_t *call, const PGresult *res, tp_wb_ans
         problem1(ans, 422, "check-violation", d, cols[0] ? cols : (cname ? cname : "row"),
                  cname ? cname : "fails a check");
     } else if (strcmp(state, "23P01") == 0) {
-        snprintf(d, sizeof d, "the row conflicts with another (constraint %s)", cname ? cname : "?");
+        snprintf(d, sizeof d, "the row conflicts with another (constraint %s)",
+                 cname ? cname : "?");
         problem1(ans, 409, "exclusion-violation", d, cols[0] ? cols : "row", "conflicts");
     } else if (strncmp(state, "22", 2) == 0) {
         snprintf(d, sizeof d, "Postgres rejected a value: %s", primary ? primary : state);
@@ -874,8 +884,9 @@ static tp_wb_next_t map_error(tp_wb_call_t *call, const PGresult *res, tp_wb_ans
                strncmp(state, "57", 2) == 0 || strcmp(state, "25006") == 0) {
         unavailable(ans, call, "postgres-unavailable", "Postgres could not complete the write");
     } else {
-        const char *kv[] = {"table", t->qualified, "sqlstate", state, "error",
-                            primary ? primary : "", "request_id", call->values[1], NULL};
+        const char *kv[] = {"table",      t->qualified,    "sqlstate",
+                            state,        "error",         primary ? primary : "",
+                            "request_id", call->values[1], NULL};
         tp_logkv(TP_LOG_ERROR, kv, "write-back statement failed");
         problem(ans, 500, "write-failed",
                 "the write failed and nothing was written; see the server log for the request id",
@@ -903,8 +914,8 @@ tp_wb_next_t tp_wb_finish(tp_wb_call_t *call, const PGresult *res, const char *c
     if (res && st == PGRES_FATAL_ERROR && PQresultErrorField(res, PG_DIAG_SQLSTATE))
         return map_error(call, res, ans);
     if (res && st != PGRES_FATAL_ERROR) {
-        const char *kv[] = {"table", call->table->qualified, "status", PQresStatus(st),
-                            "request_id", call->values[1], NULL};
+        const char *kv[] = {"table",      call->table->qualified, "status", PQresStatus(st),
+                            "request_id", call->values[1],        NULL};
         tp_logkv(TP_LOG_ERROR, kv, "write-back statement returned an unexpected result");
         problem(ans, 500, "write-failed", "the write returned an unexpected result", NULL);
         return TP_WB_ANSWER;

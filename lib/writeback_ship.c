@@ -63,21 +63,30 @@ void tp_wb_batch_free(tp_wb_batch_t *b)
 static char *wh_type(const tp_wb_col_t *c)
 {
     switch (c->kind) {
-    case TP_WB_INT2: return tp_xstrdup("SMALLINT");
-    case TP_WB_INT4: return tp_xstrdup("INT");
-    case TP_WB_INT8: return tp_xstrdup("BIGINT");
-    case TP_WB_FLOAT: return tp_xstrdup(strcmp(c->type_sql, "real") == 0 ? "FLOAT" : "DOUBLE");
-    case TP_WB_BOOL: return tp_xstrdup("BOOLEAN");
-    case TP_WB_DATE: return tp_xstrdup("DATE");
-    case TP_WB_TIMESTAMPTZ: return tp_xstrdup("TIMESTAMP");
-    case TP_WB_TIMESTAMP: return tp_xstrdup("TIMESTAMP_NTZ");
+    case TP_WB_INT2:
+        return tp_xstrdup("SMALLINT");
+    case TP_WB_INT4:
+        return tp_xstrdup("INT");
+    case TP_WB_INT8:
+        return tp_xstrdup("BIGINT");
+    case TP_WB_FLOAT:
+        return tp_xstrdup(strcmp(c->type_sql, "real") == 0 ? "FLOAT" : "DOUBLE");
+    case TP_WB_BOOL:
+        return tp_xstrdup("BOOLEAN");
+    case TP_WB_DATE:
+        return tp_xstrdup("DATE");
+    case TP_WB_TIMESTAMPTZ:
+        return tp_xstrdup("TIMESTAMP");
+    case TP_WB_TIMESTAMP:
+        return tp_xstrdup("TIMESTAMP_NTZ");
     case TP_WB_NUMERIC: {
         int p, sc;
         if (sscanf(c->type_sql, "numeric(%d,%d)", &p, &sc) == 2)
             return tp_xasprintf("DECIMAL(%d,%d)", p, sc);
         return tp_xstrdup("DECIMAL(38,18)");
     }
-    default: return tp_xstrdup("STRING");
+    default:
+        return tp_xstrdup("STRING");
     }
 }
 

@@ -38,7 +38,7 @@ typedef struct tp_wb_col {
     char *name;
     char *type_sql; /* format_type(), used in casts: "character varying(200)" */
     tp_wb_kind_t kind;
-    int max_chars;        /* varchar(n) / char(n); -1 = unlimited */
+    int max_chars; /* varchar(n) / char(n); -1 = unlimited */
     bool not_null;
     bool has_default;     /* a default, identity or generated value exists */
     char *default_sql;    /* pg_get_expr of the default, or NULL */
@@ -117,14 +117,19 @@ const tp_wb_table_t *tp_wb_table_at(const tp_wb_schema_t *s, int i);
  * write role). NULL role: false. */
 bool tp_wb_role_allowed(const tp_wb_table_t *t, const char *role, bool write);
 
+/* Appends a JSON Schema (OpenAPI 3.1) object describing a row of t: each column's
+ * type and limits, readOnly for server-filled columns, required for NOT NULL columns
+ * without a default, additionalProperties false. For GET /openapi.json. */
+void tp_wb_json_schema(const tp_wb_table_t *t, tp_buf_t *out);
+
 /* ---- requests ---- */
 
 typedef struct tp_wb_request {
     tp_wb_op_t op;
-    const char *method;     /* "POST", "PATCH", "DELETE" */
-    const char *path;       /* the request path as received */
-    const char *pk;         /* PATCH/DELETE: the raw (percent-encoded) URL segment; NULL = bulk PATCH */
-    const char *body;       /* request body (may be NULL for DELETE) */
+    const char *method; /* "POST", "PATCH", "DELETE" */
+    const char *path;   /* the request path as received */
+    const char *pk;     /* PATCH/DELETE: the raw (percent-encoded) URL segment; NULL = bulk PATCH */
+    const char *body;   /* request body (may be NULL for DELETE) */
     size_t body_len;
     const char *if_match;   /* If-Match header or NULL */
     const char *idem_key;   /* Idempotency-Key header or NULL; the request hash it guards is
@@ -146,7 +151,7 @@ typedef struct tp_wb_answer {
 void tp_wb_answer_free(tp_wb_answer_t *a);
 
 #define TP_WB_CALL_MAGIC 0x57424341u /* "WBCA" */
-#define TP_WB_NPARAMS 9 /* every plan takes the same nine parameters */
+#define TP_WB_NPARAMS 9              /* every plan takes the same nine parameters */
 
 /* One statement to send: sql with nparams text values (NULL = SQL NULL; types are
  * given by casts in the SQL, so pass types = NULL). Owned by the caller. */
@@ -154,10 +159,10 @@ typedef struct tp_wb_call {
     uint32_t magic;
     const tp_wb_table_t *table; /* borrowed: hold a snapshot reference while the call lives */
     tp_wb_op_t op;
-    const char *sql;            /* borrowed from the table */
+    const char *sql; /* borrowed from the table */
     int nparams;
     char *values[TP_WB_NPARAMS];
-    const char *const *params;  /* = values, typed for tp_pgpool_query */
+    const char *const *params; /* = values, typed for tp_pgpool_query */
     bool has_key;
     int attempts; /* sends so far; tp_wb_finish counts them */
 } tp_wb_call_t;

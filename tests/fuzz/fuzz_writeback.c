@@ -73,19 +73,36 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     } else {
         static char sql[] = "SELECT 1";
         tp_wb_table_t t = {
-            .magic = TP_WB_TABLE_MAGIC, .schema = "s", .name = "t", .qualified = "s.t",
-            .cols = cols, .ncols = (int)(sizeof cols / sizeof cols[0]), .pk = pk, .npk = 2,
-            .version_col = 15, .owner_col = -1, .touch_col = -1, .write_roles = roles,
-            .read_roles = roles, .if_match_required = m == 'R',
+            .magic = TP_WB_TABLE_MAGIC,
+            .schema = "s",
+            .name = "t",
+            .qualified = "s.t",
+            .cols = cols,
+            .ncols = (int)(sizeof cols / sizeof cols[0]),
+            .pk = pk,
+            .npk = 2,
+            .version_col = 15,
+            .owner_col = -1,
+            .touch_col = -1,
+            .write_roles = roles,
+            .read_roles = roles,
+            .if_match_required = m == 'R',
             .sql = {sql, sql, sql},
         };
         tp_wb_request_t req = {
-            .op = m == 'd' ? TP_WB_DELETE : (m == 'u' || m == 'b' || m == 'R') ? TP_WB_UPDATE
-                                                                               : TP_WB_INSERT,
-            .method = "X", .path = "/p", .pk = m == 'b' ? NULL : pkseg,
-            .body = body, .body_len = body_len,
-            .if_match = im[0] ? im : NULL, .idem_key = key[0] ? key : NULL,
-            .actor = "fuzz", .request_id = "r", .key_ttl_s = 60,
+            .op = m == 'd'                             ? TP_WB_DELETE
+                  : (m == 'u' || m == 'b' || m == 'R') ? TP_WB_UPDATE
+                                                       : TP_WB_INSERT,
+            .method = "X",
+            .path = "/p",
+            .pk = m == 'b' ? NULL : pkseg,
+            .body = body,
+            .body_len = body_len,
+            .if_match = im[0] ? im : NULL,
+            .idem_key = key[0] ? key : NULL,
+            .actor = "fuzz",
+            .request_id = "r",
+            .key_ttl_s = 60,
         };
         tp_wb_call_t *call;
         tp_wb_answer_t ans;

@@ -150,8 +150,10 @@ static int run_on(PGconn *c, const req_t *q, tp_wb_answer_t *ans)
     }
     for (;;) {
         __atomic_add_fetch(&sends, 1, __ATOMIC_SEQ_CST);
-        PGresult *res = PQexecParams(c, call->sql, call->nparams, NULL, call->params, NULL, NULL, 0);
-        tp_wb_next_t next = tp_wb_finish(call, res, PQstatus(c) == CONNECTION_OK ? NULL : "lost", ans);
+        PGresult *res =
+            PQexecParams(c, call->sql, call->nparams, NULL, call->params, NULL, NULL, 0);
+        tp_wb_next_t next =
+            tp_wb_finish(call, res, PQstatus(c) == CONNECTION_OK ? NULL : "lost", ans);
         PQclear(res);
         if (next == TP_WB_ANSWER)
             break;
@@ -204,15 +206,15 @@ static bool has_error(const char *body, const char *fld, const char *msg)
     return found;
 }
 
-#define CHECK_ERROR(body, fld, msg) \
+#define CHECK_ERROR(body, fld, msg)                                                                \
     CHECK_MSG(has_error((body), (fld), (msg)), "no error %s: %s... in %s", fld, msg, body)
 
-#define CHECK_FIELD(body, key, want)                                                        \
-    do {                                                                                    \
-        char *_f = field((body), (key));                                                    \
-        CHECK_MSG(strcmp(_f, (want)) == 0, "%s.%s = '%s', want '%s' (body %s)", #body, key, \
-                  _f, (want), (body));                                                      \
-        free(_f);                                                                           \
+#define CHECK_FIELD(body, key, want)                                                               \
+    do {                                                                                           \
+        char *_f = field((body), (key));                                                           \
+        CHECK_MSG(strcmp(_f, (want)) == 0, "%s.%s = '%s', want '%s' (body %s)", #body, key, _f,    \
+                  (want), (body));                                                                 \
+        free(_f);                                                                                  \
     } while (0)
 
 /* ---- reflection ---- */
@@ -298,6 +300,33 @@ static void test_reflect_demo(void)
             CHECK_STR_EQ(t->cols[i].readonly, "generated");
 }
 
+static void test_json_schema(void)
+{
+    const tp_wb_table_t *t = T("wbt.child");
+    if (!t)
+        return;
+    tp_buf_t b = {0};
+    tp_wb_json_schema(t, &b);
+    json_error_t jerr;
+    json_t *j = json_loads(b.data, 0, &jerr);
+    CHECK_MSG(j != NULL, "%s: %s", jerr.text, b.data);
+    json_t *props = json_object_get(j, "properties");
+    CHECK_INT_EQ(json_object_size(props), t->ncols);
+    CHECK_INT_EQ(json_integer_value(json_object_get(json_object_get(props, "small"), "maximum")),
+                 32767);
+    CHECK_INT_EQ(json_integer_value(json_object_get(json_object_get(props, "label"), "maxLength")),
+                 5);
+    CHECK_STR_EQ(json_string_value(json_object_get(json_object_get(props, "uid"), "format")),
+                 "uuid");
+    CHECK(json_is_true(json_object_get(json_object_get(props, "gen"), "readOnly")));
+    CHECK(json_is_true(json_object_get(json_object_get(props, "version"), "readOnly")));
+    json_t *req = json_object_get(j, "required");
+    CHECK_INT_EQ(json_array_size(req), 2); /* the key columns a and b */
+    CHECK_STR_EQ(json_string_value(json_array_get(req, 0)), "a");
+    json_decref(j);
+    tp_buf_free(&b);
+}
+
 /* A bad declaration fails the whole reflection, naming table and token; fixing it
  * and reflecting again (the SIGHUP path) gives a new snapshot. */
 static void test_reflect_errors(void)
@@ -381,27 +410,33 @@ static void test_validation(void)
                    "user_id", "must be an integer between -2147483648");
     expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"user_id\":2147483648,\"note\":\"x\"}"},
                    422, "user_id", "must be an integer between");
-    expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"user_id\":99999999999999999999,\"note\":\"x\"}"},
-                   422, "body", "too big integer");
+    expect_invalid(
+        &(req_t){n, TP_WB_INSERT, .body = "{\"user_id\":99999999999999999999,\"note\":\"x\"}"}, 422,
+        "body", "too big integer");
     expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"user_id\":1.5,\"note\":\"x\"}"}, 422,
                    "user_id", "must be an integer");
     expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"user_id\":1,\"note\":7}"}, 422, "note",
                    "must be a string");
-    expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"user_id\":1,\"note\":\"a\\u0000b\"}"},
-                   422, "note", "must not contain NUL");
+    expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"user_id\":1,\"note\":\"a\\u0000b\"}"}, 422,
+                   "note", "must not contain NUL");
     expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"id\":5,\"user_id\":1,\"note\":\"x\"}"},
                    422, "id", "is read-only (identity)");
-    expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"author\":\"eve\",\"user_id\":1,\"note\":\"x\"}"},
-                   422, "author", "is read-only (owner)");
-    expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"version\":9,\"user_id\":1,\"note\":\"x\"}"},
-                   422, "version", "is read-only (version)");
-    expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"created_at\":\"2025-01-01T00:00:00Z\","
-                                                      "\"user_id\":1,\"note\":\"x\"}"},
+    expect_invalid(
+        &(req_t){n, TP_WB_INSERT, .body = "{\"author\":\"eve\",\"user_id\":1,\"note\":\"x\"}"}, 422,
+        "author", "is read-only (owner)");
+    expect_invalid(
+        &(req_t){n, TP_WB_INSERT, .body = "{\"version\":9,\"user_id\":1,\"note\":\"x\"}"}, 422,
+        "version", "is read-only (version)");
+    expect_invalid(&(req_t){n, TP_WB_INSERT,
+                            .body = "{\"created_at\":\"2025-01-01T00:00:00Z\","
+                                    "\"user_id\":1,\"note\":\"x\"}"},
                    422, "created_at", "is read-only (readonly)");
-    expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "[{\"user_id\":1,\"note\":\"x\"},{\"user_id\":true}]"},
-                   422, "[1].user_id", "must be an integer");
-    expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "[{\"user_id\":1,\"note\":\"x\"},{\"user_id\":true}]"},
-                   422, "[1].note", "is required");
+    expect_invalid(
+        &(req_t){n, TP_WB_INSERT, .body = "[{\"user_id\":1,\"note\":\"x\"},{\"user_id\":true}]"},
+        422, "[1].user_id", "must be an integer");
+    expect_invalid(
+        &(req_t){n, TP_WB_INSERT, .body = "[{\"user_id\":1,\"note\":\"x\"},{\"user_id\":true}]"},
+        422, "[1].note", "is required");
     /* types of the test table */
     struct {
         const char *body, *field, *msg;
@@ -440,22 +475,23 @@ static void test_validation(void)
                    "has no columns to change");
     expect_invalid(&(req_t){n, TP_WB_UPDATE, .pk = "1", .body = "[{\"note\":\"x\"}]"}, 422, NULL,
                    NULL);
-    expect_invalid(&(req_t){n, TP_WB_UPDATE, .pk = "1", .body = "{\"note\":\"x\"}", .if_match = "3"},
-                   400, "If-Match", "is malformed");
-    expect_invalid(&(req_t){n, TP_WB_UPDATE, .pk = "1", .body = "{\"note\":\"x\"}",
-                            .if_match = "W/\"3\""},
-                   400, "If-Match", "is malformed");
+    expect_invalid(
+        &(req_t){n, TP_WB_UPDATE, .pk = "1", .body = "{\"note\":\"x\"}", .if_match = "3"}, 400,
+        "If-Match", "is malformed");
+    expect_invalid(
+        &(req_t){n, TP_WB_UPDATE, .pk = "1", .body = "{\"note\":\"x\"}", .if_match = "W/\"3\""},
+        400, "If-Match", "is malformed");
     expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"note\":\"x\"}", .if_match = "\"3\""}, 400,
                    "If-Match", "is not allowed here");
     expect_invalid(&(req_t){n, TP_WB_DELETE, .pk = "1", .body = "{}"}, 400, NULL, NULL);
-    expect_invalid(&(req_t){"app.device_assignments", TP_WB_UPDATE, .pk = "1",
-                            .body = "{\"note\":\"x\"}"},
-                   428, "If-Match", "is required");
+    expect_invalid(
+        &(req_t){"app.device_assignments", TP_WB_UPDATE, .pk = "1", .body = "{\"note\":\"x\"}"},
+        428, "If-Match", "is required");
     expect_invalid(&(req_t){"app.device_assignments", TP_WB_DELETE, .pk = "1", .if_match = "*"},
                    428, "If-Match", "must be the row's ETag, not *");
-    expect_invalid(&(req_t){n, TP_WB_INSERT, .body = "{\"user_id\":1,\"note\":\"x\"}",
-                            .key = "bad\nkey"},
-                   400, "Idempotency-Key", "must be 1 to 255 printable");
+    expect_invalid(
+        &(req_t){n, TP_WB_INSERT, .body = "{\"user_id\":1,\"note\":\"x\"}", .key = "bad\nkey"}, 400,
+        "Idempotency-Key", "must be 1 to 255 printable");
     /* bulk PATCH items */
     expect_invalid(&(req_t){n, TP_WB_UPDATE, .body = "{\"id\":1}"}, 422, NULL, NULL);
     expect_invalid(&(req_t){n, TP_WB_UPDATE, .body = "[{\"changes\":{\"note\":\"x\"}}]"}, 422,
@@ -525,17 +561,18 @@ static void test_insert(void)
              id);
     char *row = tp_test_sql(dsn, sql);
     char want[256];
-    snprintf(want, sizeof want, "alice|insert|app.user_notes|{\"id\": %s}|true|first \xc3\xa9|req-1",
-             id);
+    snprintf(want, sizeof want,
+             "alice|insert|app.user_notes|{\"id\": %s}|true|first \xc3\xa9|req-1", id);
     CHECK_STR_EQ(row, want);
     free(row);
     free(id);
     tp_wb_answer_free(&a);
     /* an array is one transaction and answers an array in request order */
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_INSERT,
-                              .body = "[{\"user_id\":8,\"note\":\"b1\"},{\"user_id\":8,\"note\":\"b2\"}]"},
-                     &a),
-                 201);
+    CHECK_INT_EQ(
+        run(&(req_t){"app.user_notes", TP_WB_INSERT,
+                     .body = "[{\"user_id\":8,\"note\":\"b1\"},{\"user_id\":8,\"note\":\"b2\"}]"},
+            &a),
+        201);
     CHECK(a.etag == NULL);
     json_t *j = json_loads(a.body, 0, NULL);
     CHECK(json_is_array(j) && json_array_size(j) == 2);
@@ -546,8 +583,8 @@ static void test_insert(void)
     CHECK_INT_EQ(count("SELECT count(*) FROM tidepool.audit_log"), audit0 + 3);
     CHECK_INT_EQ(count("SELECT count(*) FROM tidepool.writeback_outbox"), 0); /* not mirrored */
     /* types round trip, numeric precision kept (the client's bytes reach Postgres) */
-    CHECK_INT_EQ(run(&(req_t){"wbt.parent", TP_WB_INSERT, .body = "{\"id\":1,\"code\":\"p1\"}"}, &a),
-                 201);
+    CHECK_INT_EQ(
+        run(&(req_t){"wbt.parent", TP_WB_INSERT, .body = "{\"id\":1,\"code\":\"p1\"}"}, &a), 201);
     tp_wb_answer_free(&a);
     CHECK_INT_EQ(run(&(req_t){"wbt.child", TP_WB_INSERT,
                               .body = "{\"a\":1,\"b\":\"x,y\",\"parent_id\":1,"
@@ -567,9 +604,9 @@ static void test_insert(void)
                     "9223372036854775807|h\xc3\xa9llo");
     free(v);
     /* JSON null in a jsonb column is SQL NULL */
-    CHECK_INT_EQ(run(&(req_t){"wbt.child", TP_WB_INSERT, .body = "{\"a\":2,\"b\":\"n\",\"doc\":null}"},
-                     &a),
-                 201);
+    CHECK_INT_EQ(
+        run(&(req_t){"wbt.child", TP_WB_INSERT, .body = "{\"a\":2,\"b\":\"n\",\"doc\":null}"}, &a),
+        201);
     tp_wb_answer_free(&a);
     CHECK_INT_EQ(count("SELECT count(*) FROM wbt.child WHERE a = 2 AND doc IS NULL"), 1);
 }
@@ -591,9 +628,9 @@ static void test_patch_and_if_match(void)
     char *id = new_note("alice", "v1");
     tp_wb_answer_t a;
     /* without If-Match (optional on this table) */
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_UPDATE, .pk = id, .body = "{\"note\":\"v2\"}"},
-                     &a),
-                 200);
+    CHECK_INT_EQ(
+        run(&(req_t){"app.user_notes", TP_WB_UPDATE, .pk = id, .body = "{\"note\":\"v2\"}"}, &a),
+        200);
     CHECK_STR_EQ(a.etag, "\"2\"");
     CHECK_FIELD(a.body, "note", "v2");
     CHECK_FIELD(a.body, "user_id", "3"); /* untouched columns keep their values */
@@ -606,8 +643,8 @@ static void test_patch_and_if_match(void)
     CHECK_STR_EQ(a.etag, "\"3\"");
     tp_wb_answer_free(&a);
     /* a stale ETag: 412 with the current row, nothing written */
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_UPDATE, .pk = id, .body = "{\"note\":\"lost\"}",
-                              .if_match = "\"1\""},
+    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_UPDATE, .pk = id,
+                              .body = "{\"note\":\"lost\"}", .if_match = "\"1\""},
                      &a),
                  412);
     CHECK_STR_EQ(a.content_type, "application/problem+json");
@@ -638,10 +675,10 @@ static void test_patch_and_if_match(void)
     CHECK_STR_EQ(v, "true");
     free(v);
     /* unknown row */
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_UPDATE, .pk = "999999",
-                              .body = "{\"note\":\"x\"}"},
-                     &a),
-                 404);
+    CHECK_INT_EQ(
+        run(&(req_t){"app.user_notes", TP_WB_UPDATE, .pk = "999999", .body = "{\"note\":\"x\"}"},
+            &a),
+        404);
     CHECK_FIELD(a.body, "code", "row-not-found");
     tp_wb_answer_free(&a);
     free(id);
@@ -673,14 +710,14 @@ static void test_delete(void)
 static void test_composite_key(void)
 {
     tp_wb_answer_t a;
-    CHECK_INT_EQ(run(&(req_t){"wbt.child", TP_WB_UPDATE, .pk = "1,x%2Cy", .body = "{\"flag\":false}"},
-                     &a),
-                 200);
+    CHECK_INT_EQ(
+        run(&(req_t){"wbt.child", TP_WB_UPDATE, .pk = "1,x%2Cy", .body = "{\"flag\":false}"}, &a),
+        200);
     CHECK_FIELD(a.body, "flag", "false");
     CHECK_FIELD(a.body, "b", "x,y");
     tp_wb_answer_free(&a);
-    CHECK_INT_EQ(run(&(req_t){"wbt.child", TP_WB_UPDATE, .pk = "1,x", .body = "{\"flag\":false}"}, &a),
-                 404);
+    CHECK_INT_EQ(
+        run(&(req_t){"wbt.child", TP_WB_UPDATE, .pk = "1,x", .body = "{\"flag\":false}"}, &a), 404);
     tp_wb_answer_free(&a);
     CHECK_INT_EQ(count("SELECT count(*) FROM tidepool.audit_log WHERE table_name = 'wbt.child' AND "
                        "pk = '{\"a\": 1, \"b\": \"x,y\"}' AND action = 'update'"),
@@ -701,9 +738,10 @@ static void test_bulk_patch(void)
     CHECK_ERROR(a.body, "[1].if_match", "stale: the current version is 1");
     tp_wb_answer_free(&a);
     /* one missing item: 404, nothing written */
-    snprintf(body, sizeof body,
-             "[{\"id\":%s,\"changes\":{\"note\":\"G1\"}},{\"id\":999999,\"changes\":{\"note\":\"G2\"}}]",
-             id1);
+    snprintf(
+        body, sizeof body,
+        "[{\"id\":%s,\"changes\":{\"note\":\"G1\"}},{\"id\":999999,\"changes\":{\"note\":\"G2\"}}]",
+        id1);
     CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_UPDATE, .body = body}, &a), 404);
     CHECK_ERROR(a.body, "[1]", "no such row");
     tp_wb_answer_free(&a);
@@ -747,9 +785,11 @@ static void test_idempotency(void)
 {
     tp_wb_answer_t a, b;
     const char *body = "{\"user_id\":11,\"note\":\"once\"}";
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_INSERT, .body = body, .key = "k-1"}, &a), 201);
+    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_INSERT, .body = body, .key = "k-1"}, &a),
+                 201);
     CHECK(!a.replayed);
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_INSERT, .body = body, .key = "k-1"}, &b), 201);
+    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_INSERT, .body = body, .key = "k-1"}, &b),
+                 201);
     CHECK(b.replayed);
     CHECK_STR_EQ(b.body, a.body);
     CHECK_STR_EQ(b.etag, a.etag);
@@ -757,31 +797,34 @@ static void test_idempotency(void)
     CHECK_INT_EQ(count("SELECT count(*) FROM app.user_notes WHERE note = 'once'"), 1);
     CHECK_INT_EQ(count("SELECT count(*) FROM tidepool.audit_log WHERE after->>'note' = 'once'"), 1);
     /* same key, another body: 409 */
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_INSERT, .body = "{\"user_id\":11,\"note\":\"twice\"}",
-                              .key = "k-1"},
+    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_INSERT,
+                              .body = "{\"user_id\":11,\"note\":\"twice\"}", .key = "k-1"},
                      &b),
                  409);
     CHECK_FIELD(b.body, "code", "idempotency-key-reused");
     tp_wb_answer_free(&b);
     /* keys are per actor */
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_INSERT, .body = body, .key = "k-1", .actor = "bob"},
-                     &b),
-                 201);
+    CHECK_INT_EQ(
+        run(&(req_t){"app.user_notes", TP_WB_INSERT, .body = body, .key = "k-1", .actor = "bob"},
+            &b),
+        201);
     CHECK(!b.replayed);
     tp_wb_answer_free(&b);
     /* an expired key is forgotten: the write happens again */
     exec_ok(main_conn, "UPDATE tidepool.idempotency_keys SET created_at = now() - interval '2 "
                        "hours', expires_at = now() - interval '1 hour' WHERE key = 'k-1' AND "
                        "actor = 'alice'");
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_INSERT, .body = body, .key = "k-1"}, &b), 201);
+    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_INSERT, .body = body, .key = "k-1"}, &b),
+                 201);
     CHECK(!b.replayed);
     CHECK(strcmp(b.body, a.body) != 0);
     tp_wb_answer_free(&b);
-    CHECK_INT_EQ(count("SELECT count(*) FROM app.user_notes WHERE note = 'once' AND author = 'alice'"), 2);
+    CHECK_INT_EQ(
+        count("SELECT count(*) FROM app.user_notes WHERE note = 'once' AND author = 'alice'"), 2);
     tp_wb_answer_free(&a);
     /* a failed write does not claim the key: fixing the request with it works */
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_INSERT, .body = "{\"user_id\":-5,\"note\":\"n\"}",
-                              .key = "k-2"},
+    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_INSERT,
+                              .body = "{\"user_id\":-5,\"note\":\"n\"}", .key = "k-2"},
                      &a),
                  422);
     tp_wb_answer_free(&a);
@@ -889,11 +932,14 @@ static void test_idempotency_race(void)
             free(rs[i].body);
         char sql[400];
         if (round == 2)
-            snprintf(sql, sizeof sql, "SELECT count(*) FROM tidepool.audit_log WHERE "
-                                      "table_name = 'app.device_assignments' AND pk->>'device_id' = '77'");
+            snprintf(sql, sizeof sql,
+                     "SELECT count(*) FROM tidepool.audit_log WHERE "
+                     "table_name = 'app.device_assignments' AND pk->>'device_id' = '77'");
         else
-            snprintf(sql, sizeof sql, "SELECT count(*) FROM tidepool.audit_log WHERE "
-                                      "after->>'note' = 'race %d'", round);
+            snprintf(sql, sizeof sql,
+                     "SELECT count(*) FROM tidepool.audit_log WHERE "
+                     "after->>'note' = 'race %d'",
+                     round);
         CHECK_INT_EQ(count(sql), 1);
     }
 }
@@ -1018,8 +1064,9 @@ static void test_load_with_retries(void)
     CHECK_INT_EQ(count("SELECT count(*) FROM app.user_notes WHERE note LIKE 'load %'"), LOAD_KEYS);
     CHECK_INT_EQ(count("SELECT count(DISTINCT note) FROM app.user_notes WHERE note LIKE 'load %'"),
                  LOAD_KEYS);
-    CHECK_INT_EQ(count("SELECT count(*) FROM tidepool.audit_log WHERE after->>'note' LIKE 'load %'"),
-                 LOAD_KEYS);
+    CHECK_INT_EQ(
+        count("SELECT count(*) FROM tidepool.audit_log WHERE after->>'note' LIKE 'load %'"),
+        LOAD_KEYS);
     CHECK_INT_EQ(count("SELECT count(*) FROM tidepool.idempotency_keys WHERE key LIKE 'load-%'"),
                  LOAD_KEYS);
     for (int k = 0; k < LOAD_KEYS; k++)
@@ -1032,13 +1079,15 @@ static void test_outbox_trail(void)
 {
     tp_wb_answer_t a;
     const char *t = "app.device_assignments";
-    CHECK_INT_EQ(run(&(req_t){t, TP_WB_INSERT, .body = "{\"device_id\":5,\"user_id\":2,\"note\":\"wrist\"}"},
-                     &a),
-                 201);
+    CHECK_INT_EQ(
+        run(&(req_t){t, TP_WB_INSERT, .body = "{\"device_id\":5,\"user_id\":2,\"note\":\"wrist\"}"},
+            &a),
+        201);
     tp_wb_answer_free(&a);
-    CHECK_INT_EQ(run(&(req_t){t, TP_WB_UPDATE, .pk = "5", .body = "{\"user_id\":3}", .if_match = "\"1\""},
-                     &a),
-                 200);
+    CHECK_INT_EQ(
+        run(&(req_t){t, TP_WB_UPDATE, .pk = "5", .body = "{\"user_id\":3}", .if_match = "\"1\""},
+            &a),
+        200);
     tp_wb_answer_free(&a);
     CHECK_INT_EQ(run(&(req_t){t, TP_WB_DELETE, .pk = "5", .if_match = "\"2\""}, &a), 200);
     tp_wb_answer_free(&a);
@@ -1054,10 +1103,11 @@ static void test_outbox_trail(void)
     /* a failing write leaves no audit and no outbox row: the second row breaks a CHECK */
     long long audit = count("SELECT count(*) FROM tidepool.audit_log");
     long long outbox = count("SELECT count(*) FROM tidepool.writeback_outbox");
-    CHECK_INT_EQ(run(&(req_t){t, TP_WB_INSERT,
-                              .body = "[{\"device_id\":6,\"user_id\":2},{\"device_id\":7,\"user_id\":0}]"},
-                     &a),
-                 422);
+    CHECK_INT_EQ(
+        run(&(req_t){t, TP_WB_INSERT,
+                     .body = "[{\"device_id\":6,\"user_id\":2},{\"device_id\":7,\"user_id\":0}]"},
+            &a),
+        422);
     CHECK_CONTAINS(a.body, "\"code\":\"check-violation\"");
     CHECK_ERROR(a.body, "user_id", "device_assignments_user_id_check");
     tp_wb_answer_free(&a);
@@ -1070,16 +1120,17 @@ static void test_error_mapping(void)
 {
     tp_wb_answer_t a;
     /* 23505 unique: names the constraint and its columns */
-    CHECK_INT_EQ(run(&(req_t){"wbt.parent", TP_WB_INSERT, .body = "{\"id\":2,\"code\":\"p1\"}"}, &a),
-                 409);
+    CHECK_INT_EQ(
+        run(&(req_t){"wbt.parent", TP_WB_INSERT, .body = "{\"id\":2,\"code\":\"p1\"}"}, &a), 409);
     CHECK_FIELD(a.body, "code", "unique-violation");
     CHECK_CONTAINS(a.body, "parent_code_key");
     CHECK_ERROR(a.body, "code", "must be unique");
     tp_wb_answer_free(&a);
     /* 23503 referencing a missing row: 422 naming the column */
-    CHECK_INT_EQ(run(&(req_t){"wbt.child", TP_WB_INSERT, .body = "{\"a\":3,\"b\":\"z\",\"parent_id\":42}"},
-                     &a),
-                 422);
+    CHECK_INT_EQ(
+        run(&(req_t){"wbt.child", TP_WB_INSERT, .body = "{\"a\":3,\"b\":\"z\",\"parent_id\":42}"},
+            &a),
+        422);
     CHECK_FIELD(a.body, "code", "foreign-key-violation");
     CHECK_ERROR(a.body, "parent_id", "refers to a missing row");
     tp_wb_answer_free(&a);
@@ -1089,16 +1140,17 @@ static void test_error_mapping(void)
     CHECK_CONTAINS(a.body, "child_parent_fk");
     tp_wb_answer_free(&a);
     /* 23514 check: names the constraint */
-    CHECK_INT_EQ(run(&(req_t){"wbt.child", TP_WB_INSERT, .body = "{\"a\":4,\"b\":\"z\",\"ratio\":500}"},
-                     &a),
-                 422);
+    CHECK_INT_EQ(
+        run(&(req_t){"wbt.child", TP_WB_INSERT, .body = "{\"a\":4,\"b\":\"z\",\"ratio\":500}"}, &a),
+        422);
     CHECK_CONTAINS(a.body, "child_ratio_ck");
     CHECK_ERROR(a.body, "ratio", "child_ratio_ck");
     tp_wb_answer_free(&a);
     /* 22xxx data exception: numeric(30,10) overflow */
-    CHECK_INT_EQ(run(&(req_t){"wbt.child", TP_WB_INSERT, .body = "{\"a\":5,\"b\":\"z\",\"amount\":1e40}"},
-                     &a),
-                 422);
+    CHECK_INT_EQ(
+        run(&(req_t){"wbt.child", TP_WB_INSERT, .body = "{\"a\":5,\"b\":\"z\",\"amount\":1e40}"},
+            &a),
+        422);
     CHECK_FIELD(a.body, "code", "invalid-value");
     tp_wb_answer_free(&a);
     /* 23502 not null (a CHECK-less NOT NULL the validator could not see: a default
@@ -1112,8 +1164,14 @@ static void test_error_mapping(void)
     exec_ok(main_conn, "ALTER TABLE wbt.parent DROP COLUMN must");
     /* a lost connection: 503 with Retry-After and what to do */
     const tp_wb_table_t *t = T("app.user_notes");
-    tp_wb_request_t r = {.op = TP_WB_INSERT, .method = "POST", .path = "/p", .body = "{\"user_id\":1,\"note\":\"n\"}",
-                         .body_len = 24, .idem_key = "k-lost", .actor = "alice", .key_ttl_s = 60};
+    tp_wb_request_t r = {.op = TP_WB_INSERT,
+                         .method = "POST",
+                         .path = "/p",
+                         .body = "{\"user_id\":1,\"note\":\"n\"}",
+                         .body_len = 24,
+                         .idem_key = "k-lost",
+                         .actor = "alice",
+                         .key_ttl_s = 60};
     tp_wb_call_t *call;
     CHECK(t && tp_wb_prepare(t, &r, &call, &a));
     if (call) {
@@ -1125,7 +1183,8 @@ static void test_error_mapping(void)
         tp_wb_call_free(call);
     }
     /* serialization failures are resent (the statement wrote nothing), then 503 */
-    PGresult *ser = PQexec(main_conn, "DO $$BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '40001'; END$$");
+    PGresult *ser =
+        PQexec(main_conn, "DO $$BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '40001'; END$$");
     CHECK(t && tp_wb_prepare(t, &r, &call, &a));
     if (call) {
         CHECK_INT_EQ(tp_wb_finish(call, ser, NULL, &a), TP_WB_RESEND);
@@ -1148,16 +1207,17 @@ static void test_owner_scoping(void)
                      &a),
                  404);
     tp_wb_answer_free(&a);
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_DELETE, .pk = id, .actor = "mallory"}, &a), 404);
+    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_DELETE, .pk = id, .actor = "mallory"}, &a),
+                 404);
     tp_wb_answer_free(&a);
     char body[96];
     snprintf(body, sizeof body, "[{\"id\":%s,\"changes\":{\"note\":\"x\"}}]", id);
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_UPDATE, .body = body, .actor = "mallory"}, &a),
-                 404);
+    CHECK_INT_EQ(
+        run(&(req_t){"app.user_notes", TP_WB_UPDATE, .body = body, .actor = "mallory"}, &a), 404);
     tp_wb_answer_free(&a);
     /* the owner can */
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_UPDATE, .pk = id, .body = "{\"note\":\"still\"}",
-                              .actor = "carol"},
+    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_UPDATE, .pk = id,
+                              .body = "{\"note\":\"still\"}", .actor = "carol"},
                      &a),
                  200);
     CHECK_FIELD(a.body, "author", "carol");
@@ -1185,9 +1245,15 @@ static void test_connection_lost(void)
     const tp_wb_table_t *t = T("app.user_notes");
     char path[64];
     snprintf(path, sizeof path, "/api/v1/tables/app.user_notes/%s", id);
-    tp_wb_request_t r = {.op = TP_WB_UPDATE, .method = "PATCH", .path = path, .pk = id,
-                         .body = "{\"note\":\"after\"}", .body_len = 16, .idem_key = "k-kill",
-                         .actor = "alice", .key_ttl_s = 60};
+    tp_wb_request_t r = {.op = TP_WB_UPDATE,
+                         .method = "PATCH",
+                         .path = path,
+                         .pk = id,
+                         .body = "{\"note\":\"after\"}",
+                         .body_len = 16,
+                         .idem_key = "k-kill",
+                         .actor = "alice",
+                         .key_ttl_s = 60};
     tp_wb_call_t *call;
     tp_wb_answer_t a;
     if (!t || !tp_wb_prepare(t, &r, &call, &a)) {
@@ -1210,7 +1276,8 @@ static void test_connection_lost(void)
     free(killed);
     free(pid);
     PGresult *res = PQgetResult(victim);
-    tp_wb_next_t next = tp_wb_finish(call, res, PQstatus(victim) == CONNECTION_OK ? NULL : "lost", &a);
+    tp_wb_next_t next =
+        tp_wb_finish(call, res, PQstatus(victim) == CONNECTION_OK ? NULL : "lost", &a);
     PQclear(res);
     while ((res = PQgetResult(victim)) != NULL)
         PQclear(res);
@@ -1229,8 +1296,8 @@ static void test_connection_lost(void)
     free(v);
     /* the retry (a new connection, the same call) writes once */
     tp_wb_call_free(call);
-    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_UPDATE, .pk = id, .body = "{\"note\":\"after\"}",
-                              .key = "k-kill"},
+    CHECK_INT_EQ(run(&(req_t){"app.user_notes", TP_WB_UPDATE, .pk = id,
+                              .body = "{\"note\":\"after\"}", .key = "k-kill"},
                      &a),
                  200);
     CHECK(!a.replayed);
@@ -1261,16 +1328,21 @@ static char *bridge(const tp_wb_batch_t *b)
         } else if (*p == ':' && p[1] != ':' && (p == b->sql || p[-1] != ':')) {
             size_t n = strspn(p + 1, "abcdefghijklmnopqrstuvwxyz0123456789_");
             size_t k = 0;
-            while (k < b->nparams && (strlen(b->params[k].name) != n ||
-                                      strncmp(b->params[k].name, p + 1, n) != 0))
+            while (k < b->nparams &&
+                   (strlen(b->params[k].name) != n || strncmp(b->params[k].name, p + 1, n) != 0))
                 k++;
             CHECK_MSG(k < b->nparams, "unknown parameter %.*s", (int)n, p + 1);
             const char *ty = k < b->nparams ? b->params[k].type : "STRING";
-            static const char *map[][2] = {{"SMALLINT", "int2"}, {"INT", "int4"},
-                                           {"BIGINT", "int8"},   {"DOUBLE", "float8"},
-                                           {"FLOAT", "float4"},  {"BOOLEAN", "boolean"},
-                                           {"DATE", "date"},     {"TIMESTAMP", "timestamptz"},
-                                           {"TIMESTAMP_NTZ", "timestamp"}, {"STRING", "text"}};
+            static const char *map[][2] = {{"SMALLINT", "int2"},
+                                           {"INT", "int4"},
+                                           {"BIGINT", "int8"},
+                                           {"DOUBLE", "float8"},
+                                           {"FLOAT", "float4"},
+                                           {"BOOLEAN", "boolean"},
+                                           {"DATE", "date"},
+                                           {"TIMESTAMP", "timestamptz"},
+                                           {"TIMESTAMP_NTZ", "timestamp"},
+                                           {"STRING", "text"}};
             const char *pg = strncmp(ty, "DECIMAL", 7) == 0 ? "numeric" : NULL;
             for (size_t m = 0; !pg && m < TP_ARRAY_LEN(map); m++)
                 if (strcmp(map[m][0], ty) == 0)
@@ -1361,42 +1433,53 @@ static void test_outbox_ship(void)
     const char *t = "app.device_assignments";
     for (int d = 100; d < 110; d++) {
         char body[96];
-        snprintf(body, sizeof body, "{\"device_id\":%d,\"user_id\":%d,\"note\":\"n%d\"}", d, d % 3 + 1, d);
+        snprintf(body, sizeof body, "{\"device_id\":%d,\"user_id\":%d,\"note\":\"n%d\"}", d,
+                 d % 3 + 1, d);
         CHECK_INT_EQ(run(&(req_t){t, TP_WB_INSERT, .body = body}, &a), 201);
         tp_wb_answer_free(&a);
     }
-    CHECK_INT_EQ(run(&(req_t){t, TP_WB_UPDATE, .body = "[{\"device_id\":100,\"if_match\":1,\"changes\":"
-                                                       "{\"note\":\"b\"}},{\"device_id\":101,\"if_match\":1,"
-                                                       "\"changes\":{\"note\":null}}]"},
+    CHECK_INT_EQ(run(&(req_t){t, TP_WB_UPDATE,
+                              .body = "[{\"device_id\":100,\"if_match\":1,\"changes\":"
+                                      "{\"note\":\"b\"}},{\"device_id\":101,\"if_match\":1,"
+                                      "\"changes\":{\"note\":null}}]"},
                      &a),
                  200);
     tp_wb_answer_free(&a);
-    CHECK_INT_EQ(run(&(req_t){t, TP_WB_UPDATE, .pk = "100", .if_match = "\"2\"", .body = "{\"user_id\":9}"}, &a),
-                 200);
+    CHECK_INT_EQ(
+        run(&(req_t){t, TP_WB_UPDATE, .pk = "100", .if_match = "\"2\"", .body = "{\"user_id\":9}"},
+            &a),
+        200);
     tp_wb_answer_free(&a);
     CHECK_INT_EQ(run(&(req_t){t, TP_WB_DELETE, .pk = "102", .if_match = "\"1\""}, &a), 200);
     tp_wb_answer_free(&a);
-    CHECK_INT_EQ(run(&(req_t){t, TP_WB_INSERT, .body = "{\"device_id\":102,\"user_id\":4}"}, &a), 201);
+    CHECK_INT_EQ(run(&(req_t){t, TP_WB_INSERT, .body = "{\"device_id\":102,\"user_id\":4}"}, &a),
+                 201);
     tp_wb_answer_free(&a);
     CHECK_INT_EQ(ship_all(), 3);
     check_lakehouse_matches();
 
     /* a failed shipment backs off and is retried later, keeping the order */
-    CHECK_INT_EQ(run(&(req_t){t, TP_WB_UPDATE, .pk = "103", .if_match = "\"1\"", .body = "{\"note\":\"f\"}"}, &a),
-                 200);
+    CHECK_INT_EQ(
+        run(&(req_t){t, TP_WB_UPDATE, .pk = "103", .if_match = "\"1\"", .body = "{\"note\":\"f\"}"},
+            &a),
+        200);
     tp_wb_answer_free(&a);
     tp_wb_batch_t *b;
     char err[512] = "";
     CHECK_INT_EQ(tp_wb_ship_next(main_conn, schema, 50, &b, err, sizeof err), 1);
-    CHECK(tp_wb_ship_done(main_conn, b, false, "stmt-x", "HTTP 503 from the warehouse", err, sizeof err));
+    CHECK(tp_wb_ship_done(main_conn, b, false, "stmt-x", "HTTP 503 from the warehouse", err,
+                          sizeof err));
     tp_wb_batch_free(b);
-    CHECK_INT_EQ(count("SELECT count(*) FROM tidepool.writeback_outbox WHERE shipped_at IS NULL AND "
-                       "attempts = 1 AND last_error = 'HTTP 503 from the warehouse' AND "
-                       "next_attempt_at > now()"),
-                 1);
+    CHECK_INT_EQ(
+        count("SELECT count(*) FROM tidepool.writeback_outbox WHERE shipped_at IS NULL AND "
+              "attempts = 1 AND last_error = 'HTTP 503 from the warehouse' AND "
+              "next_attempt_at > now()"),
+        1);
     CHECK_INT_EQ(tp_wb_ship_next(main_conn, schema, 50, &b, err, sizeof err), 0); /* backing off */
     CHECK_INT_EQ(count(TP_WB_BACKLOG_SQL), 1);
-    exec_ok(main_conn, "UPDATE tidepool.writeback_outbox SET next_attempt_at = now() WHERE shipped_at IS NULL");
+    exec_ok(
+        main_conn,
+        "UPDATE tidepool.writeback_outbox SET next_attempt_at = now() WHERE shipped_at IS NULL");
     CHECK_INT_EQ(ship_all(), 1);
     check_lakehouse_matches();
 }
@@ -1436,8 +1519,9 @@ static bool ship_to_warehouse(const tp_wh_config_t *cfg, const tp_wb_batch_t *b,
     tp_wh_result_t res;
     bool ok = tp_wh_run(cfg, &req, &res);
     *stmt_id = res.statement_id ? tp_xstrdup(res.statement_id) : NULL;
-    *error = ok ? NULL : tp_xasprintf("%s: %s", tp_wh_status_name(res.status),
-                                      res.message ? res.message : "?");
+    *error =
+        ok ? NULL
+           : tp_xasprintf("%s: %s", tp_wh_status_name(res.status), res.message ? res.message : "?");
     tp_wh_result_clear(&res);
     free(ps);
     return ok;
@@ -1480,14 +1564,17 @@ static void test_outbox_emulator(void)
     /* changes made while the warehouse is down */
     tp_wb_answer_t a;
     const char *t = "app.device_assignments";
-    CHECK_INT_EQ(run(&(req_t){t, TP_WB_INSERT, .body = "[{\"device_id\":300,\"user_id\":1,\"note\":"
-                                                     "\"it's \\\"quoted\\\" \\u00e9\"},{\"device_id\":301,"
-                                                     "\"user_id\":2}]"},
+    CHECK_INT_EQ(run(&(req_t){t, TP_WB_INSERT,
+                              .body = "[{\"device_id\":300,\"user_id\":1,\"note\":"
+                                      "\"it's \\\"quoted\\\" \\u00e9\"},{\"device_id\":301,"
+                                      "\"user_id\":2}]"},
                      &a),
                  201);
     tp_wb_answer_free(&a);
-    CHECK_INT_EQ(run(&(req_t){t, TP_WB_UPDATE, .pk = "300", .if_match = "\"1\"", .body = "{\"user_id\":5}"}, &a),
-                 200);
+    CHECK_INT_EQ(
+        run(&(req_t){t, TP_WB_UPDATE, .pk = "300", .if_match = "\"1\"", .body = "{\"user_id\":5}"},
+            &a),
+        200);
     tp_wb_answer_free(&a);
     char err[512] = "";
     tp_wb_batch_t *b;
@@ -1508,8 +1595,14 @@ static void test_outbox_emulator(void)
                        "shipped_at IS NULL");
 
     /* the warehouse is back */
-    char *argv[] = {(char *)tp_test_bin("tidepool-warehouse"), "--listen", listen, "--dsn", lake,
-                    "--token", EMU_TOKEN, NULL};
+    char *argv[] = {(char *)tp_test_bin("tidepool-warehouse"),
+                    "--listen",
+                    listen,
+                    "--dsn",
+                    lake,
+                    "--token",
+                    EMU_TOKEN,
+                    NULL};
     pid_t pid = tp_test_spawn(argv, log);
     CHECK(pid > 0 && tp_test_wait_port(port, 10000));
     int batches = 0;
@@ -1568,9 +1661,15 @@ static void test_latency(void)
         char key[32], body[64], path[] = "/api/v1/tables/app.user_notes";
         snprintf(key, sizeof key, "lat-%d", i);
         snprintf(body, sizeof body, "{\"user_id\":%d,\"note\":\"lat\"}", i % 100 + 1);
-        tp_wb_request_t r = {.op = TP_WB_INSERT, .method = "POST", .path = path, .body = body,
-                             .body_len = strlen(body), .idem_key = key, .actor = "alice",
-                             .request_id = "lat", .key_ttl_s = 3600};
+        tp_wb_request_t r = {.op = TP_WB_INSERT,
+                             .method = "POST",
+                             .path = path,
+                             .body = body,
+                             .body_len = strlen(body),
+                             .idem_key = key,
+                             .actor = "alice",
+                             .request_id = "lat",
+                             .key_ttl_s = 3600};
         tp_wb_call_t *call;
         tp_wb_answer_t a;
         if (!tp_wb_prepare(t, &r, &call, &a)) {
@@ -1605,10 +1704,16 @@ static void test_latency(void)
     free(out);
     tp_buf_t sc = {0};
     tp_buf_puts(&sc, "\\set k random(1, 1000000000000)\n");
-    static const char *vals[] = {"'bench'",  "'req'",  "('k' || :k)",
-                                 "'0000000000000000000000000000000000000000000000000000000000000000'",
-                                 "3600",     "'POST'", "'/api/v1/tables/app.user_notes'",
-                                 "'[{\"user_id\":1,\"note\":\"bench\"}]'", "true"};
+    static const char *vals[] = {
+        "'bench'",
+        "'req'",
+        "('k' || :k)",
+        "'0000000000000000000000000000000000000000000000000000000000000000'",
+        "3600",
+        "'POST'",
+        "'/api/v1/tables/app.user_notes'",
+        "'[{\"user_id\":1,\"note\":\"bench\"}]'",
+        "true"};
     for (const char *q = t->sql[TP_WB_INSERT]; *q; q++) {
         if (*q == '$' && q[1] >= '1' && q[1] <= '9') {
             tp_buf_puts(&sc, vals[q[1] - '1']);
@@ -1646,6 +1751,7 @@ int main(void)
     main_conn = conn_new();
     TP_RUN(test_reflect_demo);
     TP_RUN(test_reflect_errors);
+    TP_RUN(test_json_schema);
     TP_RUN(test_validation);
     TP_RUN(test_insert);
     TP_RUN(test_patch_and_if_match);

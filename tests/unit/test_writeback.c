@@ -64,7 +64,8 @@ static void test_grammar_errors(void)
 {
     expect_error("@writable", "roles=ROLE[,ROLE...] is required");
     expect_error("@writable read=reader", "roles=ROLE");
-    expect_error("@writable roles=writer colour=blue", "unknown key 'colour' in token 'colour=blue'");
+    expect_error("@writable roles=writer colour=blue",
+                 "unknown key 'colour' in token 'colour=blue'");
     expect_error("@writable roles=writer owner", "token 'owner' is not key=value");
     expect_error("@writable roles=writer owner=", "token 'owner=' is not key=value");
     expect_error("@writable roles=writer =x", "token '=x' is not key=value");
