@@ -340,52 +340,30 @@ void tp_wb_json_schema(const tp_wb_table_t *t, tp_buf_t *out)
             tp_buf_putc(out, ',');
         tp_buf_json_str(out, c->name);
         tp_buf_putc(out, ':');
-        const char *nul = c->not_null ? "" : ",\"null\"";
-        switch (c->kind) {
-        case TP_WB_INT2:
-            tp_buf_printf(out, "{\"type\":[\"integer\"%s],\"minimum\":-32768,\"maximum\":32767",
-                          nul);
-            break;
-        case TP_WB_INT4:
-            tp_buf_printf(out,
-                          "{\"type\":[\"integer\"%s],\"minimum\":-2147483648,"
-                          "\"maximum\":2147483647",
-                          nul);
-            break;
-        case TP_WB_INT8:
-            tp_buf_printf(out, "{\"type\":[\"integer\"%s],\"format\":\"int64\"", nul);
-            break;
-        case TP_WB_NUMERIC:
-        case TP_WB_FLOAT:
-            tp_buf_printf(out, "{\"type\":[\"number\"%s]", nul);
-            break;
-        case TP_WB_BOOL:
-            tp_buf_printf(out, "{\"type\":[\"boolean\"%s]", nul);
-            break;
-        case TP_WB_TEXT:
-            tp_buf_printf(out, "{\"type\":[\"string\"%s]", nul);
-            if (c->max_chars >= 0)
-                tp_buf_printf(out, ",\"maxLength\":%d", c->max_chars);
-            break;
-        case TP_WB_DATE:
-            tp_buf_printf(out, "{\"type\":[\"string\"%s],\"format\":\"date\"", nul);
-            break;
-        case TP_WB_TIMESTAMPTZ:
-            tp_buf_printf(out, "{\"type\":[\"string\"%s],\"format\":\"date-time\"", nul);
-            break;
-        case TP_WB_UUID:
-            tp_buf_printf(out, "{\"type\":[\"string\"%s],\"format\":\"uuid\"", nul);
-            break;
-        case TP_WB_JSON:
-            tp_buf_puts(out, "{");
-            break;
-        case TP_WB_TIMESTAMP:
-        case TP_WB_OTHER:
-            tp_buf_printf(out, "{\"type\":[\"string\"%s]", nul);
-            break;
-        }
-        if (c->kind != TP_WB_JSON)
-            tp_buf_putc(out, ',');
+        /* per kind: JSON type (NULL: any value) and extra keywords */
+        static const struct {
+            const char *type, *extra;
+        } js[] = {
+            [TP_WB_INT2] = {"integer", ",\"minimum\":-32768,\"maximum\":32767"},
+            [TP_WB_INT4] = {"integer", ",\"minimum\":-2147483648,\"maximum\":2147483647"},
+            [TP_WB_INT8] = {"integer", ",\"format\":\"int64\""},
+            [TP_WB_NUMERIC] = {"number", ""},
+            [TP_WB_FLOAT] = {"number", ""},
+            [TP_WB_BOOL] = {"boolean", ""},
+            [TP_WB_TEXT] = {"string", ""},
+            [TP_WB_DATE] = {"string", ",\"format\":\"date\""},
+            [TP_WB_TIMESTAMPTZ] = {"string", ",\"format\":\"date-time\""},
+            [TP_WB_TIMESTAMP] = {"string", ""},
+            [TP_WB_UUID] = {"string", ",\"format\":\"uuid\""},
+            [TP_WB_JSON] = {NULL, ""},
+            [TP_WB_OTHER] = {"string", ""},
+        };
+        tp_buf_putc(out, '{');
+        if (js[c->kind].type)
+            tp_buf_printf(out, "\"type\":[\"%s\"%s]%s,", js[c->kind].type,
+                          c->not_null ? "" : ",\"null\"", js[c->kind].extra);
+        if (c->kind == TP_WB_TEXT && c->max_chars >= 0)
+            tp_buf_printf(out, "\"maxLength\":%d,", c->max_chars);
         tp_buf_puts(out, "\"x-postgres-type\":");
         tp_buf_json_str(out, c->type_sql);
         if (c->readonly)

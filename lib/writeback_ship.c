@@ -62,32 +62,21 @@ void tp_wb_batch_free(tp_wb_batch_t *b)
 /* Databricks type of a column for a typed parameter. */
 static char *wh_type(const tp_wb_col_t *c)
 {
-    switch (c->kind) {
-    case TP_WB_INT2:
-        return tp_xstrdup("SMALLINT");
-    case TP_WB_INT4:
-        return tp_xstrdup("INT");
-    case TP_WB_INT8:
-        return tp_xstrdup("BIGINT");
-    case TP_WB_FLOAT:
-        return tp_xstrdup(strcmp(c->type_sql, "real") == 0 ? "FLOAT" : "DOUBLE");
-    case TP_WB_BOOL:
-        return tp_xstrdup("BOOLEAN");
-    case TP_WB_DATE:
-        return tp_xstrdup("DATE");
-    case TP_WB_TIMESTAMPTZ:
-        return tp_xstrdup("TIMESTAMP");
-    case TP_WB_TIMESTAMP:
-        return tp_xstrdup("TIMESTAMP_NTZ");
-    case TP_WB_NUMERIC: {
-        int p, sc;
-        if (sscanf(c->type_sql, "numeric(%d,%d)", &p, &sc) == 2)
-            return tp_xasprintf("DECIMAL(%d,%d)", p, sc);
-        return tp_xstrdup("DECIMAL(38,18)");
-    }
-    default:
-        return tp_xstrdup("STRING");
-    }
+    static const char *const names[] = {
+        [TP_WB_INT2] = "SMALLINT",         [TP_WB_INT4] = "INT",
+        [TP_WB_INT8] = "BIGINT",           [TP_WB_NUMERIC] = "DECIMAL(38,18)",
+        [TP_WB_FLOAT] = "DOUBLE",          [TP_WB_BOOL] = "BOOLEAN",
+        [TP_WB_TEXT] = "STRING",           [TP_WB_DATE] = "DATE",
+        [TP_WB_TIMESTAMPTZ] = "TIMESTAMP", [TP_WB_TIMESTAMP] = "TIMESTAMP_NTZ",
+        [TP_WB_UUID] = "STRING",           [TP_WB_JSON] = "STRING",
+        [TP_WB_OTHER] = "STRING",
+    };
+    int p, sc;
+    if (c->kind == TP_WB_NUMERIC && sscanf(c->type_sql, "numeric(%d,%d)", &p, &sc) == 2)
+        return tp_xasprintf("DECIMAL(%d,%d)", p, sc);
+    if (c->kind == TP_WB_FLOAT && strcmp(c->type_sql, "real") == 0)
+        return tp_xstrdup("FLOAT");
+    return tp_xstrdup(names[c->kind]);
 }
 
 static void put_bt(tp_buf_t *b, const char *name)
