@@ -322,6 +322,94 @@ void tp_fb_result_encode(const tp_fb_result_t *r, tp_fb_shape_t shape, tp_buf_t 
     tp_buf_putc(out, ']');
 }
 
+/* ---- a string-keyed hash index (keys are borrowed from the values) ---- */
+
+typedef struct ixnode {
+    uint64_t h;
+    const char *key;
+    void *val;
+    struct ixnode *next;
+} ixnode_t;
+
+typedef struct ix {
+    ixnode_t **b;
+    size_t nb, n;
+} ix_t;
+
+static uint64_t fnv1a(const char *s)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    return h;
+}
+
+static void ix_grow(ix_t *ix)
+{
+    size_t nb = ix->nb ? ix->nb * 2 : 64;
+    ixnode_t **b = tp_xcalloc(nb, sizeof *b);
+    for (size_t i = 0; i < ix->nb; i++)
+        for (ixnode_t *n = ix->b[i], *next; n; n = next) {
+            next = n->next;
+            n->next = b[n->h & (nb - 1)];
+            b[n->h & (nb - 1)] = n;
+        }
+    free(ix->b);
+    ix->b = b;
+    ix->nb = nb;
+}
+
+static void ix_put(ix_t *ix, const char *key, void *val)
+{
+    if (ix->n >= ix->nb)
+        ix_grow(ix);
+    ixnode_t *n = tp_xmalloc(sizeof *n);
+    n->h = fnv1a(key);
+    n->key = key;
+    n->val = val;
+    n->next = ix->b[n->h & (ix->nb - 1)];
+    ix->b[n->h & (ix->nb - 1)] = n;
+    ix->n++;
+}
+
+static void *ix_get(const ix_t *ix, const char *key)
+{
+    if (!ix->nb)
+        return NULL;
+    uint64_t h = fnv1a(key);
+    for (ixnode_t *n = ix->b[h & (ix->nb - 1)]; n; n = n->next)
+        if (n->h == h && strcmp(n->key, key) == 0)
+            return n->val;
+    return NULL;
+}
+
+/* Removes the entry for key whose value is val (no-op when absent). */
+static void ix_del(ix_t *ix, const char *key, const void *val)
+{
+    if (!ix->nb)
+        return;
+    uint64_t h = fnv1a(key);
+    for (ixnode_t **pp = &ix->b[h & (ix->nb - 1)]; *pp; pp = &(*pp)->next)
+        if ((*pp)->val == val) {
+            ixnode_t *n = *pp;
+            *pp = n->next;
+            free(n);
+            ix->n--;
+            return;
+        }
+}
+
+static void ix_free(ix_t *ix)
+{
+    for (size_t i = 0; i < ix->nb; i++)
+        for (ixnode_t *n = ix->b[i], *next; n; n = next) {
+            next = n->next;
+            free(n);
+        }
+    free(ix->b);
+    memset(ix, 0, sizeof *ix);
+}
+
 /* ---- registry objects ---- */
 
 typedef struct handle handle_t;
@@ -346,7 +434,7 @@ struct handle {
     bool deleted;
     int64_t touched_ms;
     int nwaiters;
-    handle_t *next;  /* fb->handles */
+    handle_t *next, *prev; /* fb->handles */
     handle_t *fnext; /* f->handles */
 };
 
@@ -388,6 +476,9 @@ struct tp_fb {
     flight_t *flights;
     handle_t *handles;
     centry_t *lru_head, *lru_tail;
+    ix_t cache_ix;  /* key -> centry */
+    ix_t handle_ix; /* id -> handle */
+    ix_t flight_ix; /* key -> flight that a request may still join */
     tp_fb_stats_t st;
 };
 
@@ -566,6 +657,7 @@ static void lru_push(tp_fb_t *fb, centry_t *e)
 
 static void centry_drop(tp_fb_t *fb, centry_t *e)
 {
+    ix_del(&fb->cache_ix, e->key, e);
     lru_unlink(fb, e);
     fb->st.cache_bytes -= (int64_t)e->bytes;
     fb->st.cache_entries--;
@@ -576,18 +668,16 @@ static void centry_drop(tp_fb_t *fb, centry_t *e)
 
 static centry_t *cache_find(tp_fb_t *fb, const char *key, int64_t now)
 {
-    for (centry_t *e = fb->lru_head; e; e = e->next) {
-        if (strcmp(e->key, key) != 0)
-            continue;
-        if (e->expires_ms <= now) {
-            centry_drop(fb, e);
-            return NULL;
-        }
-        lru_unlink(fb, e);
-        lru_push(fb, e);
-        return e;
+    centry_t *e = ix_get(&fb->cache_ix, key);
+    if (!e)
+        return NULL;
+    if (e->expires_ms <= now) {
+        centry_drop(fb, e);
+        return NULL;
     }
-    return NULL;
+    lru_unlink(fb, e);
+    lru_push(fb, e);
+    return e;
 }
 
 static void cache_put(tp_fb_t *fb, const char *key, tp_fb_result_t *r, int64_t now)
@@ -595,11 +685,9 @@ static void cache_put(tp_fb_t *fb, const char *key, tp_fb_result_t *r, int64_t n
     size_t bytes = tp_fb_result_bytes(r) + strlen(key);
     if (fb->cfg.result_ttl_ms <= 0 || (int64_t)bytes > fb->cfg.result_cache_bytes)
         return;
-    for (centry_t *e = fb->lru_head; e; e = e->next)
-        if (strcmp(e->key, key) == 0) {
-            centry_drop(fb, e);
-            break;
-        }
+    centry_t *old = ix_get(&fb->cache_ix, key);
+    if (old)
+        centry_drop(fb, old);
     while (fb->lru_tail && fb->st.cache_bytes + (int64_t)bytes > fb->cfg.result_cache_bytes)
         centry_drop(fb, fb->lru_tail);
     centry_t *e = tp_xcalloc(1, sizeof *e);
@@ -608,6 +696,7 @@ static void cache_put(tp_fb_t *fb, const char *key, tp_fb_result_t *r, int64_t n
     e->bytes = bytes;
     e->expires_ms = now + fb->cfg.result_ttl_ms;
     lru_push(fb, e);
+    ix_put(&fb->cache_ix, e->key, e);
     fb->st.cache_bytes += (int64_t)bytes;
     fb->st.cache_entries++;
 }
@@ -645,18 +734,23 @@ static handle_t *handle_new(tp_fb_t *fb, flight_t *f, const char *owner, int64_t
     h->fnext = f->handles;
     f->handles = h;
     h->next = fb->handles;
+    if (fb->handles)
+        fb->handles->prev = h;
     fb->handles = h;
+    ix_put(&fb->handle_ix, h->id, h);
     fb->st.handles++;
     return h;
 }
 
 static void handle_free(tp_fb_t *fb, handle_t *h)
 {
-    for (handle_t **pp = &fb->handles; *pp; pp = &(*pp)->next)
-        if (*pp == h) {
-            *pp = h->next;
-            break;
-        }
+    ix_del(&fb->handle_ix, h->id, h);
+    if (h->prev)
+        h->prev->next = h->next;
+    else
+        fb->handles = h->next;
+    if (h->next)
+        h->next->prev = h->prev;
     for (handle_t **pp = &h->f->handles; *pp; pp = &(*pp)->fnext)
         if (*pp == h) {
             *pp = h->fnext;
@@ -671,10 +765,8 @@ static void handle_free(tp_fb_t *fb, handle_t *h)
 
 static handle_t *handle_find(tp_fb_t *fb, const char *id, const char *owner)
 {
-    for (handle_t *h = fb->handles; h; h = h->next)
-        if (!h->deleted && strcmp(h->id, id) == 0)
-            return strcmp(h->owner, owner) == 0 ? h : NULL;
-    return NULL;
+    handle_t *h = ix_get(&fb->handle_ix, id);
+    return h && !h->deleted && strcmp(h->owner, owner) == 0 ? h : NULL;
 }
 
 /* True while someone still wants a running flight's answer. */
@@ -818,6 +910,7 @@ static void on_done(tp_wh_stmt_t *st, const tp_wh_result_t *res, void *arg)
         tp_logkv(f->cancel_why ? TP_LOG_INFO : TP_LOG_WARN, kv, "fallback statement failed: %s",
                  f->problem.detail);
     pthread_mutex_lock(&fb->lock);
+    ix_del(&fb->flight_ix, f->key, f);
     f->st = NULL;
     f->done = true;
     f->lp = NULL;
@@ -853,6 +946,7 @@ static void maybe_cancel(tp_fb_loop_t *lp, flight_t *f, const char *why)
     if (!f->done && f->lp == lp && f->st && !f->cancel_why &&
         !flight_wanted(f, tp_now_ms(), fb->cfg.abandon_ms)) {
         f->cancel_why = why;
+        ix_del(&fb->flight_ix, f->key, f);
         st = f->st;
         fb->st.cancelled++;
         fb->st.in_flight--; /* the warehouse stops it; it no longer costs */
@@ -947,6 +1041,9 @@ void tp_fb_free(tp_fb_t *fb)
         handle_free(fb, fb->handles);
     while (fb->lru_head)
         centry_drop(fb, fb->lru_head);
+    ix_free(&fb->cache_ix);
+    ix_free(&fb->handle_ix);
+    ix_free(&fb->flight_ix);
     free(fb->catalog);
     free(fb->schema);
     pthread_mutex_destroy(&fb->lock);
@@ -997,6 +1094,7 @@ void tp_fb_loop_free(tp_fb_loop_t *lp)
             continue;
         problem_set(&f->problem, 503, "server-shutting-down", f->st ? tp_wh_stmt_id(f->st) : NULL,
                     1, "the server is shutting down; the statement was abandoned");
+        ix_del(&fb->flight_ix, f->key, f);
         f->done = true;
         f->lp = NULL;
         f->st = NULL; /* tp_wh_free abandons it without calling on_done */
@@ -1134,12 +1232,9 @@ tp_fb_state_t tp_fb_start(tp_fb_loop_t *lp, const tp_fb_request_t *req, tp_fb_ou
             return out->state;
         }
     }
-    flight_t *f = NULL;
-    for (flight_t *g = fb->flights; g; g = g->next)
-        if (!g->done && !g->cancel_why && strcmp(g->key, key) == 0) {
-            f = g;
-            break;
-        }
+    flight_t *f = ix_get(&fb->flight_ix, key);
+    if (f && (f->done || f->cancel_why))
+        f = NULL; /* not reachable: both leave the index */
     if (f) {
         fb->st.joined++;
         out->shared = true;
@@ -1172,6 +1267,7 @@ tp_fb_state_t tp_fb_start(tp_fb_loop_t *lp, const tp_fb_request_t *req, tp_fb_ou
         f->counted = true;
         f->next = fb->flights;
         fb->flights = f;
+        ix_put(&fb->flight_ix, f->key, f);
         f->cacheable = fb->cfg.result_cache_bytes > 0;
     }
     handle_t *h = handle_new(fb, f, req->owner, now);

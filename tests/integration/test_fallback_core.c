@@ -445,6 +445,45 @@ static void submission_waits_at_the_warehouse(void)
     fb_down();
 }
 
+/* The result cache holds what fits in result_cache_bytes, least recently used out first. */
+static void cache_is_bounded_lru(void)
+{
+    fb_up((opts_t){0});
+    const char *d0[] = {"0", "2025-01-01"}, *d1[] = {"1", "2025-01-01"};
+    tp_fb_stats_t st;
+    int64_t one = 0;
+    for (int round = 0; round < 2; round++) {
+        if (round == 1) {
+            /* room for one result and a half: the second pushes the first out */
+            tp_fb_stats(FB, &st);
+            one = st.cache_bytes;
+            tp_fb_config_t fc = {.max_in_flight = 16, .result_cache_bytes = one * 3 / 2,
+                                 .max_result_bytes = 1 << 20, .result_ttl_ms = 60000,
+                                 .abandon_ms = 60000, .timeout_ms = 20000};
+            tp_fb_configure(FB, &fc);
+        }
+        got_t g = {0};
+        tp_fb_outcome_t o;
+        tp_fb_waiter_t *w;
+        CHECK_INT_EQ(start("readings", round ? d1 : d0, "u", NULL, 5000, &g, &o, &w), TP_FB_WAITING);
+        spin(&g.called, 8000);
+        CHECK_INT_EQ(g.o.state, TP_FB_READY);
+        tp_fb_outcome_clear(&g.o);
+    }
+    tp_fb_stats(FB, &st);
+    CHECK_INT_EQ(st.cache_entries, 1); /* dev 1 pushed dev 0 out */
+    CHECK(one > 0 && st.cache_bytes > 0 && st.cache_bytes <= one * 3 / 2);
+    tp_fb_outcome_t o;
+    tp_fb_waiter_t *w;
+    got_t g = {0};
+    CHECK_INT_EQ(start("readings", d1, "u", NULL, 5000, &g, &o, &w), TP_FB_READY);
+    tp_fb_outcome_clear(&o);
+    CHECK_INT_EQ(start("readings", d0, "u", NULL, 5000, &g, &o, &w), TP_FB_WAITING);
+    spin(&g.called, 8000);
+    tp_fb_outcome_clear(&g.o);
+    fb_down();
+}
+
 static void single_flight(void)
 {
     fb_up((opts_t){0});
@@ -777,6 +816,7 @@ int main(void)
     CHECK(load_defs());
     TP_RUN(routing_rules);
     TP_RUN(result_shapes_and_cache);
+    TP_RUN(cache_is_bounded_lru);
     TP_RUN(single_flight);
     TP_RUN(submission_waits_at_the_warehouse);
     TP_RUN(wait_budget_then_poll);
