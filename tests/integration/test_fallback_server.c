@@ -57,7 +57,8 @@ static void write_defs(void)
     harness_def(&S, "pgfast.sql", "SELECT 1 AS one\n");
 }
 
-static bool start_server(srv_h_t *s, const char *extra, const char *name);
+static bool start_server(srv_h_t *s, const char *extra, const char *name, const char *dsn,
+                         bool ready);
 
 static bool start_all(void)
 {
@@ -77,12 +78,13 @@ static bool start_all(void)
     EMU = tp_test_spawn(eargv, EMU_LOG);
     if (EMU <= 0 || !tp_test_wait_port(EMU_PORT, 10000))
         return false;
-    return start_server(&S, "", "fallback-server");
+    return start_server(&S, "", "fallback-server", DSN, true);
 }
 
 /* Starts a tidepool-server on s with the emulator as its warehouse; extra is
  * more INI text (e.g. an [auth] section). */
-static bool start_server(srv_h_t *s, const char *extra, const char *name)
+static bool start_server(srv_h_t *s, const char *extra, const char *name, const char *dsn,
+                         bool ready)
 {
     s->port = tp_test_free_port();
     if (s != &S)
@@ -94,14 +96,14 @@ static bool start_server(srv_h_t *s, const char *extra, const char *name)
              "[warehouse]\nhost = http://127.0.0.1:%d\nwarehouse_id = tidepool-local\ntoken = %s\n"
              "max_in_flight = 3\nwait = 5s\nmax_wait = 8s\nabandon_after = 3s\n"
              "max_result_bytes = 256k\n%s",
-             DSN, s->port, S.qdir, EMU_PORT, SVC, extra);
+             dsn, s->port, S.qdir, EMU_PORT, SVC, extra);
     char file[128];
     snprintf(file, sizeof file, "%s.conf", name);
     s->conf = tp_test_write_tmp(file, conf);
     s->log = tp_xasprintf("%s/%s.log", tp_test_tmpdir(), name);
     char *argv[] = {(char *)tp_test_bin("tidepool-server"), "--config", s->conf, NULL};
     s->pid = tp_test_spawn(argv, s->log);
-    return s->pid > 0 && tp_test_wait_port(s->port, 10000) && harness_ready(s);
+    return s->pid > 0 && tp_test_wait_port(s->port, 10000) && (!ready || harness_ready(s));
 }
 
 /* Statement executions in the emulator's request log. */
@@ -636,7 +638,7 @@ static void handles_belong_to_their_principal(void)
     snprintf(extra, sizeof extra, "[auth]\nmode = token\ntoken_table = false\n"
                                   "tokens = alice:reader:%s, bob:reader:%s\n", ha, hb);
     srv_h_t A = {0};
-    if (!start_server(&A, extra, "auth-server")) {
+    if (!start_server(&A, extra, "auth-server", DSN, true)) {
         CHECK_MSG(false, "auth server did not start; see %s", A.log);
         stop_server(&A);
         return;
@@ -670,6 +672,29 @@ static void handles_belong_to_their_principal(void)
     stop_server(&A);
 }
 
+/* A server whose Postgres is unreachable answers datasets with a twin from
+ * the warehouse; the others say 503. */
+static void postgres_down_routes_to_the_warehouse(void)
+{
+    char dead[128];
+    snprintf(dead, sizeof dead, "host=127.0.0.1 port=%d dbname=x user=x connect_timeout=2",
+             tp_test_free_port());
+    srv_h_t D = {0};
+    if (!start_server(&D, "", "pgdown-server", dead, false)) {
+        CHECK_MSG(false, "server did not start; see %s", D.log);
+        stop_server(&D);
+        return;
+    }
+    resp_t r = get(&D, "/api/v1/datasets/daily_metrics?user_id=1");
+    CHECK_WH(r, "postgres-unavailable");
+    CHECK_INT_EQ(json_array_size(r.json), 10);
+    resp_free(&r);
+    r = get(&D, "/api/v1/datasets/pgfast");
+    CHECK_INT_EQ(r.status, 503);
+    resp_free(&r);
+    stop_server(&D);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -690,6 +715,7 @@ int main(void)
         TP_RUN(failures);
         TP_RUN(postgres_unaffected_while_warehouse_slow);
         TP_RUN(handles_belong_to_their_principal);
+        TP_RUN(postgres_down_routes_to_the_warehouse);
     }
     harness_finish(&S);
     if (EMU > 0)
