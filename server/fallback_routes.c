@@ -23,6 +23,7 @@
 
 #include <event2/bufferevent.h>
 #include <event2/http.h>
+#include <jansson.h>
 #include <openssl/evp.h>
 
 #include "tidepool/fallback.h"
@@ -584,4 +585,72 @@ void fb_metrics(tp_buf_t *b)
         tp_buf_printf(b, "# HELP %s %s.\n# TYPE %s %s\n%s %lld\n", m[i].name, m[i].help,
                       m[i].name, m[i].type, m[i].name, v);
     }
+}
+
+static json_t *problem_ref(const char *description)
+{
+    return json_pack("{s:s,s:{s:{s:{s:s}}}}", "description", description, "content",
+                     "application/problem+json", "schema", "$ref", "#/components/schemas/Problem");
+}
+
+static json_t *accepted_response(void)
+{
+    return json_pack("{s:s,s:{s:{s:{s:s}},s:{s:{s:s}}},s:{s:{s:{s:s,s:{s:{s:s},s:{s:s},"
+                     "s:{s:s},s:{s:s}}}}}}",
+                     "description", "still running: poll Location", "headers", "Location",
+                     "schema", "type", "string", "Retry-After", "schema", "type", "integer",
+                     "content", "application/json", "schema", "type", "object", "properties",
+                     "statement_id", "type", "string", "state", "type", "string", "elapsed_ms",
+                     "type", "integer", "location", "type", "string");
+}
+
+void fb_openapi(json_t *paths, const tp_defs_set_t *set)
+{
+    json_t *prefer = json_pack("{s:s,s:s,s:s,s:{s:s}}", "name", "Prefer", "in", "header",
+                               "description", "wait=N: seconds to wait for the result before 202 "
+                                              "(capped by warehouse.max_wait); respond-async",
+                               "schema", "type", "string");
+    json_t *id = json_pack("{s:s,s:s,s:b,s:{s:s,s:s}}", "name", "id", "in", "path", "required", 1,
+                           "schema", "type", "string", "pattern", "^[0-9a-f]{32}$");
+    json_t *get = json_pack("{s:s,s:[O,O],s:{s:{s:s,s:{s:{},s:{}}},s:o,s:o,s:o,s:o,s:o,s:o}}",
+                            "summary", "poll a warehouse statement that answered 202",
+                            "parameters", id, prefer, "responses", "200", "description",
+                            "the result: rows, columns or CSV", "content", "application/json",
+                            "text/csv", "202", accepted_response(), "404",
+                            problem_ref("unknown, expired, cancelled or someone else's"), "413",
+                            problem_ref("result too large"), "422",
+                            problem_ref("the warehouse rejected a parameter"), "502",
+                            problem_ref("the warehouse failed"), "503",
+                            problem_ref("the warehouse is unavailable or rate-limiting"));
+    json_t *del = json_pack("{s:s,s:[O],s:{s:{s:s},s:o}}", "summary",
+                            "forget a statement handle and cancel its statement if nobody else "
+                            "waits for it",
+                            "parameters", id, "responses", "204", "description", "deleted", "404",
+                            problem_ref("unknown statement"));
+    json_object_set_new(paths, "/api/v1/statements/{id}", json_pack("{s:o,s:o}", "get", get,
+                                                                     "delete", del));
+    for (size_t i = 0; i < set->n_datasets; i++) {
+        const tp_defs_dataset_t *ds = &set->datasets[i];
+        if (!ds->has_wh)
+            continue;
+        char *path = tp_xasprintf("/api/v1/datasets/%s", ds->name);
+        json_t *item = json_object_get(paths, path);
+        free(path);
+        const char *methods[] = {"get", "post"};
+        for (size_t m = 0; item && m < 2; m++) {
+            json_t *op = json_object_get(item, methods[m]);
+            json_t *resp = json_object_get(op, "responses");
+            if (!resp)
+                continue;
+            json_array_append(json_object_get(op, "parameters"), prefer);
+            json_object_set_new(resp, "202", accepted_response());
+            json_object_set_new(resp, "429", problem_ref("too many warehouse statements in flight"));
+            json_object_set_new(resp, "502", problem_ref("the warehouse failed"));
+            json_object_set_new(resp, "504", problem_ref("the warehouse timed out"));
+            if (ds->obo)
+                json_object_set_new(resp, "401", problem_ref("X-Forwarded-Access-Token missing"));
+        }
+    }
+    json_decref(prefer);
+    json_decref(id);
 }

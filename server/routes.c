@@ -421,6 +421,7 @@ void h_openapi(rq_t *r)
         json_object_set_new(paths, path, json_pack("{s:o,s:o}", "get", get, "post", post));
         free(path);
     }
+    fb_openapi(paths, s);
     const tables_t *t = r->tables;
     for (size_t i = 0; i < t->n; i++) {
         const ttable_t *tb = &t->t[i];

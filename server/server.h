@@ -281,6 +281,10 @@ bool fb_statement_path(const char *path, const char **id);
 void h_statement(rq_t *r, const char *id);
 /* Appends the fallback's Prometheus metrics (tidepool_fallback_*) to b. */
 void fb_metrics(tp_buf_t *b);
+/* Adds /api/v1/statements/{id} to an OpenAPI paths object, and the fallback's
+ * answers (202, 401, 429, 502, 504) to the datasets of set that have a twin. */
+struct json_t;
+void fb_openapi(struct json_t *paths, const tp_defs_set_t *set);
 
 /* ---- tables.c ---- */
 /* Reflects @expose tables with a blocking connection (status thread only).

@@ -227,6 +227,18 @@ static void routing_rules(void)
     bad = get(&S, "/api/v1/datasets/pgfast?source=lake");
     CHECK_PROBLEM(bad, 400, "source");
     resp_free(&bad);
+    /* OpenAPI describes the statements endpoint and the fallback's answers */
+    resp_t doc = get(&S, "/api/v1/openapi.json");
+    json_t *paths = json_object_get(doc.json, "paths");
+    json_t *st = json_object_get(paths, "/api/v1/statements/{id}");
+    CHECK(json_object_get(st, "get") != NULL && json_object_get(st, "delete") != NULL);
+    json_t *slow = json_object_get(json_object_get(paths, "/api/v1/datasets/slow"), "get");
+    CHECK(json_object_get(json_object_get(slow, "responses"), "202") != NULL);
+    json_t *mine = json_object_get(json_object_get(paths, "/api/v1/datasets/mine"), "get");
+    CHECK(json_object_get(json_object_get(mine, "responses"), "401") != NULL);
+    json_t *pgf = json_object_get(json_object_get(paths, "/api/v1/datasets/pgfast"), "get");
+    CHECK(pgf != NULL && json_object_get(json_object_get(pgf, "responses"), "202") == NULL);
+    resp_free(&doc);
 }
 
 static void parallel(const char *const *paths, int n, const char *const *hdrs, long *status,
