@@ -1,19 +1,17 @@
 /* Fallback reads (include/tidepool/fallback.h): the routing decision, the
  * process-wide statement registry and the in-memory warehouse results.
  *
- * Objects, all under fb->lock: flights (one warehouse statement, keyed by
- * dataset + parameters [+ owner and token digest for @obo] while running),
- * handles (what a requester polls: id, owner, its flight), waiters (a request
- * waiting with a budget, each with its own event on its own loop), and the
- * result cache (LRU by bytes, TTL). A flight's warehouse statement is only
- * touched on the loop that started it (its owner loop); other loops mark
- * interest or lack of it and the owner's sweep timer acts on it. Completion
- * wakes waiters with event_active (thread-safe: the server enables
- * evthread). A flight lives while it runs or a handle refers to it.
+ * Objects, all under fb->lock (hash-indexed): flights (one warehouse
+ * statement, keyed by dataset + parameters [+ owner and token digest for
+ * @obo]), handles (what a requester polls), waiters (a request waiting with a
+ * budget, with its own event on its own loop) and the result cache (LRU by
+ * bytes, TTL). A flight's statement is only touched on the loop that started
+ * it; other loops mark interest and that loop's sweep timer acts on it.
+ * Completion wakes waiters with event_active (the server enables evthread).
+ * A flight lives while it runs or a handle refers to it.
  *
- * Not done here: HTTP (the server maps outcomes to responses), persistence
- * (handles die with the process), spilling big results to disk (over
- * max_result_bytes the statement fails with 413). */
+ * Not here: HTTP (the server maps outcomes to responses), persistence
+ * (handles die with the process), results over max_result_bytes (413). */
 #include "tidepool/fallback.h"
 
 #include <pthread.h>

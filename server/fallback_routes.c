@@ -2,18 +2,15 @@
  * HTTP side of lib/fallback.c.
  *
  * fb_dataset takes a validated dataset request, reads the worker's sync_state
- * view (syncstate_then) and asks tp_fb_route where it goes; Postgres reads go
- * back to dataset_postgres untouched. A warehouse read starts (or joins, or
- * answers from the result cache) a statement on this worker's fallback loop
- * and waits for it up to its budget (Prefer: wait=N, default warehouse.wait,
- * capped by warehouse.max_wait): 200 with the rows in the usual shapes, or
- * 202 with Location: /api/v1/statements/{id} and Retry-After. Every answer
- * says X-Tidepool-Source and X-Tidepool-Route-Reason. A waiting client that
- * disconnects detaches (the statement is cancelled when nobody else wants
- * it). GET /api/v1/statements/{id} polls (202 while running), DELETE cancels.
- * Handles belong to their creator: the authenticated principal plus, for
- * @obo datasets, a digest of the forwarded access token, so one user never
- * polls another's statement. */
+ * view and asks tp_fb_route where it goes; Postgres reads go back to
+ * dataset_postgres untouched. A warehouse read starts, joins or answers from
+ * the result cache, and waits up to its budget (Prefer: wait=N, default
+ * warehouse.wait, capped by warehouse.max_wait): 200 with the rows in the
+ * usual shapes, else 202 with Location and Retry-After; always with
+ * X-Tidepool-Source and X-Tidepool-Route-Reason. A waiting client that
+ * disconnects detaches. GET /api/v1/statements/{id} polls, DELETE cancels.
+ * Handles belong to the authenticated principal (plus, for @obo, a digest of
+ * the forwarded token), so one user never polls another's statement. */
 #include "server.h"
 
 #include <stddef.h>
