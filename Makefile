@@ -41,6 +41,7 @@ PROGRAMS := $(BINDIR)/tidepool-sync $(BINDIR)/tidepool-server $(BINDIR)/tidepool
 TESTBINS := $(patsubst tests/%.c,$(BUILDDIR)/tests/%,$(UNIT_SRCS))
 
 .PHONY: all check tests run install uninstall clean distclean deps bench
+.SECONDARY:
 all: $(PROGRAMS)
 
 $(BUILDDIR)/%.o: %.c

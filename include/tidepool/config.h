@@ -15,8 +15,21 @@
 
 #define TP_CONFIG_DEFAULT_PATH "/etc/tidepool/tidepool.conf"
 
+/* Where a setting's value came from (tp_config_t.origin, one per tp_settings entry). */
+typedef enum tp_cfg_source {
+    TP_CFG_SRC_DEFAULT,
+    TP_CFG_SRC_FILE,
+    TP_CFG_SRC_ENV,
+} tp_cfg_source_t;
+
+typedef struct tp_cfg_origin {
+    tp_cfg_source_t source;
+    int line; /* for TP_CFG_SRC_FILE */
+} tp_cfg_origin_t;
+
 typedef struct tp_config {
     char *path; /* file it came from, or NULL when built from defaults and env only */
+    tp_cfg_origin_t *origin; /* owned; indexed like tp_settings[] */
     struct {
         char *dsn;       /* libpq conninfo; "" = libpq's PG* environment */
         char *read_dsn;  /* optional read replica; "" = none */
@@ -61,33 +74,64 @@ typedef enum tp_cfg_type {
     TP_CFG_DURATION, /* int64_t milliseconds: "30s", "5m", bare number = seconds */
     TP_CFG_SIZE,     /* int64_t bytes: "64k", "16M" */
     TP_CFG_ENUM,     /* char *, one of choices */
+    TP_CFG_DSN,      /* char *, libpq conninfo or URI; printed with passwords masked */
+    TP_CFG_LISTEN,   /* char *, "ADDR:PORT" ("[::1]:8080" for IPv6), port 1-65535 */
 } tp_cfg_type_t;
 
 typedef struct tp_setting {
     const char *section;
     const char *key;
     tp_cfg_type_t type;
-    const char *default_value; /* textual, parsed like a file value; NULL = empty */
-    const char *env;           /* environment variable used when the file leaves it unset */
+    const char *default_value; /* textual, converted like a file value; NULL = empty */
+    const char *env;           /* environment variable used when the file leaves it unset
+                                  (an empty variable counts as unset) */
+    const char *env_value;     /* NULL: the variable's value as is; else this text with
+                                  "%s" replaced by it ("0.0.0.0:%s") */
     bool reloadable;           /* takes effect on SIGHUP without restart */
     bool secret;               /* masked wherever printed */
     size_t offset;             /* of the field in tp_config_t */
     int64_t min, max;          /* for INT, DURATION, SIZE */
     const char *const *choices; /* for ENUM, NULL-terminated */
-    const char *help;          /* one line for --check and the README reference */
+    const char *help;          /* one line for the reference (docs, README) */
 } tp_setting_t;
 
 extern const tp_setting_t tp_settings[];
 extern const size_t tp_settings_count;
 
 /* Loads path (NULL: defaults and environment only) into *out, which the caller
- * zero-initialises. On failure writes "file:line: message" (no secrets) into
- * err and returns false; *out is left freed. */
+ * zero-initialises (it is overwritten, not freed). Precedence per key: file,
+ * then environment, then default. On failure writes one line
+ * "file:line: message" ("env VAR: message" when the bad value came from the
+ * environment; "file: cannot read: reason" for an unreadable file) into err,
+ * never including a secret's value, and returns false with *out freed.
+ * Reload: load into a fresh struct and swap it in only when this returns true. */
 bool tp_config_load(tp_config_t *out, const char *path, char *err, size_t errlen) TP_WUR;
+/* Frees everything tp_config_load allocated and zeroes *c; NULL and a zeroed struct are fine. */
 void tp_config_free(tp_config_t *c);
-/* Prints every setting as "section.key = value  (source)" with secrets masked. */
+/* Prints every setting as "section.key = value  (file|env VAR|default)", one a
+ * line: secrets as "********" (or "(unset)" when empty), DSNs via tp_config_mask_dsn. */
 void tp_config_print(const tp_config_t *c, FILE *f);
-/* Prints the settings table as a Markdown reference (for README). */
+/* Prints the settings table as a Markdown reference (for README and docs). */
 void tp_config_print_reference(FILE *f);
+
+/* Returns a copy of a libpq conninfo ("host=h password=x") or URI
+ * ("postgresql://u:x@h/db?password=x") with every password (and sslpassword)
+ * replaced by "********". Malformed input is masked from the point where it
+ * stops parsing, so nothing secret slips through. Caller frees; NULL gives "". */
+char *tp_config_mask_dsn(const char *dsn);
+
+/* How the warehouse client authenticates: a token, when set, wins over an
+ * OAuth client id/secret pair (tp_config_load refuses half a pair). */
+typedef enum tp_config_wh_auth {
+    TP_WH_AUTH_NONE,  /* no credentials: only a warehouse that needs none works */
+    TP_WH_AUTH_TOKEN, /* warehouse.token as a bearer token */
+    TP_WH_AUTH_OAUTH, /* warehouse.client_id + client_secret, machine-to-machine */
+} tp_config_wh_auth_t;
+tp_config_wh_auth_t tp_config_warehouse_auth(const tp_config_t *c);
+
+/* For a reload: the first setting that is not reloadable and differs between
+ * old and fresh (the caller logs "restart needed for section.key" and keeps
+ * the old value or refuses the reload); NULL when everything may be swapped. */
+const tp_setting_t *tp_config_restart_needed(const tp_config_t *old, const tp_config_t *fresh);
 
 #endif
