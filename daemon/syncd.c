@@ -23,6 +23,8 @@
 #include "syncjob.h"
 #include "tidepool/defs.h"
 #include "tidepool/log.h"
+#include "tidepool/migrate.h"
+#include "tidepool/pg.h"
 #include "tidepool/wh.h"
 
 #define SLOT_MAGIC 0x736c6f74u
@@ -486,6 +488,27 @@ static char *password_from_file(void *arg)
 
 /* ---- entry ---- */
 
+/* Start-up: applies pending migrations (blocking, before the loop runs). */
+static bool migrate_at_start(const tp_config_t *cfg)
+{
+    char err[1024];
+    PGconn *c = tp_pg_connect(cfg->postgres.dsn, cfg->postgres.connect_timeout_ms, err, sizeof(err));
+    if (c == NULL) {
+        tp_error("%s", err);
+        return false;
+    }
+    int applied = 0;
+    bool ok = tp_migrate_apply(c, tp_migrate_default_dir(), &applied, err, sizeof(err));
+    PQfinish(c);
+    if (!ok) {
+        tp_error("migrations: %s", err);
+        return false;
+    }
+    if (applied > 0)
+        tp_info("applied %d migration(s)", applied);
+    return true;
+}
+
 static bool make_wh(syncd_t *d)
 {
     tp_wh_config_t wc;
@@ -537,6 +560,10 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
         return 2;
     }
 
+    if (opts->migrate && !migrate_at_start(cfg)) {
+        defset_unref(set);
+        return 1;
+    }
     d.base = event_base_new();
     if (d.base == NULL || !make_wh(&d)) {
         defset_unref(set);

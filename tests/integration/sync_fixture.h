@@ -1,0 +1,221 @@
+/* Shared set-up for the tidepool-sync integration tests (header-only, static):
+ * a "lakehouse" database served by the real emulator over HTTP, the harness
+ * Postgres as the target, job directories and config files in the test's
+ * temporary directory, and helpers to run the daemon. */
+#ifndef TIDEPOOL_TESTS_SYNC_FIXTURE_H
+#define TIDEPOOL_TESTS_SYNC_FIXTURE_H
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <libpq-fe.h>
+
+#include "../tp_test.h"
+
+typedef struct fx {
+    char *wh_dsn;    /* the emulator's database */
+    const char *dsn; /* the target database */
+    int port;
+    pid_t emu;
+    char *emu_log;
+} fx_t;
+
+static fx_t fx;
+
+static char *fx_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static char *fx_printf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *s = NULL;
+    if (vasprintf(&s, fmt, ap) < 0)
+        abort();
+    va_end(ap);
+    return s;
+}
+
+/* Runs sql on dsn; returns the first cell (caller frees) or NULL on error. */
+static char *fx_sql(const char *dsn, const char *sql)
+{
+    return tp_test_sql(dsn, sql);
+}
+
+static long long fx_num(const char *dsn, const char *sql)
+{
+    char *v = fx_sql(dsn, sql);
+    long long n = v && *v ? atoll(v) : -1;
+    free(v);
+    return n;
+}
+
+/* Same value in both databases? (e.g. a checksum of the source and the target) */
+static bool fx_same(const char *sql_wh, const char *sql_tgt, char **a_out)
+{
+    char *a = fx_sql(fx.wh_dsn, sql_wh);
+    char *b = fx_sql(fx.dsn, sql_tgt);
+    bool same = a && b && strcmp(a, b) == 0;
+    if (!same)
+        fprintf(stderr, "# differ: warehouse=%s target=%s\n", a ? a : "(err)", b ? b : "(err)");
+    if (a_out)
+        *a_out = a;
+    else
+        free(a);
+    free(b);
+    return same;
+}
+
+static bool fx_start_emulator(const char *faults)
+{
+    fx.port = tp_test_free_port();
+    char listen[64];
+    snprintf(listen, sizeof(listen), "127.0.0.1:%d", fx.port);
+    char *argv[16];
+    int n = 0;
+    argv[n++] = (char *)tp_test_bin("tidepool-warehouse");
+    argv[n++] = "--listen";
+    argv[n++] = listen;
+    argv[n++] = "--dsn";
+    argv[n++] = fx.wh_dsn;
+    argv[n++] = "--token";
+    argv[n++] = "tok-sync-test";
+    argv[n++] = "--chunk-rows";
+    argv[n++] = "40";
+    if (faults) {
+        argv[n++] = "--faults";
+        argv[n++] = (char *)faults;
+    }
+    argv[n] = NULL;
+    free(fx.emu_log);
+    fx.emu_log = fx_printf("%s/emulator-%d.log", tp_test_tmpdir(), fx.port);
+    fx.emu = tp_test_spawn(argv, fx.emu_log);
+    return fx.emu > 0 && tp_test_wait_port(fx.port, 10000);
+}
+
+static void fx_stop_emulator(void)
+{
+    if (fx.emu > 0)
+        tp_test_stop(fx.emu, 3000);
+    fx.emu = 0;
+}
+
+/* Creates the lakehouse database (wh_setup runs there) and starts the emulator.
+ * Returns false (and skips) when the harness has no Postgres. */
+static bool fx_setup(const char *prog, const char *wh_setup, const char *faults)
+{
+    fx.dsn = tp_test_dsn();
+    if (fx.dsn == NULL) {
+        tp_test_skip(prog, "no harness Postgres");
+        return false;
+    }
+    fx.wh_dsn = tp_test_new_db("lake");
+    char *r = fx_sql(fx.wh_dsn, wh_setup);
+    free(r);
+    char *root = getenv("TP_ROOT");
+    if (root) {
+        char *m = fx_printf("%s/sql/migrations", root);
+        setenv("TIDEPOOL_MIGRATIONS_DIR", m, 1);
+        free(m);
+    }
+    return fx_start_emulator(faults);
+}
+
+/* A fresh directory of job definitions under the test's tmpdir. */
+static char *fx_jobs_dir(const char *name)
+{
+    char *d = fx_printf("%s/%s", tp_test_tmpdir(), name);
+    mkdir(d, 0755);
+    return d;
+}
+
+static void fx_job(const char *dir, const char *name, const char *text)
+{
+    const char *base = strrchr(dir, '/') + 1;
+    char *rel = fx_printf("%s/%s.sql", base, name);
+    free(tp_test_write_tmp(rel, text));
+    free(rel);
+}
+
+/* A config file for the daemon: target Postgres, emulator, jobs dir. */
+static char *fx_config(const char *name, const char *jobs_dir, int max_jobs)
+{
+    char *text = fx_printf("[postgres]\ndsn = %s\n\n[warehouse]\nhost = http://127.0.0.1:%d\n"
+                           "warehouse_id = tidepool-local\ntoken = tok-sync-test\n\n"
+                           "[sync]\ndefinitions = %s\nmax_concurrent_jobs = %d\n\n[log]\nlevel = info\n",
+                           fx.dsn, fx.port, jobs_dir, max_jobs);
+    char *rel = fx_printf("%s.conf", name);
+    char *path = tp_test_write_tmp(rel, text);
+    free(rel);
+    free(text);
+    return path;
+}
+
+/* Runs tidepool-sync --once [job] with env prefix; returns the exit status. */
+static int fx_once(const char *conf, const char *job, const char *env, char **out)
+{
+    char *cmd = fx_printf("%s %s --config %s --once %s 2>&1", env ? env : "",
+                          tp_test_bin("tidepool-sync"), conf, job ? job : "");
+    char *o = NULL;
+    int rc = tp_test_cmd(cmd, &o);
+    free(cmd);
+    if (out)
+        *out = o;
+    else
+        free(o);
+    return rc;
+}
+
+/* Starts the daemon in the background (log in tmpdir). */
+static pid_t fx_daemon(const char *conf, const char *log_name)
+{
+    char *log = fx_printf("%s/%s", tp_test_tmpdir(), log_name);
+    char *argv[] = {(char *)tp_test_bin("tidepool-sync"), "--config", (char *)conf, NULL};
+    pid_t p = tp_test_spawn(argv, log);
+    free(log);
+    return p;
+}
+
+static char *fx_read_log(const char *log_name)
+{
+    char *p = fx_printf("%s/%s", tp_test_tmpdir(), log_name);
+    FILE *f = fopen(p, "r");
+    free(p);
+    if (!f)
+        return strdup("");
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *m = open_memstream(&buf, &len);
+    char tmp[4096];
+    size_t n;
+    while ((n = fread(tmp, 1, sizeof(tmp), f)) > 0)
+        fwrite(tmp, 1, n, m);
+    fclose(f);
+    fclose(m);
+    return buf;
+}
+
+/* Polls until sql on the target returns want (as text) or timeout. */
+static bool fx_wait_value(const char *sql, const char *want, int timeout_ms)
+{
+    for (int waited = 0; waited < timeout_ms; waited += 100) {
+        PGconn *c = PQconnectdb(fx.dsn);
+        bool ok = false;
+        if (PQstatus(c) == CONNECTION_OK) {
+            PGresult *r = PQexec(c, sql);
+            ok = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) > 0 &&
+                 strcmp(PQgetvalue(r, 0, 0), want) == 0;
+            PQclear(r);
+        }
+        PQfinish(c);
+        if (ok)
+            return true;
+        usleep(100000);
+    }
+    return false;
+}
+
+#endif
