@@ -488,6 +488,12 @@ static char *password_from_file(void *arg)
 
 /* ---- entry ---- */
 
+static void quiet_notice(void *arg, const char *msg)
+{
+    (void)arg;
+    tp_debug("postgres: %s", msg);
+}
+
 /* Start-up: applies pending migrations (blocking, before the loop runs). */
 static bool migrate_at_start(const tp_config_t *cfg)
 {
@@ -497,6 +503,7 @@ static bool migrate_at_start(const tp_config_t *cfg)
         tp_error("%s", err);
         return false;
     }
+    PQsetNoticeProcessor(c, quiet_notice, NULL);
     int applied = 0;
     bool ok = tp_migrate_apply(c, tp_migrate_default_dir(), &applied, err, sizeof(err));
     PQfinish(c);

@@ -6,6 +6,7 @@
 #define TIDEPOOL_TESTS_SYNC_FIXTURE_H
 
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,8 +28,8 @@ typedef struct fx {
 
 static fx_t fx;
 
-static char *fx_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static char *fx_printf(const char *fmt, ...)
+static __attribute__((unused)) char *fx_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static __attribute__((unused)) char *fx_printf(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -40,12 +41,12 @@ static char *fx_printf(const char *fmt, ...)
 }
 
 /* Runs sql on dsn; returns the first cell (caller frees) or NULL on error. */
-static char *fx_sql(const char *dsn, const char *sql)
+static __attribute__((unused)) char *fx_sql(const char *dsn, const char *sql)
 {
     return tp_test_sql(dsn, sql);
 }
 
-static long long fx_num(const char *dsn, const char *sql)
+static __attribute__((unused)) long long fx_num(const char *dsn, const char *sql)
 {
     char *v = fx_sql(dsn, sql);
     long long n = v && *v ? atoll(v) : -1;
@@ -54,7 +55,7 @@ static long long fx_num(const char *dsn, const char *sql)
 }
 
 /* Same value in both databases? (e.g. a checksum of the source and the target) */
-static bool fx_same(const char *sql_wh, const char *sql_tgt, char **a_out)
+static __attribute__((unused)) bool fx_same(const char *sql_wh, const char *sql_tgt, char **a_out)
 {
     char *a = fx_sql(fx.wh_dsn, sql_wh);
     char *b = fx_sql(fx.dsn, sql_tgt);
@@ -69,7 +70,7 @@ static bool fx_same(const char *sql_wh, const char *sql_tgt, char **a_out)
     return same;
 }
 
-static bool fx_start_emulator(const char *faults)
+static __attribute__((unused)) bool fx_start_emulator(const char *faults)
 {
     fx.port = tp_test_free_port();
     char listen[64];
@@ -96,7 +97,7 @@ static bool fx_start_emulator(const char *faults)
     return fx.emu > 0 && tp_test_wait_port(fx.port, 10000);
 }
 
-static void fx_stop_emulator(void)
+static __attribute__((unused)) void fx_stop_emulator(void)
 {
     if (fx.emu > 0)
         tp_test_stop(fx.emu, 3000);
@@ -105,7 +106,7 @@ static void fx_stop_emulator(void)
 
 /* Creates the lakehouse database (wh_setup runs there) and starts the emulator.
  * Returns false (and skips) when the harness has no Postgres. */
-static bool fx_setup(const char *prog, const char *wh_setup, const char *faults)
+static __attribute__((unused)) bool fx_setup(const char *prog, const char *wh_setup, const char *faults)
 {
     fx.dsn = tp_test_dsn();
     if (fx.dsn == NULL) {
@@ -125,14 +126,14 @@ static bool fx_setup(const char *prog, const char *wh_setup, const char *faults)
 }
 
 /* A fresh directory of job definitions under the test's tmpdir. */
-static char *fx_jobs_dir(const char *name)
+static __attribute__((unused)) char *fx_jobs_dir(const char *name)
 {
     char *d = fx_printf("%s/%s", tp_test_tmpdir(), name);
     mkdir(d, 0755);
     return d;
 }
 
-static void fx_job(const char *dir, const char *name, const char *text)
+static __attribute__((unused)) void fx_job(const char *dir, const char *name, const char *text)
 {
     const char *base = strrchr(dir, '/') + 1;
     char *rel = fx_printf("%s/%s.sql", base, name);
@@ -141,7 +142,7 @@ static void fx_job(const char *dir, const char *name, const char *text)
 }
 
 /* A config file for the daemon: target Postgres, emulator, jobs dir. */
-static char *fx_config(const char *name, const char *jobs_dir, int max_jobs)
+static __attribute__((unused)) char *fx_config(const char *name, const char *jobs_dir, int max_jobs)
 {
     char *text = fx_printf("[postgres]\ndsn = %s\n\n[warehouse]\nhost = http://127.0.0.1:%d\n"
                            "warehouse_id = tidepool-local\ntoken = tok-sync-test\n\n"
@@ -155,7 +156,7 @@ static char *fx_config(const char *name, const char *jobs_dir, int max_jobs)
 }
 
 /* Runs tidepool-sync --once [job] with env prefix; returns the exit status. */
-static int fx_once(const char *conf, const char *job, const char *env, char **out)
+static __attribute__((unused)) int fx_once(const char *conf, const char *job, const char *env, char **out)
 {
     char *cmd = fx_printf("%s %s --config %s --once %s 2>&1", env ? env : "",
                           tp_test_bin("tidepool-sync"), conf, job ? job : "");
@@ -170,7 +171,7 @@ static int fx_once(const char *conf, const char *job, const char *env, char **ou
 }
 
 /* Starts the daemon in the background (log in tmpdir). */
-static pid_t fx_daemon(const char *conf, const char *log_name)
+static __attribute__((unused)) pid_t fx_daemon(const char *conf, const char *log_name)
 {
     char *log = fx_printf("%s/%s", tp_test_tmpdir(), log_name);
     char *argv[] = {(char *)tp_test_bin("tidepool-sync"), "--config", (char *)conf, NULL};
@@ -179,7 +180,7 @@ static pid_t fx_daemon(const char *conf, const char *log_name)
     return p;
 }
 
-static char *fx_read_log(const char *log_name)
+static __attribute__((unused)) char *fx_read_log(const char *log_name)
 {
     char *p = fx_printf("%s/%s", tp_test_tmpdir(), log_name);
     FILE *f = fopen(p, "r");
@@ -199,7 +200,7 @@ static char *fx_read_log(const char *log_name)
 }
 
 /* Polls until sql on the target returns want (as text) or timeout. */
-static bool fx_wait_value(const char *sql, const char *want, int timeout_ms)
+static __attribute__((unused)) bool fx_wait_value(const char *sql, const char *want, int timeout_ms)
 {
     for (int waited = 0; waited < timeout_ms; waited += 100) {
         PGconn *c = PQconnectdb(fx.dsn);
