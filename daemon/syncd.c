@@ -29,6 +29,7 @@
 
 #define SLOT_MAGIC 0x736c6f74u
 #define SHUTDOWN_DEADLINE_MS 8000
+#define ONCE_ATTEMPTS 3 /* --once: a transient failure is retried this many times in all */
 
 typedef struct defset {
     tp_defs_set_t *set;
@@ -48,6 +49,7 @@ typedef struct slot {
     bool removed;      /* gone from the definitions; drop once idle */
     char *trigger;
     int failures;
+    int attempts; /* --once: runs started */
     struct slot *next_wait;
 } slot_t;
 
@@ -218,6 +220,23 @@ static void on_run_done(tp_syncjob_t *r, tp_syncjob_outcome_t outcome, void *arg
         abort();
     syncd_t *d = s->d;
     int64_t every = s->def ? s->def->every_ms : 60000;
+    bool retry_once = d->opts->once && outcome == TP_SYNCJOB_FAILED && tp_syncjob_retryable(r) &&
+                      s->attempts < ONCE_ATTEMPTS && !d->stopping;
+    if (retry_once) {
+        tp_syncjob_free(r);
+        defset_unref(s->run_set);
+        s->run_set = NULL;
+        s->run = NULL;
+        d->running--;
+        int64_t back = tp_jitter_ms(1000LL << (s->attempts - 1), 0.2);
+        tp_logkv(TP_LOG_WARN, ((const char *[]){"job", s->name, NULL}),
+                 "transient failure; retrying in %lld ms (attempt %d of %d)", (long long)back,
+                 s->attempts + 1, ONCE_ATTEMPTS);
+        struct timeval tv = {(time_t)(back / 1000), (suseconds_t)((back % 1000) * 1000)};
+        evtimer_add(s->timer, &tv);
+        start_waiting(d);
+        return;
+    }
     if (outcome == TP_SYNCJOB_FAILED) {
         s->failures++;
         if (d->opts->once)
@@ -260,6 +279,7 @@ static void start_run(slot_t *s)
 {
     syncd_t *d = s->d;
     d->running++;
+    s->attempts++;
     s->run_set = d->cur;
     d->cur->refs++;
     s->run = tp_syncjob_start(&d->env, s->def, s->trigger ? s->trigger : "schedule", on_run_done, s);
@@ -272,7 +292,7 @@ static void on_slot_timer(evutil_socket_t fd, short what, void *arg)
     slot_t *s = arg;
     if (s->magic != SLOT_MAGIC)
         abort();
-    enqueue(s, "schedule");
+    enqueue(s, s->d->opts->once ? "once" : "schedule");
 }
 
 static slot_t *slot_new(syncd_t *d, const tp_defs_job_t *j)

@@ -57,6 +57,7 @@ struct tp_syncjob {
     bool locked;
     bool finished;
     bool done_scheduled;
+    bool retryable; /* failed for a transient reason (network, truncated chunk) */
     bool canceled;
     char *cancel_reason;
     tp_syncjob_outcome_t outcome;
@@ -338,6 +339,8 @@ static bool pg_step_ok(tp_syncjob_t *r, const char *err, const char *what)
         return false;
     }
     if (err) {
+        if (!tp_pgasync_ok(r->pg))
+            r->retryable = true; /* the connection broke: Postgres restarted, network */
         fail(r, "%s: %s", what, err);
         return false;
     }
@@ -960,6 +963,10 @@ static void on_wh_done(tp_wh_stmt_t *st, const tp_wh_result_t *res, void *arg)
         return;
     }
     if (res->status != TP_WH_SUCCEEDED) {
+        r->retryable = res->status == TP_WH_CLOSED ||
+                       (res->status == TP_WH_ERROR &&
+                        (res->kind == TP_WH_ERR_TRANSPORT || res->kind == TP_WH_ERR_PROTOCOL ||
+                         (res->kind == TP_WH_ERR_HTTP && (res->http_status >= 500 || res->http_status == 429))));
         if (r->canceled)
             fail(r, "canceled: %s", r->cancel_reason ? r->cancel_reason : "stopped");
         else
@@ -1217,6 +1224,11 @@ int64_t tp_syncjob_started_ms(const tp_syncjob_t *r)
 const char *tp_syncjob_error(const tp_syncjob_t *r)
 {
     return r->error ? r->error : "";
+}
+
+bool tp_syncjob_retryable(const tp_syncjob_t *r)
+{
+    return r->retryable && !r->canceled;
 }
 
 const tp_defs_job_t *tp_syncjob_job(const tp_syncjob_t *r)

@@ -52,6 +52,9 @@ int64_t tp_syncjob_bytes(const tp_syncjob_t *r);
 int64_t tp_syncjob_started_ms(const tp_syncjob_t *r);
 /* Error message of a failed run ("" otherwise); borrowed. */
 const char *tp_syncjob_error(const tp_syncjob_t *r);
+/* True when a failed run failed for a transient reason worth an early retry
+ * (connection lost, truncated or dropped result chunk, warehouse 5xx). */
+bool tp_syncjob_retryable(const tp_syncjob_t *r);
 const tp_defs_job_t *tp_syncjob_job(const tp_syncjob_t *r);
 /* Frees a finished run (call from done or later). NULL is a no-op. */
 void tp_syncjob_free(tp_syncjob_t *r);

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <libpq-fe.h>
@@ -217,6 +218,39 @@ static __attribute__((unused)) bool fx_wait_value(const char *sql, const char *w
         usleep(100000);
     }
     return false;
+}
+
+/* Sets the emulator's faults at run time (POST /admin/faults); NULL clears. */
+static __attribute__((unused)) bool fx_faults(const char *spec)
+{
+    char *cmd = spec ? fx_printf("curl -sf -X POST -H 'Authorization: Bearer tok-sync-test'"
+                                 " -d '{\"spec\": \"%s\"}' http://127.0.0.1:%d/admin/faults", spec, fx.port)
+                     : fx_printf("curl -sf -X DELETE -H 'Authorization: Bearer tok-sync-test'"
+                                 " http://127.0.0.1:%d/admin/faults", fx.port);
+    char *out = NULL;
+    int rc = tp_test_cmd(cmd, &out);
+    if (rc != 0)
+        fprintf(stderr, "# faults: %s\n", out ? out : "");
+    free(out);
+    free(cmd);
+    return rc == 0;
+}
+
+/* The last n bytes of s (for failure messages). */
+static __attribute__((unused)) const char *fx_tail(const char *s, size_t n)
+{
+    if (s == NULL)
+        return "(null)";
+    size_t len = strlen(s);
+    return len > n ? s + len - n : s;
+}
+
+/* Milliseconds since an arbitrary start. */
+static __attribute__((unused)) long long fx_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 #endif

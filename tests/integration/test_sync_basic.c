@@ -43,7 +43,7 @@ static void snapshot_csv_matches_warehouse(void)
 {
     char *out = NULL;
     int rc = fx_once(conf, "readings", NULL, &out);
-    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
     CHECK(fx_same(READINGS_SUM("src.readings"), READINGS_SUM("sink.readings"), NULL));
     char *t = fx_sql(fx.dsn, "SELECT string_agg(format_type(atttypid, atttypmod), ',' ORDER BY attnum)"
                              " FROM pg_attribute WHERE attrelid = 'sink.readings'::regclass AND attnum > 0");
@@ -73,11 +73,11 @@ static void snapshot_json_matches_and_swaps_again(void)
 {
     char *out = NULL;
     int rc = fx_once(conf, "readings", "TIDEPOOL_SYNC_FORMAT=json", &out);
-    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
     free(out);
     CHECK(fx_same(READINGS_SUM("src.readings"), READINGS_SUM("sink.readings"), NULL));
     rc = fx_once(conf, "readings", "TIDEPOOL_SYNC_FORMAT=inline", &out);
-    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
     free(out);
     CHECK(fx_same(READINGS_SUM("src.readings"), READINGS_SUM("sink.readings"), NULL));
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT generation FROM tidepool.sync_state WHERE job = 'readings'"), 3);
@@ -90,7 +90,7 @@ static void incremental_upserts_deletes_and_advances_watermark(void)
 {
     char *out = NULL;
     int rc = fx_once(conf, "events", NULL, &out);
-    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
     free(out);
     CHECK(fx_same(EVENTS_SUM("src.events", "NOT deleted"), EVENTS_SUM("sink.events", "true"), NULL));
     char *wm = fx_sql(fx.dsn, "SELECT watermark::timestamptz = '2025-02-01 00:02:00+00' FROM tidepool.sync_state"
@@ -107,7 +107,7 @@ static void incremental_upserts_deletes_and_advances_watermark(void)
                 " WHERE id IN (50, 51, 125);"
                 "UPDATE src.events SET val = -1 WHERE id = 100;"));
     rc = fx_once(conf, "events", "TIDEPOOL_SYNC_FORMAT=json", &out);
-    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
     free(out);
     CHECK(fx_same(EVENTS_SUM("src.events", "NOT deleted AND id <> 100"),
                   EVENTS_SUM("sink.events", "id <> 100"), NULL));
@@ -119,7 +119,7 @@ static void incremental_upserts_deletes_and_advances_watermark(void)
     /* Nothing new: a run loads nothing and keeps the generation. */
     long long gen = fx_num(fx.dsn, "SELECT generation FROM tidepool.sync_state WHERE job = 'events'");
     rc = fx_once(conf, "events", NULL, &out);
-    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
     free(out);
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT generation FROM tidepool.sync_state WHERE job = 'events'"), gen);
 }
@@ -128,19 +128,19 @@ static void reconcile_removes_keys_the_warehouse_lost(void)
 {
     char *out = NULL;
     int rc = fx_once(conf, "recon", NULL, &out);
-    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
     free(out);
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM sink.recon"), 25);
     free(fx_sql(fx.wh_dsn, "DELETE FROM src.recon WHERE id IN (3, 4)"));
     /* Not due yet (reconcile:1h): the rows stay. */
     rc = fx_once(conf, "recon", NULL, &out);
-    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
     free(out);
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM sink.recon"), 25);
     free(fx_sql(fx.dsn, "UPDATE tidepool.sync_state SET last_reconcile_at = now() - interval '2 hours'"
                         " WHERE job = 'recon'"));
     rc = fx_once(conf, "recon", NULL, &out);
-    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
     free(out);
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM sink.recon"), 23);
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM sink.recon WHERE id IN (3, 4)"), 0);
@@ -150,12 +150,12 @@ static void drift_adds_columns_and_refuses_type_changes(void)
 {
     char *out = NULL;
     int rc = fx_once(conf, "drift", NULL, &out);
-    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
     free(out);
     free(fx_sql(fx.wh_dsn, "ALTER TABLE src.drift ADD COLUMN extra text DEFAULT 'x';"
                            "UPDATE src.drift SET updated_at = updated_at + interval '1 day' WHERE id <= 3;"));
     rc = fx_once(conf, "drift", NULL, &out);
-    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
     free(out);
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM sink.drift WHERE extra = 'x'"), 3);
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM sink.drift"), 20);
@@ -185,7 +185,7 @@ static void bad_keys_fail_the_job_and_keep_the_target(void)
 {
     char *out = NULL;
     int rc = fx_once(conf, "keyed", NULL, &out);
-    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
     free(out);
     const char *sum = "SELECT count(*) || md5(string_agg(id || ':' || v, ',' ORDER BY id)) FROM sink.keyed";
     char *before = fx_sql(fx.dsn, sum);
@@ -226,7 +226,7 @@ static void snapshot_refuses_changed_type(void)
     char *c = fx_config("fit", dir, 2);
     char *out = NULL;
     int rc = fx_once(c, NULL, NULL, &out);
-    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
     free(out);
     /* The target column is integer; the query now returns a string. */
     fx_job(dir, "fit", "-- @target sink.fit\n-- @mode snapshot\n-- @every 1h\n"
