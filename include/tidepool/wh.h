@@ -194,7 +194,7 @@ typedef struct tp_wh_result {
     char *sql_state;       /* status.sql_state, NULL if absent */
     int http_status;       /* status of the failing HTTP exchange, 0 if none */
     int64_t chunk_index;   /* chunk the failure concerns, -1 if none */
-    int64_t rows;          /* rows delivered to the consumer (CSV: records incl. header) */
+    int64_t rows;          /* rows delivered to the consumer (CSV: data records, header excluded) */
     int64_t chunks;        /* chunks fully delivered */
     bool truncated;        /* manifest.truncated */
 } tp_wh_result_t;
@@ -257,11 +257,12 @@ tp_wh_stmt_t *tp_wh_submit(tp_wh_t *wh, const tp_wh_request_t *req, char **err) 
 
 /* Asks to stop the statement. Once the warehouse has its id, POST .../cancel is
  * sent and polling continues until a terminal state; on_done then reports
- * TP_WH_CANCELED (or the state that won the race: FAILED, or SUCCEEDED with
- * message "cancel lost the race", in which case no rows are delivered). If the
- * result was already streaming, the download stops and on_done reports
- * TP_WH_CANCELED at once. After this call no on_manifest/on_rows/on_csv is made.
- * Idempotent. */
+ * TP_WH_CANCELED (also when the statement won the race and SUCCEEDED: no rows
+ * are delivered then, and the message says so), or TP_WH_FAILED if it failed
+ * first. Not yet sent (waiting for a token or a retry): ends CANCELED without
+ * sending. Already streaming: the download stops and on_done reports
+ * TP_WH_CANCELED. After this call no on_manifest/on_rows/on_csv is made.
+ * Idempotent; a no-op once on_done has been scheduled. */
 void tp_wh_cancel(tp_wh_stmt_t *st);
 
 /* Back-pressure: after tp_wh_pause no further on_rows/on_csv call is made (the
