@@ -23,7 +23,7 @@ WARN    := -Wall -Wextra -Wshadow -Wformat=2 -Wstrict-prototypes -Werror
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Iinclude $(PKG_CFLAGS) \
-           -DTP_VERSION='"$(VERSION)"' -MMD -MP
+           -DTP_VERSION='"$(VERSION)"' -DTP_DATADIR='"$(PREFIX)/share/tidepool"' -MMD -MP
 LDFLAGS += $(SANFLAGS)
 LDLIBS  += $(PKG_LIBS) -lpthread -lm
 
@@ -33,14 +33,16 @@ SERVER_SRCS := $(wildcard server/*.c)
 WH_SRCS     := $(wildcard emulator/*.c)
 TEST_SUPPORT:= tests/tp_test.c
 UNIT_SRCS   := $(wildcard tests/unit/test_*.c) $(wildcard tests/integration/test_*.c)
+FUZZ_SRCS   := $(wildcard tests/fuzz/fuzz_*.c)
 
 obj = $(patsubst %.c,$(BUILDDIR)/%.o,$(1))
 
 LIBTP    := $(BUILDDIR)/libtidepool.a
 PROGRAMS := $(BINDIR)/tidepool-sync $(BINDIR)/tidepool-server $(BINDIR)/tidepool-warehouse
 TESTBINS := $(patsubst tests/%.c,$(BUILDDIR)/tests/%,$(UNIT_SRCS))
+FUZZBINS := $(patsubst tests/%.c,$(BUILDDIR)/tests/%,$(FUZZ_SRCS))
 
-.PHONY: all check tests run install uninstall clean distclean deps bench
+.PHONY: all check tests run install uninstall clean distclean deps bench fuzz
 .SECONDARY:
 all: $(PROGRAMS)
 
@@ -67,7 +69,27 @@ $(BUILDDIR)/tests/%: $(BUILDDIR)/tests/%.o $(call obj,$(TEST_SUPPORT)) $(LIBTP)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-tests: $(PROGRAMS) $(TESTBINS)
+# Fuzz targets run in `make check` through a replay driver (corpus + fixed mutations)...
+$(BUILDDIR)/tests/fuzz/fuzz_%: $(BUILDDIR)/tests/fuzz/fuzz_%.o $(BUILDDIR)/tests/fuzz/driver.o $(LIBTP)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+tests: $(PROGRAMS) $(TESTBINS) $(FUZZBINS)
+
+# ...and under libFuzzer with `make fuzz` (clang; FUZZ_SECONDS per target, default 60).
+FUZZ_SECONDS ?= 60
+fuzz:
+	@$(MAKE) --no-print-directory CC=clang BUILDDIR=build/fuzz BINDIR=build/fuzz/bin \
+	    SANFLAGS="-fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer" $(LIBTP:$(BUILDDIR)%=build/fuzz%)
+	@set -e; for src in $(FUZZ_SRCS); do \
+	    name=$$(basename $$src .c); \
+	    clang -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude $(PKG_CFLAGS) -fsanitize=fuzzer,address,undefined \
+	        $$src build/fuzz/libtidepool.a $(LDLIBS) -o build/fuzz/$$name; \
+	    mkdir -p build/fuzz/corpus-$$name; \
+	    echo "== $$name ($(FUZZ_SECONDS)s)"; \
+	    build/fuzz/$$name -max_total_time=$(FUZZ_SECONDS) -max_len=65536 \
+	        build/fuzz/corpus-$$name tests/fuzz/corpus/$${name#fuzz_}; \
+	done
 
 # Installs missing Debian packages (as root), builds, then runs every test
 # against a throwaway PostgreSQL. The last line is "N passed, N failed".
@@ -87,19 +109,16 @@ deps:
 bench: all
 	@for b in bench/*; do [ -x "$$b" ] && [ -f "$$b" ] && echo "== $$b" && "$$b"; done; true
 
-install: all
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/tidepool/migrations
-	install -m 755 $(PROGRAMS) $(DESTDIR)$(PREFIX)/bin/
-	install -m 644 sql/migrations/*.sql $(DESTDIR)$(PREFIX)/share/tidepool/migrations/
+install: all install-files
 
-uninstall:
-	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,tidepool-sync tidepool-server tidepool-warehouse)
-	rm -rf $(DESTDIR)$(PREFIX)/share/tidepool
+uninstall: uninstall-files
 
 clean:
 	rm -rf build bin
 
 distclean: clean
 	rm -rf .run
+
+include mk/install.mk
 
 -include $(shell find build -name '*.d' 2>/dev/null)

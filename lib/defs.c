@@ -720,7 +720,10 @@ static bool pfile_read(pfile_t *f, const char *path, tp_defs_diag_t *diag)
     }
     int line = 1;
     bool in_header = true;
-    for (char *p = f->text; *p != '\0'; line++) {
+    char *start = f->text;
+    if (strncmp(start, "\xEF\xBB\xBF", 3) == 0)
+        start += 3; /* a UTF-8 byte order mark some editors write */
+    for (char *p = start; *p != '\0'; line++) {
         char *eol = strchr(p, '\n');
         size_t ll = eol ? (size_t)(eol - p) : strlen(p);
         char *l = tp_xstrndup(p, ll);
@@ -1090,6 +1093,9 @@ static void param_free(tp_defs_param_t *p)
 {
     free(p->name);
     free(p->default_text);
+    strv_free(p->choices, p->n_choices);
+    free(p->choices_why);
+    memset(p, 0, sizeof *p);
 }
 
 static void dataset_free(tp_defs_dataset_t *d)
@@ -1108,28 +1114,103 @@ static void dataset_free(tp_defs_dataset_t *d)
     memset(d, 0, sizeof *d);
 }
 
-/* "name TYPE [= default]" */
+/* Unquotes 'text' in place ('' is a quote); other text is left as it is. */
+static char *unquote(char *v)
+{
+    size_t n = strlen(v);
+    if (n >= 2 && v[0] == '\'' && v[n - 1] == '\'') {
+        char *w = v;
+        for (size_t r = 1; r + 1 < n; r++) {
+            *w++ = v[r];
+            if (v[r] == '\'' && v[r + 1] == '\'')
+                r++;
+        }
+        *w = '\0';
+    }
+    return v;
+}
+
+bool tp_defs_param_parse(const tp_defs_param_t *p, const char *s, tp_defs_value_t *out,
+                         const char **why)
+{
+    if (!tp_defs_value_parse(p->type, s, out, why))
+        return false;
+    if (p->n_choices == 0)
+        return true;
+    const char *text = tp_defs_value_text(out, s);
+    for (size_t i = 0; i < p->n_choices; i++)
+        if (strcmp(p->choices[i], text) == 0)
+            return true;
+    *why = p->choices_why;
+    return false;
+}
+
+/* "(a, 'b c')" at *pp: fills p->choices (bind text), advances *pp past ')'. */
+static bool parse_choices(pfile_t *f, const setting_t *st, char **pp, tp_defs_param_t *p)
+{
+    char *open = tp_strtrim(*pp), *close = strchr(open, ')');
+    if (*open != '(' || close == NULL) {
+        diag_add(f->diag, f->path, st->line, "@param %s: IN needs a list: IN (a, b)", p->name);
+        return false;
+    }
+    *close = '\0';
+    *pp = close + 1;
+    tp_buf_t why = {0};
+    tp_buf_puts(&why, "must be one of:");
+    for (char *item = open + 1; item != NULL;) {
+        char *comma = strchr(item, ',');
+        if (comma != NULL)
+            *comma = '\0';
+        char *v = unquote(tp_strtrim(item));
+        tp_defs_value_t val;
+        const char *bad = NULL;
+        if (*v == '\0' || !tp_defs_value_parse(p->type, v, &val, &bad)) {
+            diag_add(f->diag, f->path, st->line, "@param %s: choice \"%s\" %s", p->name, v,
+                     bad ? bad : "is empty");
+            tp_buf_free(&why);
+            return false;
+        }
+        const char *text = tp_defs_value_text(&val, v);
+        for (size_t i = 0; i < p->n_choices; i++) {
+            if (strcmp(p->choices[i], text) == 0) {
+                diag_add(f->diag, f->path, st->line, "@param %s: choice \"%s\" is listed twice",
+                         p->name, v);
+                tp_buf_free(&why);
+                return false;
+            }
+        }
+        p->choices = tp_xrealloc(p->choices, (p->n_choices + 1) * sizeof *p->choices);
+        p->choices[p->n_choices++] = tp_xstrdup(text);
+        tp_buf_printf(&why, "%s %s", p->n_choices > 1 ? "," : "", text);
+        item = comma ? comma + 1 : NULL;
+    }
+    p->choices_why = tp_buf_steal(&why);
+    return true;
+}
+
+/* "name TYPE [IN (a, b)] [= default]" */
 static bool parse_param(pfile_t *f, const setting_t *st, tp_defs_param_t *p)
 {
     memset(p, 0, sizeof *p);
     p->line = st->line;
     char *copy = tp_xstrdup(st->value);
-    char *dflt = strchr(copy, '=');
-    if (dflt != NULL)
-        *dflt++ = '\0';
-    char *name = tp_strtrim(copy), *type = name;
-    while (*type != '\0' && !isspace((unsigned char)*type))
+    char *name = copy, *type = copy, *rest;
+    while (*type != '\0' && !isspace((unsigned char)*type) && *type != '=')
         type++;
-    if (*type != '\0')
+    if (*type != '\0' && *type != '=')
         *type++ = '\0';
     type = tp_strtrim(type);
+    for (rest = type; *rest != '\0' && !isspace((unsigned char)*rest) && *rest != '=';)
+        rest++;
+    char saved = *rest;
+    *rest = '\0';
     bool ok = false;
     if (*name == '\0' || *type == '\0') {
-        diag_add(f->diag, f->path, st->line, "@param must be \"name TYPE [= default]\", not \"%s\"",
-                 st->value);
-    } else if (!valid_name(name)) {
         diag_add(f->diag, f->path, st->line,
-                 "@param name \"%s\" must match [a-z][a-z0-9_]*", name);
+                 "@param must be \"name TYPE [IN (a, b)] [= default]\", not \"%s\"", st->value);
+    } else if (!valid_name(name)) {
+        diag_add(f->diag, f->path, st->line, "@param name \"%s\" must match [a-z][a-z0-9_]*",
+                 name);
     } else if (!type_from_name(type, &p->type)) {
         diag_add(f->diag, f->path, st->line,
                  "@param %s: unknown type \"%s\" (STRING INT BIGINT DOUBLE DECIMAL BOOLEAN DATE "
@@ -1139,40 +1220,51 @@ static bool parse_param(pfile_t *f, const setting_t *st, tp_defs_param_t *p)
         p->name = tp_xstrdup(name);
         p->dflt.type = p->type;
     }
-    if (ok && dflt != NULL) {
-        char *v = tp_strtrim(dflt);
-        size_t n = strlen(v);
+    *rest = saved;
+    rest = tp_strtrim(rest);
+    if (ok && strncasecmp(rest, "in", 2) == 0 && (rest[2] == '(' || isspace((unsigned char)rest[2]))) {
+        rest += 2;
+        ok = parse_choices(f, st, &rest, p);
+        rest = tp_strtrim(rest);
+    }
+    if (ok && *rest != '\0' && *rest != '=') {
+        diag_add(f->diag, f->path, st->line,
+                 "@param %s: unexpected \"%s\" (expected IN (a, b) or = default)", name, rest);
+        ok = false;
+    }
+    if (ok && *rest == '=') {
+        char *v = unquote(tp_strtrim(rest + 1));
         p->has_default = true;
+        const char *why = NULL;
         if (strcmp(v, "NULL") == 0) {
             p->dflt.is_null = true;
+        } else if (*v == '\0' && p->type != TP_DEFS_STRING) {
+            diag_add(f->diag, f->path, st->line, "@param %s: empty default", name);
+            ok = false;
+        } else if (!tp_defs_param_parse(p, v, &p->dflt, &why)) {
+            diag_add(f->diag, f->path, st->line, "@param %s: default \"%s\" %s", name, v, why);
+            ok = false;
         } else {
-            if (n >= 2 && v[0] == '\'' && v[n - 1] == '\'') {
-                /* 'quoted' keeps spaces; '' is a quote */
-                char *w = v;
-                for (size_t r = 1; r + 1 < n; r++) {
-                    *w++ = v[r];
-                    if (v[r] == '\'' && v[r + 1] == '\'')
-                        r++;
-                }
-                *w = '\0';
-            }
-            const char *why = NULL;
-            if (*v == '\0' && p->type != TP_DEFS_STRING) {
-                diag_add(f->diag, f->path, st->line, "@param %s: empty default", name);
-                ok = false;
-            } else if (!tp_defs_value_parse(p->type, v, &p->dflt, &why)) {
-                diag_add(f->diag, f->path, st->line, "@param %s: default \"%s\" %s", name, v,
-                         why);
-                ok = false;
-            } else {
-                p->default_text = tp_xstrdup(v);
-            }
+            p->default_text = tp_xstrdup(v);
         }
     }
     free(copy);
     if (!ok)
         param_free(p);
     return ok;
+}
+
+/* Same declaration: type, default, choices. */
+static bool param_same(const tp_defs_param_t *a, const tp_defs_param_t *b)
+{
+    if (a->type != b->type || a->has_default != b->has_default ||
+        a->dflt.is_null != b->dflt.is_null || a->n_choices != b->n_choices ||
+        (a->default_text != NULL && strcmp(a->default_text, b->default_text) != 0))
+        return false;
+    for (size_t i = 0; i < a->n_choices; i++)
+        if (strcmp(a->choices[i], b->choices[i]) != 0)
+            return false;
+    return true;
 }
 
 /* Parses every @param of f; reports duplicates. */
@@ -1320,10 +1412,7 @@ static void twin_params(pfile_t *tw, const pfile_t *main, const tp_defs_dataset_
         if (m == NULL) {
             diag_add(tw->diag, tw->path, tp[i].line, "@param %s is not declared in %s",
                      tp[i].name, main->path);
-        } else if (m->type != tp[i].type || m->has_default != tp[i].has_default ||
-                   m->dflt.is_null != tp[i].dflt.is_null ||
-                   (m->default_text != NULL &&
-                    strcmp(m->default_text, tp[i].default_text) != 0)) {
+        } else if (!param_same(m, &tp[i])) {
             diag_add(tw->diag, tw->path, tp[i].line,
                      "@param %s differs from %s:%d (the twin must declare the same parameters)",
                      tp[i].name, main->path, m->line);

@@ -9,6 +9,7 @@ PACKAGES=(
     postgresql postgresql-contrib postgresql-client
     curl ca-certificates procps iproute2 util-linux
     valgrind wrk
+    systemd help2man man-db python3 python3-yaml
 )
 quiet=0
 [ "${1:-}" = "--quiet" ] && quiet=1
@@ -28,5 +29,5 @@ if [ "$(id -u)" != 0 ]; then
 fi
 echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+apt-get -o DPkg::Lock::Timeout=600 update -qq
+apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

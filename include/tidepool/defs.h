@@ -121,7 +121,15 @@ typedef struct tp_defs_param {
     char *default_text;    /* as written after '=' (quotes removed); NULL without default
                             * or for "= NULL" */
     tp_defs_value_t dflt;  /* parsed default (is_null for "= NULL") */
+    char **choices;        /* "IN (a, b)": allowed values as bind text; n_choices 0 = any */
+    size_t n_choices;
+    char *choices_why;     /* "must be one of: a, b" (NULL without choices) */
 } tp_defs_param_t;
+
+/* Validates a request's text for parameter p: its type (tp_defs_value_parse),
+ * then its IN list. On failure *why is static or owned by p (the set). */
+bool tp_defs_param_parse(const tp_defs_param_t *p, const char *s, tp_defs_value_t *out,
+                         const char **why) TP_WUR;
 
 /* "@covers PARAM >= DURATION": Postgres holds rows back to now - max_age_ms; a
  * request whose PARAM (DATE or TIMESTAMP) is earlier goes to the warehouse. */

@@ -231,7 +231,7 @@ static void dataset_errors_name_file_and_line(void)
     d = dir_with("a.sql", "-- @param Bad INT\nSELECT 1", NULL);
     EXPECT_LOAD('d', d, "D/a.sql:1: @param name \"Bad\" must match [a-z][a-z0-9_]*");
     d = dir_with("a.sql", "-- @param lonely\nSELECT 1", NULL);
-    EXPECT_LOAD('d', d, "D/a.sql:1: @param must be \"name TYPE [= default]\", not \"lonely\"");
+    EXPECT_LOAD('d', d, "D/a.sql:1: @param must be \"name TYPE [IN (a, b)] [= default]\", not \"lonely\"");
     d = dir_with("a.sql", DS_HEAD "-- @param user_id BIGINT\nSELECT :user_id, :since", NULL);
     EXPECT_LOAD('d', d, "D/a.sql:3: duplicate @param user_id (first on line 1)");
     d = dir_with("a.sql", DS_HEAD "-- @cache 1m\n-- @cache 2m\nSELECT :user_id, :since", NULL);
@@ -386,6 +386,16 @@ static void twins_must_match(void)
     const tp_defs_dataset_t *w = tp_defs_dataset_find(s, "w");
     CHECK(w != NULL && !w->has_pg && w->has_wh && w->pg.sql == NULL);
     CHECK(w != NULL && strcmp(w->params[0].default_text, "a b") == 0);
+
+    /* the same dataset name from a second directory is a duplicate */
+    char *d2 = dir_with("w.sql", "SELECT 1", NULL);
+    CHECK(!tp_defs_load_datasets(s, d2, &diag));
+    want = tp_xasprintf("%s/w.sql:1: dataset w is already defined in %s/w.warehouse.sql", d2, d);
+    CHECK_STR_EQ(diag.n ? diag.msgs[0] : NULL, want);
+    CHECK_INT_EQ(s->n_datasets, 2);
+    free(want);
+    free(d2);
+    tp_defs_diag_free(&diag);
 
     /* cross-check of @requires against the jobs */
     tp_defs_set_t *jobs = tp_defs_set_new();
@@ -562,6 +572,121 @@ static void covers_route_old_requests(void)
     free(d);
 }
 
+static void params_with_choices(void)
+{
+    char *d;
+    d = dir_with("a.sql", "-- @param m STRING IN (weight, 'chol esterol') = x\nSELECT :m", NULL);
+    EXPECT_LOAD('d', d, "D/a.sql:1: @param m: default \"x\" must be one of: weight, chol esterol");
+    d = dir_with("a.sql", "-- @param n INT IN (1, two)\nSELECT :n", NULL);
+    EXPECT_LOAD('d', d, "D/a.sql:1: @param n: choice \"two\" must be an integer");
+    d = dir_with("a.sql", "-- @param n INT IN (1, +1)\nSELECT :n", NULL);
+    EXPECT_LOAD('d', d, "D/a.sql:1: @param n: choice \"+1\" is listed twice");
+    d = dir_with("a.sql", "-- @param n INT IN 1, 2\nSELECT :n", NULL);
+    EXPECT_LOAD('d', d, "D/a.sql:1: @param n: IN needs a list: IN (a, b)");
+    d = dir_with("a.sql", "-- @param n INT maybe\nSELECT :n", NULL);
+    EXPECT_LOAD('d', d, "D/a.sql:1: @param n: unexpected \"maybe\" (expected IN (a, b) or = default)");
+    d = dir_with("a.sql", "-- @param m STRING IN (weight, cholesterol) = weight\nSELECT :m",
+                 "a.warehouse.sql", "-- @param m STRING IN (weight) = weight\nSELECT :m", NULL);
+    char *got = load('d', d);
+    char *want = tp_xasprintf("D/a.warehouse.sql:1: @param m differs from %s/a.sql:1 (the twin "
+                              "must declare the same parameters)", d);
+    CHECK_STR_EQ(got, want);
+    free(got), free(want), free(d);
+
+    d = dir_with("a.sql", "-- @param m STRING IN (weight, cholesterol) = weight\n"
+                          "-- @param b BOOLEAN in(true) = yes\nSELECT :m, :b", NULL);
+    tp_defs_set_t *s = tp_defs_set_new();
+    tp_defs_diag_t diag = {0};
+    CHECK(tp_defs_load_datasets(s, d, &diag));
+    const tp_defs_dataset_t *a = tp_defs_dataset_find(s, "a");
+    CHECK(a != NULL);
+    if (a != NULL) {
+        tp_defs_value_t v;
+        const char *why = NULL;
+        CHECK_INT_EQ(a->params[0].n_choices, 2);
+        CHECK(tp_defs_param_parse(&a->params[0], "cholesterol", &v, &why));
+        CHECK(!tp_defs_param_parse(&a->params[0], "height", &v, &why));
+        CHECK_STR_EQ(why, "must be one of: weight, cholesterol");
+        CHECK(tp_defs_param_parse(&a->params[1], "ON", &v, &why));
+        CHECK(!tp_defs_param_parse(&a->params[1], "no", &v, &why));
+        CHECK_STR_EQ(why, "must be one of: true");
+        CHECK(!tp_defs_param_parse(&a->params[1], "perhaps", &v, &why));
+        CHECK_STR_EQ(why, "must be true or false");
+        CHECK_STR_EQ(a->params[1].default_text, "yes");
+        CHECK_STR_EQ(a->params[1].dflt.canon, "true");
+    }
+    tp_defs_diag_free(&diag);
+    tp_defs_set_free(s);
+    free(d);
+}
+
+/* Byte-order marks and CRLF line ends are accepted; NUL bytes are not. */
+static void files_from_other_editors(void)
+{
+    char *d = dir_with("a.sql", "\xEF\xBB\xBF-- @target iot.t\r\n-- @mode snapshot\r\n-- @every 5m\r\n"
+                                "SELECT 1\r\n", NULL);
+    EXPECT_LOAD('j', d, "");
+    d = dir_with("a.sql", "-- @param x INT\r\nSELECT :x;\r\n\r\n", NULL);
+    EXPECT_LOAD('d', d, "");
+    d = dir_with("a.sql", "SELECT 1", NULL);
+    char *path = tp_xasprintf("%s/a.sql", d);
+    FILE *f = fopen(path, "w");
+    if (f != NULL) {
+        fwrite("SELECT 1\0;", 1, 11, f);
+        fclose(f);
+    }
+    free(path);
+    EXPECT_LOAD('d', d, "D/a.sql:1: file contains a NUL byte");
+}
+
+/* Mutated demo files and random bodies never crash the parser (run under
+ * SANITIZE=1 too): a deterministic fuzz pass, every result either loads or
+ * carries at least one file:line message. */
+static void mutated_input_never_crashes(void)
+{
+    const char *root = getenv("TP_ROOT") ? getenv("TP_ROOT") : ".";
+    char *src = tp_xasprintf("%s/sql/queries/daily_metrics.sql", root);
+    char *orig = tp_read_file(src, NULL);
+    free(src);
+    CHECK(orig != NULL);
+    if (orig == NULL)
+        return;
+    static const char alphabet[] = ":;'\"$`-/*@=,()\n\\ aZ9_\xc3";
+    uint64_t x = 0x9E3779B97F4A7C15ULL;
+    size_t len = strlen(orig);
+    for (int iter = 0; iter < 300; iter++) {
+        char *m = tp_xstrdup(orig);
+        for (int k = 0; k < 1 + iter % 6; k++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            m[x % len] = alphabet[(x >> 32) % (sizeof alphabet - 1)];
+        }
+        char *d = dir_with("m.sql", m, "m.warehouse.sql", m, NULL);
+        tp_defs_set_t *s = tp_defs_set_new();
+        tp_defs_diag_t diag = {0};
+        bool ok = tp_defs_load_datasets(s, d, &diag);
+        CHECK(ok == (diag.n == 0));
+        CHECK(ok == (s->n_datasets == 1));
+        for (size_t i = 0; i < diag.n; i++)
+            CHECK_MSG(strstr(diag.msgs[i], ".sql:") != NULL, "no file:line in %s", diag.msgs[i]);
+        bool okj = tp_defs_load_jobs(s, d, &diag);
+        CHECK(!okj); /* m.warehouse.sql is not a job name */
+        tp_defs_diag_free(&diag);
+        tp_defs_set_free(s);
+        tp_defs_body_t b = {0};
+        char err[128];
+        int line;
+        for (int pg = 0; pg < 2; pg++) {
+            if (tp_defs_scan_body(m, pg, pg, &b, &line, err, sizeof err))
+                tp_defs_body_free(&b);
+            else
+                CHECK(line >= 1 && err[0] != '\0');
+        }
+        free(m);
+        free(d);
+    }
+    free(orig);
+}
+
 /* The demo definitions shipped in sql/ (DESIGN §14) load and cross-check. */
 static void demo_definitions_parse(void)
 {
@@ -607,6 +732,9 @@ int main(void)
     TP_RUN(markers_skip_literals_comments_and_casts);
     TP_RUN(values_are_validated);
     TP_RUN(covers_route_old_requests);
+    TP_RUN(params_with_choices);
+    TP_RUN(files_from_other_editors);
+    TP_RUN(mutated_input_never_crashes);
     TP_RUN(demo_definitions_parse);
     return tp_test_done();
 }
