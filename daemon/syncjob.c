@@ -45,6 +45,7 @@ struct tp_syncjob {
     tp_wh_stmt_t *stmt;
     struct event *ev_timeout;
     int64_t started_ms;
+    int64_t manifest_ms; /* when the result was ready (statement SUCCEEDED) */
     int64_t rows;  /* rows loaded (COPY counts) */
     int64_t bytes; /* result bytes received */
     int64_t live_rows;
@@ -203,11 +204,13 @@ static void complete(tp_syncjob_t *r, tp_syncjob_outcome_t outcome)
     tp_pgasync_free(r->pg);
     r->pg = NULL;
     int64_t ms = tp_now_ms() - r->started_ms;
-    char rows[32], bytes[32], dur[32];
+    char rows[32], bytes[32], dur[32], load[32];
     snprintf(rows, sizeof(rows), "%lld", (long long)r->rows);
     snprintf(bytes, sizeof(bytes), "%lld", (long long)r->bytes);
     snprintf(dur, sizeof(dur), "%lld", (long long)ms);
-    const char *kv[] = {"job", jname(r), "rows", rows, "bytes", bytes, "duration_ms", dur,
+    /* load_ms: from the result being ready to the commit (our share of the run). */
+    snprintf(load, sizeof(load), "%lld", (long long)(r->manifest_ms ? tp_now_ms() - r->manifest_ms : 0));
+    const char *kv[] = {"job", jname(r), "rows", rows, "bytes", bytes, "duration_ms", dur, "load_ms", load,
                         "statement_id", r->statement_id, NULL};
     if (outcome == TP_SYNCJOB_SUCCEEDED)
         tp_logkv(TP_LOG_INFO, kv, "sync run succeeded");
@@ -874,6 +877,8 @@ static bool on_manifest(tp_wh_stmt_t *st, const tp_wh_manifest_t *m, void *arg)
         return false;
     if (!r->statement_id && tp_wh_stmt_id(st))
         r->statement_id = tp_xstrdup(tp_wh_stmt_id(st));
+    if (r->phase == PH_MAIN)
+        r->manifest_ms = tp_now_ms();
     if (m->truncated) {
         fail(r, "the warehouse truncated the result (row or byte limit); refusing a partial load");
         return false;
