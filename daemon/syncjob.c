@@ -491,6 +491,16 @@ static void apply_snapshot(tp_syncjob_t *r, tp_buf_t *q)
     tp_buf_printf(q, "ANALYZE %s;\n", r->load_table);
     if (r->n_tcols > 0) {
         tp_buf_printf(q, "LOCK TABLE %s IN ACCESS EXCLUSIVE MODE;\n", tq.data);
+        /* Readers keep their grants: copy the old table's ACL to the new one. */
+        tp_buf_puts(q, "DO $tp$ DECLARE g record; BEGIN FOR g IN SELECT CASE WHEN a.grantee = 0"
+                       " THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END AS who,"
+                       " a.privilege_type AS priv FROM pg_class c, aclexplode(c.relacl) a"
+                       " WHERE c.oid = ");
+        tp_synctypes_literal(q, tq.data);
+        tp_buf_puts(q, "::regclass AND a.grantee <> c.relowner LOOP"
+                       " EXECUTE format('GRANT %s ON %s TO %s', g.priv, ");
+        tp_synctypes_literal(q, r->load_table);
+        tp_buf_puts(q, ", g.who); END LOOP; END $tp$;\n");
         tp_buf_printf(q, "DROP TABLE %s;\n", tq.data);
     }
     tp_buf_printf(q, "ALTER TABLE %s RENAME TO ", r->load_table);

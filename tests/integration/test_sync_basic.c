@@ -71,6 +71,10 @@ static void snapshot_csv_matches_warehouse(void)
 
 static void snapshot_json_matches_and_swaps_again(void)
 {
+    free(fx_sql(fx.dsn, "DO $$ BEGIN CREATE ROLE tp_sync_reader; EXCEPTION WHEN duplicate_object THEN NULL; END $$;"
+                        "GRANT USAGE ON SCHEMA sink TO tp_sync_reader;"
+                        "GRANT SELECT ON sink.readings TO tp_sync_reader;"
+                        "GRANT SELECT ON sink.readings TO PUBLIC"));
     char *out = NULL;
     int rc = fx_once(conf, "readings", "TIDEPOOL_SYNC_FORMAT=json", &out);
     CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
@@ -84,6 +88,12 @@ static void snapshot_json_matches_and_swaps_again(void)
     /* No leftovers of the fresh tables, the constraint names are stable. */
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM pg_class WHERE relname LIKE '\\_tp\\_%'"), 0);
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM pg_constraint WHERE conname = 'readings_pkey'"), 1);
+    /* Grants survive the swaps. */
+    char *g = fx_sql(fx.dsn, "SELECT has_table_privilege('tp_sync_reader', 'sink.readings', 'SELECT')::text"
+                             " || (SELECT count(*) FROM aclexplode((SELECT relacl FROM pg_class"
+                             " WHERE oid = 'sink.readings'::regclass)) WHERE grantee = 0)");
+    CHECK_STR_EQ(g, "true1");
+    free(g);
 }
 
 static void incremental_upserts_deletes_and_advances_watermark(void)
