@@ -226,6 +226,27 @@ static void warehouse_faults_are_survived(void)
     free(conf);
 }
 
+static void timeout_fails_the_run(void)
+{
+    char *dir = fx_jobs_dir("jobs_timeout");
+    fx_job(dir, "late", "-- @target sink.late\n-- @mode snapshot\n-- @every 1h\n-- @timeout 1s\n"
+                        "SELECT id, src.slow(v) AS v FROM src.flip\n");
+    char *conf = fx_config("timeout", dir, 2);
+    char *out = NULL;
+    long long t0 = fx_ms();
+    int rc = fx_once(conf, NULL, NULL, &out);
+    CHECK_INT_EQ(rc, 1);
+    CHECK_MSG(fx_ms() - t0 < 6000, "took %lld ms", fx_ms() - t0);
+    CHECK_CONTAINS(out, "timed out after 1000 ms");
+    free(out);
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM tidepool.sync_runs WHERE job = 'late'"
+                                " AND status = 'failed' AND error LIKE '%timed out%'"),
+                 1);
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM pg_tables WHERE tablename = 'late'"), 0);
+    free(dir);
+    free(conf);
+}
+
 int main(void)
 {
     if (!fx_setup("test_sync_daemon", lake_sql, NULL))
@@ -236,6 +257,7 @@ int main(void)
     TP_RUN(sigterm_cancels_the_run_in_flight);
     TP_RUN(sighup_with_broken_file_keeps_old_jobs);
     TP_RUN(warehouse_faults_are_survived);
+    TP_RUN(timeout_fails_the_run);
     fx_stop_emulator();
     return tp_test_done();
 }
