@@ -77,6 +77,7 @@ struct tp_syncjob {
     bool wh_ok;
     bool paused;
     char *load_table; /* quoted name of the fresh/staging table */
+    char *load_sql;   /* BEGIN + CREATE of the load table */
     tp_buf_t buf;
     int64_t generation;
 };
@@ -826,6 +827,26 @@ static void on_load_table(tp_pgasync_t *c, PGresult *res, const char *err, void 
 
 /* ---- warehouse side ---- */
 
+static void begin_load(tp_syncjob_t *r)
+{
+    r->in_tx = true;
+    if (!tp_pgasync_query(r->pg, r->load_sql, 0, NULL, on_load_table, r))
+        fail(r, "create load table: %s", tp_pgasync_error(r->pg));
+}
+
+static void on_schema(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+{
+    (void)c;
+    (void)res;
+    tp_syncjob_t *r = check(arg);
+    /* A concurrent CREATE SCHEMA may win the race (23505/42P06): that is fine. */
+    if (err && (strstr(err, "SQLSTATE 23505") || strstr(err, "SQLSTATE 42P06")))
+        err = NULL;
+    if (!pg_step_ok(r, err, "create schema"))
+        return;
+    begin_load(r);
+}
+
 /* Checks the result schema against the job and the existing target. */
 static bool validate_columns(tp_syncjob_t *r)
 {
@@ -936,28 +957,31 @@ static bool on_manifest(tp_wh_stmt_t *st, const tp_wh_manifest_t *m, void *arg)
         char *fresh = prefixed("_tp_new_", j->target_table);
         tp_synctypes_qname(&ln, j->target_schema, fresh);
         free(fresh);
-        tp_buf_puts(&q, "BEGIN;\nCREATE SCHEMA IF NOT EXISTS ");
-        tp_synctypes_ident(&q, j->target_schema);
-        tp_buf_printf(&q, ";\nDROP TABLE IF EXISTS %s;\nCREATE TABLE %s (", ln.data, ln.data);
+        tp_buf_printf(&q, "BEGIN;\nDROP TABLE IF EXISTS %s;\nCREATE TABLE %s (", ln.data, ln.data);
         column_defs(&q, r, true, true);
         tp_buf_puts(&q, ")");
     } else {
         tp_synctypes_ident(&ln, "_tp_stage");
-        tp_buf_puts(&q, "BEGIN;\nCREATE SCHEMA IF NOT EXISTS ");
-        tp_synctypes_ident(&q, j->target_schema);
-        tp_buf_printf(&q, ";\nCREATE TEMP TABLE %s (", ln.data);
+        tp_buf_printf(&q, "BEGIN;\nCREATE TEMP TABLE %s (", ln.data);
         column_defs(&q, r, true, true);
         tp_buf_puts(&q, ") ON COMMIT DROP");
     }
     r->load_table = tp_buf_steal(&ln);
-    r->in_tx = true;
-    if (!tp_pgasync_query(r->pg, q.data, 0, NULL, on_load_table, r)) {
+    free(r->load_sql);
+    r->load_sql = tp_buf_steal(&q);
+    if (r->phase == PH_MAIN && r->n_tcols == 0) {
+        /* The target's schema may be missing. Created outside the run's
+         * transaction: two jobs creating it at once must not collide. */
+        tp_buf_puts(&q, "CREATE SCHEMA IF NOT EXISTS ");
+        tp_synctypes_ident(&q, j->target_schema);
+        bool ok = tp_pgasync_query(r->pg, q.data, 0, NULL, on_schema, r);
         tp_buf_free(&q);
-        fail(r, "create load table: %s", tp_pgasync_error(r->pg));
-        return false;
+        if (!ok)
+            fail(r, "create schema: %s", tp_pgasync_error(r->pg));
+        return ok;
     }
-    tp_buf_free(&q);
-    return true;
+    begin_load(r);
+    return r->error == NULL;
 }
 
 static void on_wh_done(tp_wh_stmt_t *st, const tp_wh_result_t *res, void *arg)
@@ -1272,6 +1296,7 @@ void tp_syncjob_free(tp_syncjob_t *r)
     free(r->cancel_reason);
     free(r->error);
     free(r->load_table);
+    free(r->load_sql);
     r->magic = 0;
     free(r);
 }

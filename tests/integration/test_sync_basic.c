@@ -279,6 +279,26 @@ static void check_reports_bad_definitions_with_file_line(void)
     free(c);
 }
 
+static void concurrent_jobs_create_one_schema(void)
+{
+    char *dir = fx_jobs_dir("jobs_schema");
+    for (int i = 0; i < 4; i++) {
+        char name[16], text[256];
+        snprintf(name, sizeof(name), "s%d", i);
+        snprintf(text, sizeof(text), "-- @target newschema.t%d\n-- @mode %s\n-- @key id\n-- @every 1h\n"
+                 "SELECT id, v FROM src.keyed WHERE id IS NOT NULL\n", i, i % 2 ? "incremental" : "snapshot");
+        fx_job(dir, name, text);
+    }
+    char *c = fx_config("schema", dir, 4);
+    char *out = NULL;
+    int rc = fx_once(c, NULL, NULL, &out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
+    free(out);
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM pg_tables WHERE schemaname = 'newschema'"), 4);
+    free(dir);
+    free(c);
+}
+
 int main(void)
 {
     if (!fx_setup("test_sync_basic", lake_sql, NULL))
@@ -310,6 +330,7 @@ int main(void)
     TP_RUN(bad_keys_fail_the_job_and_keep_the_target);
     TP_RUN(snapshot_refuses_changed_type);
     TP_RUN(check_reports_bad_definitions_with_file_line);
+    TP_RUN(concurrent_jobs_create_one_schema);
     fx_stop_emulator();
     free(jobs);
     free(conf);
