@@ -23,7 +23,7 @@ WARN    := -Wall -Wextra -Wshadow -Wformat=2 -Wstrict-prototypes -Werror
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) $(WARN) $(SANFLAGS) -Iinclude $(PKG_CFLAGS) \
-           -DTP_VERSION='"$(VERSION)"' -DTP_DATADIR='"$(PREFIX)/share/tidepool"' -MMD -MP
+           -DTP_VERSION='"$(VERSION)"' -DTP_DATADIR='"$(PREFIX)/share/tidepool"' -DTP_MIGRATIONS_DIR='"$(PREFIX)/share/tidepool/migrations"' -MMD -MP
 LDFLAGS += $(SANFLAGS)
 LDLIBS  += $(PKG_LIBS) -lpthread -lm
 

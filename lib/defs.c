@@ -545,7 +545,8 @@ static void scanner_free(scanner_t *s)
     tp_buf_free(&s->out);
 }
 
-/* The scanner proper; on success s->out holds the statement without a trailing ';'. */
+/* The scanner proper; on success s->out holds the statement without a trailing
+ * ';' or trailing comments (so callers may wrap it: "SELECT * FROM (sql) q"). */
 static bool scan(scanner_t *s, bool pg)
 {
     int semi_line = 0, first_line = s->line;
@@ -579,7 +580,6 @@ static bool scan(scanner_t *s, bool pg)
         bool after_ident = i > 0 && ident_char(t[i - 1]);
         if (c == ';') {
             semi_line = s->line;
-            semi_len = s->out.len;
             copy_to(s, i + 1);
         } else if (c == '\'') {
             bool estr = pg && i > 0 && (t[i - 1] == 'E' || t[i - 1] == 'e') &&
@@ -614,11 +614,12 @@ static bool scan(scanner_t *s, bool pg)
         } else {
             copy_to(s, i + 1);
         }
+        if (semi_line == 0)
+            semi_len = s->out.len; /* end of the last token: trailing comments go */
     }
     if (!any)
         return scan_fail(s, first_line, "empty SQL body");
-    if (semi_line != 0)
-        s->out.len = semi_len;
+    s->out.len = semi_len;
     while (s->out.len > 0 && isspace((unsigned char)s->out.data[s->out.len - 1]))
         s->out.len--;
     s->out.data[s->out.len] = '\0';
@@ -959,6 +960,7 @@ static void job_target(pfile_t *f, const setting_t *st, tp_defs_job_t *j)
         diag_add(f->diag, f->path, st->line, "@target schema %s is reserved", schema);
     } else {
         j->target = tp_xstrdup(st->value);
+        j->target_line = st->line;
         j->target_schema = schema;
         j->target_table = tp_xstrdup(dot + 1);
         return;
@@ -1602,26 +1604,6 @@ const tp_defs_dataset_t *tp_defs_dataset_find(const tp_defs_set_t *s, const char
                          : NULL;
 }
 
-/* Line of the @target setting in a job's file, for a conflict message. */
-static int target_line(const char *path)
-{
-    char *text = tp_read_file(path, NULL);
-    int line = 1, found = 1;
-    for (char *p = text; p != NULL && *p; line++) {
-        char *eol = strchr(p, '\n');
-        const char *at = strstr(p, "@target");
-        if (at != NULL && (eol == NULL || at < eol)) {
-            found = line;
-            break;
-        }
-        if (eol == NULL)
-            break;
-        p = eol + 1;
-    }
-    free(text);
-    return found;
-}
-
 bool tp_defs_load_jobs(tp_defs_set_t *s, const char *dir, tp_defs_diag_t *diag)
 {
     size_t start = diag->n, n = 0;
@@ -1648,7 +1630,7 @@ bool tp_defs_load_jobs(tp_defs_set_t *s, const char *dir, tp_defs_diag_t *diag)
         }
         for (size_t k = 0; ok && k < s->n_jobs; k++) {
             if (strcmp(s->jobs[k].target, j.target) == 0) {
-                diag_add(diag, path, target_line(path),
+                diag_add(diag, path, j.target_line,
                          "@target %s is already the target of job %s (%s)", j.target,
                          s->jobs[k].name, s->jobs[k].path);
                 ok = false;

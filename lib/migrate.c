@@ -365,6 +365,26 @@ static void migration_error(PGconn *c, const PGresult *r, const mig_t *m, char *
         snprintf(err, errlen, "%s: %s; migration rolled back", m->path, pmsg);
 }
 
+/* Gets the connection out of a COPY a migration started (COPY ... FROM STDIN
+ * or TO STDOUT: the runner has no data stream) and drains its results. */
+static void leave_copy(PGconn *c)
+{
+    PGresult *r;
+    while ((r = PQgetResult(c)) != NULL) {
+        ExecStatusType st = PQresultStatus(r);
+        PQclear(r);
+        if (st == PGRES_COPY_IN && PQputCopyEnd(c, "COPY FROM STDIN is not supported in migrations") < 0)
+            break;
+        if (st == PGRES_COPY_OUT) {
+            char *buf;
+            while (PQgetCopyData(c, &buf, 0) > 0)
+                PQfreemem(buf);
+        }
+        if (st == PGRES_COPY_BOTH)
+            break; /* replication protocol: nothing sane to do but let the caller drop it */
+    }
+}
+
 static void rollback_quietly(PGconn *c)
 {
     PGTransactionStatusType ts = PQtransactionStatus(c);
@@ -383,6 +403,16 @@ static bool apply_one(PGconn *c, const mig_t *m, char *err, size_t errlen)
     }
     PGresult *r = PQexec(c, m->sql);
     ExecStatusType st = PQresultStatus(r);
+    if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT || st == PGRES_COPY_BOTH) {
+        PQclear(r);
+        leave_copy(c);
+        snprintf(err, errlen,
+                 "%s: COPY FROM STDIN / TO STDOUT cannot run in a migration (no data stream); "
+                 "use INSERT ... VALUES; migration rolled back",
+                 m->path);
+        rollback_quietly(c);
+        return false;
+    }
     if (r == NULL || (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK && st != PGRES_EMPTY_QUERY)) {
         migration_error(c, r, m, err, errlen);
         PQclear(r);

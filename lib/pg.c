@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tidepool/log.h"
+
 #define MAX_SECRETS 4
 
 typedef struct secrets {
@@ -72,32 +74,24 @@ static bool is_conninfo_keyword(const char *tok, size_t len)
 }
 
 /* libpq's conninfo parse errors quote fragments of the string (a URI, a
- * percent-encoded token, a word with no "="), which may be parts of a password.
- * Keep quoted keywords and single punctuation characters; mask the rest,
- * unless the string holds no password at all (no "password", no URI "@"). */
+ * percent-encoded token, a word with no "="), which may be parts of a password
+ * and may themselves contain quotes. Outside the quotes its messages are fixed
+ * text, so when the string may hold a password (it mentions "password" or has
+ * a URI "@"), everything from the first to the last double quote is masked,
+ * unless it is one quoted conninfo keyword or punctuation character. */
 static char *mask_quoted_fragments(const char *msg, bool may_hold_secret)
 {
-    tp_buf_t b = {0};
-    const char *p = msg;
-    while (*p) {
-        const char *q = *p == '"' ? strchr(p + 1, '"') : NULL;
-        if (q == NULL) {
-            tp_buf_putc(&b, *p++);
-            continue;
-        }
-        size_t len = (size_t)(q - p - 1);
-        bool keep = !may_hold_secret || (len == 1 && !((p[1] >= 'a' && p[1] <= 'z') || (p[1] >= 'A' && p[1] <= 'Z') ||
-                                   (p[1] >= '0' && p[1] <= '9'))) ||
-                    is_conninfo_keyword(p + 1, len);
-        tp_buf_putc(&b, '"');
-        if (keep)
-            tp_buf_append(&b, p + 1, len);
-        else
-            tp_buf_puts(&b, "***");
-        tp_buf_putc(&b, '"');
-        p = q + 1;
-    }
-    return tp_buf_steal(&b);
+    const char *first = strchr(msg, '"'), *last = strrchr(msg, '"');
+    if (!may_hold_secret || first == NULL || first == last)
+        return tp_xstrdup(msg);
+    size_t len = (size_t)(last - first - 1);
+    bool one = memchr(first + 1, '"', len) == NULL;
+    bool punct = len == 1 && !((first[1] >= 'a' && first[1] <= 'z') ||
+                               (first[1] >= 'A' && first[1] <= 'Z') ||
+                               (first[1] >= '0' && first[1] <= '9'));
+    if (one && (punct || is_conninfo_keyword(first + 1, len)))
+        return tp_xstrdup(msg);
+    return tp_xasprintf("%.*s\"***\"%s", (int)(first - msg), msg, last + 1);
 }
 
 static void put_err(char *err, size_t errlen, tp_buf_t *b)
@@ -150,6 +144,28 @@ static PQconninfoOption *parse_conninfo(const char *conninfo, const secrets_t *k
     return NULL;
 }
 
+bool tp_pg_conninfo_check(const char *conninfo, char *err, size_t errlen)
+{
+    secrets_t known = {0};
+    secrets_add(&known, getenv("PGPASSWORD"));
+    PQconninfoOption *opts = parse_conninfo(conninfo, &known, err, errlen);
+    PQconninfoFree(opts);
+    return opts != NULL;
+}
+
+/* Server notices (NOTICE, WARNING) become log lines instead of libpq's bare
+ * stderr output: warnings at warn, the rest ("... already exists, skipping") at debug. */
+static void on_notice(void *arg, const PGresult *res)
+{
+    (void)arg;
+    const char *sev = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+    const char *msg = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    tp_log_level_t level = sev && strcmp(sev, "WARNING") == 0 ? TP_LOG_WARN : TP_LOG_DEBUG;
+    const char *kv[] = {"severity", sev ? sev : "NOTICE", "sqlstate", state, NULL};
+    tp_logkv(level, kv, "postgres: %s", msg ? msg : "(no message)");
+}
+
 static PGconn *connect_impl(const char *conninfo, const char *password, int64_t timeout_ms,
                             char *err, size_t errlen)
 {
@@ -182,6 +198,7 @@ static PGconn *connect_impl(const char *conninfo, const char *password, int64_t 
 
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
     if (conn != NULL && PQstatus(conn) == CONNECTION_OK) {
+        PQsetNoticeReceiver(conn, on_notice, NULL);
         PQconninfoFree(opts);
         return conn;
     }

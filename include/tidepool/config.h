@@ -61,6 +61,25 @@ typedef struct tp_config {
     } server;
     struct {
         char *mode; /* none | token | databricks-apps | jwt */
+        char *anonymous_roles;  /* mode none: roles of the anonymous principal */
+        char *tokens;           /* "name:role+role:sha256hex, ..." (lib/auth.c parses) */
+        char *tokens_file;      /* same entries, one a line */
+        bool token_table;       /* also accept tokens from tidepool.api_tokens */
+        char *trusted_proxies;  /* addresses/CIDRs allowed to send X-Forwarded-* */
+        char *roles;            /* "user:role+role, group:NAME:role, *:role" */
+        char *jwt_secret;       /* HS256 shared secret */
+        char *jwt_jwks_file;    /* RS256 keys (JWKS JSON) */
+        char *jwt_public_key_file; /* RS256 key (PEM) */
+        char *jwt_audience;
+        char *jwt_issuer;
+        int64_t jwt_clock_skew_ms;
+        char *jwt_roles_claim;  /* dotted path */
+        char *jwt_groups_claim; /* dotted path */
+        int64_t rate_per_identity; /* requests per second; 0 = off */
+        int64_t burst_per_identity;
+        int64_t rate_per_address;
+        int64_t burst_per_address;
+        int64_t rate_limit_keys;
     } auth;
     struct {
         char *level;

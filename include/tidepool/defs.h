@@ -64,7 +64,8 @@ static inline const char *tp_defs_value_text(const tp_defs_value_t *v, const cha
 /* One SQL body after scanning. For a Postgres body, sql has each :name replaced
  * by $n in first-appearance order (a name used twice keeps its number); for a
  * warehouse body, sql is the text as written (named :name markers are native
- * there). In both, a trailing ';' and surrounding blank space are removed. */
+ * there). In both, a trailing ';', trailing comments and surrounding blank space
+ * are removed, so the text can be wrapped ("SELECT * FROM (sql) q"). */
 typedef struct tp_defs_body {
     char *path;     /* file it came from */
     int line;       /* line of the file where sql starts (1-based) */
@@ -94,6 +95,7 @@ typedef struct tp_defs_job {
     char *target;        /* "schema.table" as written (lower-case identifiers) */
     char *target_schema; /* never "tidepool" */
     char *target_table;
+    int target_line;     /* of @target in path, for messages */
     tp_defs_mode_t mode;
     char **key;          /* @key columns in order; required for incremental */
     size_t n_key;
@@ -182,10 +184,12 @@ typedef struct tp_defs_diag {
     size_t n;
 } tp_defs_diag_t;
 
+/* Frees the messages and empties d (d itself is the caller's; NULL is a no-op). */
 void tp_defs_diag_free(tp_defs_diag_t *d);
 
 /* Returns a new empty set (owned by the caller; free with tp_defs_set_free). */
 tp_defs_set_t *tp_defs_set_new(void);
+/* Frees s and everything reachable from it; NULL is a no-op. */
 void tp_defs_set_free(tp_defs_set_t *s);
 
 /* Loads every NAME.sql in dir as a sync job into s. Files not ending in .sql,
@@ -214,6 +218,7 @@ const tp_defs_dataset_t *tp_defs_dataset_find(const tp_defs_set_t *s, const char
  * *err_line (line within text, 1-based) and a message in err. */
 bool tp_defs_scan_body(const char *text, bool dialect_pg, bool rewrite, tp_defs_body_t *out,
                        int *err_line, char *err, size_t errlen) TP_WUR;
+/* Frees what b owns (path, sql, names, index) and zeroes it; NULL is a no-op. */
 void tp_defs_body_free(tp_defs_body_t *b);
 
 #endif

@@ -30,6 +30,11 @@ PGconn *tp_pg_connect(const char *conninfo, int64_t timeout_ms, char *err, size_
 PGconn *tp_pg_connect_password(const char *conninfo, const char *password, int64_t timeout_ms,
                                char *err, size_t errlen) TP_WUR;
 
+/* Checks that libpq can parse conninfo (for --check) without connecting.
+ * False with err set ("invalid Postgres connection string: ...", secrets
+ * masked as in tp_pg_connect) when it cannot. */
+bool tp_pg_conninfo_check(const char *conninfo, char *err, size_t errlen) TP_WUR;
+
 /* Describes where conn points as "HOST:PORT" (a socket directory for a Unix
  * socket) into buf; returns buf. Never includes credentials. */
 const char *tp_pg_where(const PGconn *conn, char *buf, size_t len);

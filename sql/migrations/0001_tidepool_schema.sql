@@ -6,7 +6,7 @@ CREATE SCHEMA IF NOT EXISTS tidepool;
 
 -- One row per sync job: where it is (watermark, generation) and how it went last.
 CREATE TABLE tidepool.sync_state (
-    job                  text PRIMARY KEY CHECK (job ~ '^[A-Za-z0-9_.-]{1,128}$'),
+    job                  text PRIMARY KEY CHECK (job ~ '^[A-Za-z0-9_.-]+$' AND length(job) <= 1024),  -- no ':' (NOTIFY payload job:generation)
     mode                 text CHECK (mode IN ('snapshot', 'incremental')),
     target_table         text,                      -- schema-qualified target, as defined
     watermark            text,                      -- text form of the @watermark value; NULL = from the start
@@ -112,7 +112,8 @@ CREATE TABLE tidepool.writeback_outbox (
     statement_id    text,                            -- warehouse statement of the last attempt
     CONSTRAINT writeback_outbox_row_ck CHECK ((op = 'delete') = (row IS NULL))
 );
-CREATE INDEX writeback_outbox_unshipped_idx ON tidepool.writeback_outbox (next_attempt_at, id)
+-- The shipper reads unshipped rows in id order (and the backlog is their count).
+CREATE INDEX writeback_outbox_unshipped_idx ON tidepool.writeback_outbox (id)
     WHERE shipped_at IS NULL;
 CREATE INDEX writeback_outbox_key_idx ON tidepool.writeback_outbox (table_name, pk, id)
     WHERE shipped_at IS NULL;

@@ -165,6 +165,12 @@ static void test_fresh_apply_creates_every_table(void)
                          "VALUES ('ci', sha256('s'), '{reader}')",
                          0, NULL, err, sizeof err),
               "realistic rows: %s", err);
+    CHECK_MSG(tp_pg_exec(c, "INSERT INTO tidepool.sync_state (job) VALUES (repeat('j', 300))", 0,
+                         NULL, err, sizeof err),
+              "long job name: %s", err);
+    CHECK(!tp_pg_exec(c, "INSERT INTO tidepool.sync_state (job) VALUES ('a:b')", 0, NULL, err,
+                      sizeof err));
+    CHECK_CONTAINS(err, "23514");
     CHECK(!tp_pg_exec(c,
                       "INSERT INTO tidepool.api_tokens (name, token_sha256) "
                       "VALUES ('ci2', sha256('s'))",
@@ -301,6 +307,70 @@ static void test_concurrent_apply_once(void)
     free(dsn);
 }
 
+/* A migrator that finds the lock taken says who holds it, waits, and then runs. */
+static void test_waits_for_lock_holder(void)
+{
+    fixture_t f;
+    if (!fixture_open(&f, "wait", true))
+        goto out;
+    put(f.dir, "0001_first.sql", "CREATE TABLE w1 (a int);\n");
+    char key[32], want[64];
+    snprintf(key, sizeof key, "%lld", (long long)TP_MIGRATE_LOCK_KEY);
+    const char *params[1] = {key};
+    CHECK(tp_pg_exec(f.c, "SELECT pg_advisory_lock($1::bigint)", 1, params, f.err, sizeof f.err));
+    snprintf(want, sizeof want, "\"holder_pid\":\"%d\"", PQbackendPID(f.c));
+    char *logpath = tp_xasprintf("%s/wait.log", tp_test_tmpdir());
+    pid_t pid = fork();
+    if (pid == 0) {
+        FILE *lf = fopen(logpath, "w");
+        tp_log_set_stream(lf);
+        tp_log_set_level(TP_LOG_INFO);
+        char err[1024];
+        int applied = 0;
+        PGconn *c = tp_pg_connect(f.dsn, 10000, err, sizeof err);
+        bool ok = c != NULL && tp_migrate_apply(c, f.dir, &applied, err, sizeof err);
+        fclose(lf);
+        PQfinish(c);
+        _exit(ok && applied == 1 ? 0 : 1);
+    }
+    /* Wait until the child is queued on the lock (not granted), up to 10 s. */
+    bool queued = false;
+    for (int i = 0; i < 200 && !queued; i++) {
+        char *v = sql1(f.dsn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                              "AND NOT granted");
+        queued = strcmp(v, "1") == 0;
+        free(v);
+        if (!queued)
+            usleep(50 * 1000);
+    }
+    CHECK_MSG(queued, "the second migrator never queued on the lock");
+    int status;
+    CHECK_MSG(waitpid(pid, &status, WNOHANG) == 0, "migrator did not wait for the lock");
+    sql_is(f.dsn, "SELECT to_regclass('w1') IS NULL", "t");
+    CHECK(tp_pg_exec(f.c, "SELECT pg_advisory_unlock($1::bigint)", 1, params, f.err, sizeof f.err));
+    CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    sql_is(f.dsn, "SELECT to_regclass('w1') IS NOT NULL", "t");
+    char *log = tp_read_file(logpath, NULL);
+    CHECK_CONTAINS(log, "waiting for another process to finish migrating");
+    CHECK_CONTAINS(log, want);
+    CHECK_CONTAINS(log, "applied migration 0001_first.sql");
+    free(log);
+    free(logpath);
+out:
+    fixture_close(&f);
+}
+
+/* Reads the status, which must not be current, with want in its explanation. */
+static tp_migrate_status_t status_not_current(fixture_t *f, const char *want)
+{
+    tp_migrate_status_t st = {0};
+    char why[256] = "";
+    CHECK_MSG(tp_migrate_status(f->c, f->dir, &st, f->err, sizeof f->err), "%s", f->err);
+    CHECK(!tp_migrate_status_current(&st, why, sizeof why));
+    CHECK_CONTAINS(why, want);
+    return st;
+}
+
 static void test_edited_migration_refused(void)
 {
     fixture_t f;
@@ -314,13 +384,9 @@ static void test_edited_migration_refused(void)
     CHECK_INT_EQ(f.applied, 0);
     CHECK_CONTAINS(f.err, "m_edit/0001_first.sql: changed after it was applied");
     sql_is(f.dsn, "SELECT to_regclass('e2') IS NULL", "t");
-    tp_migrate_status_t st;
-    CHECK_MSG(tp_migrate_status(f.c, f.dir, &st, f.err, sizeof f.err), "%s", f.err);
+    tp_migrate_status_t st = status_not_current(&f, "migration 0001 was edited");
     CHECK_INT_EQ(st.changed, 1);
     CHECK_INT_EQ(st.pending, 1);
-    char why[256];
-    CHECK(!tp_migrate_status_current(&st, why, sizeof why));
-    CHECK_CONTAINS(why, "migration 0001 was edited");
     /* The refusal released the lock. */
     check_lock_free(f.dsn);
 out:
@@ -338,13 +404,10 @@ static void test_newer_schema_refused(void)
                      "VALUES (7, '0007_future.sql', repeat('a', 64))"));
     CHECK(!apply(&f));
     CHECK_CONTAINS(f.err, "newer than this build: it has migration 0007 (0007_future.sql)");
-    tp_migrate_status_t st;
-    CHECK_MSG(tp_migrate_status(f.c, f.dir, &st, f.err, sizeof f.err), "%s", f.err);
+    tp_migrate_status_t st =
+        status_not_current(&f, "database has migration 0007, newer than this build");
     CHECK_INT_EQ(st.unknown_newer, 7);
     CHECK_INT_EQ(st.current, 7);
-    char why[256];
-    CHECK(!tp_migrate_status_current(&st, why, sizeof why));
-    CHECK_CONTAINS(why, "database has migration 0007, newer than this build");
     /* A hole (2 recorded without 1) is refused too, naming the missing file. */
     free(sql1(f.dsn, "DELETE FROM tidepool.schema_migrations"));
     free(sql1(f.dsn, "INSERT INTO tidepool.schema_migrations (version, name, checksum) "
@@ -392,10 +455,24 @@ static void test_broken_migration_rolls_back(void)
                   "0002_broken.sql:2: syntax error");
     expect_broken(&f, "-- ééééééééééééééééééééééééééééééééééééééééé\nSELECT 1;\nSELEC oops;\n",
                   "0002_broken.sql:3: syntax error");
+    /* A syntax error inside a PL/pgSQL body is mapped back into the file. */
+    expect_broken(&f,
+                  "SELECT 1;\nCREATE FUNCTION bf() RETURNS int LANGUAGE plpgsql AS $$\nBEGIN\n"
+                  "  RETURN 1 +;\nEND $$;\n",
+                  "0002_broken.sql:4: syntax error");
+    /* Bytes that are not UTF-8. */
+    expect_broken(&f, "SELECT 'caf\xe9';\n", "0002_broken.sql: invalid byte sequence for encoding");
     /* A runtime error without a position still names the file. */
     expect_broken(&f, "CREATE TABLE b_partial (a int);\nSELECT 1/0;\n",
                   "0002_broken.sql: division by zero");
     sql_is(f.dsn, "SELECT to_regclass('b_partial') IS NULL", "t");
+    /* COPY with no data stream: refused, rolled back, connection still usable. */
+    expect_broken(&f, "CREATE TABLE b_partial (a int);\nCOPY b_partial FROM STDIN;\n",
+                  "0002_broken.sql: COPY FROM STDIN / TO STDOUT cannot run in a migration");
+    expect_broken(&f, "CREATE TABLE b_partial (a int);\nCOPY (SELECT 1) TO STDOUT;\n",
+                  "0002_broken.sql: COPY FROM STDIN / TO STDOUT cannot run in a migration");
+    sql_is(f.dsn, "SELECT to_regclass('b_partial') IS NULL", "t");
+    check_lock_free(f.dsn);
     /* A migration that commits on its own is reported. */
     expect_broken(&f, "CREATE TABLE b_commit (a int);\nCOMMIT;\n",
                   "0002_broken.sql: ended the runner's transaction");
@@ -424,53 +501,59 @@ static void expect_dir_error(PGconn *c, const char *dsn, const char *dir, const 
     sql_is(dsn, "SELECT to_regnamespace('tidepool') IS NULL", "t");
 }
 
+/* Directories the runner must refuse before touching the database; a file name
+ * ending in '/' is created as a directory. */
+static const struct {
+    const char *dir;
+    const char *files[3];
+    const char *want1, *want2;
+} bad_dirs[] = {
+    {"m_badname", {"0001_ok.sql", "2_bad.sql", ".0003_editor_swap.sql"}, "m_badname/2_bad.sql",
+     "NNNN_name.sql"},
+    {"m_badname2", {"0001_Bad-Name.sql"}, "0001_Bad-Name.sql", "bad migration file name"},
+    {"m_readme", {"0001_ok.sql", "README"}, "m_readme/README", NULL},
+    {"m_gap", {"0001_a.sql", "0003_c.sql"}, "migration 0002 is missing", "0003_c.sql"},
+    {"m_dup", {"0001_a.sql", "0001_b.sql"}, "0001_b.sql", "0001_a.sql"},
+    {"m_zero", {"0000_a.sql"}, "0000_a.sql", "start at 0001"},
+    {"m_empty", {NULL}, "no migrations found", NULL},
+    {"m_subdir", {"0001_a.sql", "0002_dir.sql/"}, "0002_dir.sql: not a regular file", NULL},
+    {"does_not_exist", {NULL}, "does_not_exist: cannot read migrations directory", NULL},
+};
+
 static void test_bad_file_names(void)
 {
     char *dsn = tp_test_new_db("t_migrate_names");
     PGconn *c = connect_or_fail(dsn);
-    if (c == NULL)
-        goto out;
-    char *d = mig_dir("m_badname");
-    put(d, "0001_ok.sql", "SELECT 1;\n");
-    put(d, "2_bad.sql", "SELECT 1;\n");
-    put(d, ".0003_editor_swap.sql", "ignored");
-    expect_dir_error(c, dsn, d, "m_badname/2_bad.sql", "NNNN_name.sql");
+    for (size_t i = 0; c != NULL && i < TP_ARRAY_LEN(bad_dirs); i++) {
+        char *d = strcmp(bad_dirs[i].dir, "does_not_exist") == 0
+                      ? tp_xasprintf("%s/%s", tp_test_tmpdir(), bad_dirs[i].dir)
+                      : mig_dir(bad_dirs[i].dir);
+        for (size_t j = 0; j < 3 && bad_dirs[i].files[j]; j++) {
+            const char *name = bad_dirs[i].files[j];
+            if (name[strlen(name) - 1] == '/') {
+                char *sub = tp_xasprintf("%s/%.*s", bad_dirs[i].dir, (int)strlen(name) - 1, name);
+                free(mig_dir(sub));
+                free(sub);
+            } else {
+                put(d, name, "SELECT 1;\n");
+            }
+        }
+        expect_dir_error(c, dsn, d, bad_dirs[i].want1, bad_dirs[i].want2);
+        free(d);
+    }
+    /* A NUL byte would silently truncate the SQL sent: refused. */
+    char *d = mig_dir("m_nul");
+    char *path = tp_xasprintf("%s/0001_nul.sql", d);
+    FILE *fp = fopen(path, "wb");
+    CHECK(fp != NULL);
+    if (fp) {
+        fwrite("SELECT 1;\0DROP TABLE x;\n", 1, 25, fp);
+        fclose(fp);
+    }
+    if (c)
+        expect_dir_error(c, dsn, d, "m_nul/0001_nul.sql: contains a NUL byte", NULL);
+    free(path);
     free(d);
-    d = mig_dir("m_badname2");
-    put(d, "0001_Bad-Name.sql", "SELECT 1;\n");
-    expect_dir_error(c, dsn, d, "0001_Bad-Name.sql", "bad migration file name");
-    free(d);
-    d = mig_dir("m_readme");
-    put(d, "0001_ok.sql", "SELECT 1;\n");
-    put(d, "README", "notes\n");
-    expect_dir_error(c, dsn, d, "m_readme/README", NULL);
-    free(d);
-    d = mig_dir("m_gap");
-    put(d, "0001_a.sql", "SELECT 1;\n");
-    put(d, "0003_c.sql", "SELECT 1;\n");
-    expect_dir_error(c, dsn, d, "migration 0002 is missing", "0003_c.sql");
-    free(d);
-    d = mig_dir("m_dup");
-    put(d, "0001_a.sql", "SELECT 1;\n");
-    put(d, "0001_b.sql", "SELECT 1;\n");
-    expect_dir_error(c, dsn, d, "0001_b.sql", "0001_a.sql");
-    free(d);
-    d = mig_dir("m_zero");
-    put(d, "0000_a.sql", "SELECT 1;\n");
-    expect_dir_error(c, dsn, d, "0000_a.sql", "start at 0001");
-    free(d);
-    d = mig_dir("m_empty");
-    expect_dir_error(c, dsn, d, "no migrations found", NULL);
-    free(d);
-    d = mig_dir("m_subdir");
-    put(d, "0001_a.sql", "SELECT 1;\n");
-    free(mig_dir("m_subdir/0002_dir.sql"));
-    expect_dir_error(c, dsn, d, "0002_dir.sql: not a regular file", NULL);
-    free(d);
-    d = tp_xasprintf("%s/does_not_exist", tp_test_tmpdir());
-    expect_dir_error(c, dsn, d, "does_not_exist: cannot read migrations directory", NULL);
-    free(d);
-out:
     PQfinish(c);
     free(dsn);
 }
@@ -524,6 +607,13 @@ static void test_connect_errors_name_host_port_not_password(void)
     c = tp_pg_connect("host=127.0.0.1 hots=x", 3000, err, sizeof err);
     CHECK(c == NULL);
     CHECK_CONTAINS(err, "invalid connection option \"hots\"");
+
+    /* Validation without connecting (for --check). */
+    CHECK(tp_pg_conninfo_check("host=db.example port=6543 password=S3cretPw", err, sizeof err));
+    CHECK(tp_pg_conninfo_check("", err, sizeof err));
+    CHECK(tp_pg_conninfo_check("plain_dbname", err, sizeof err));
+    CHECK(!tp_pg_conninfo_check("postgresql://u:S3cret%zzPw@h/db", err, sizeof err));
+    CHECK_CONTAINS(err, "invalid percent-encoded token: \"***\"");
 
     /* A Unix socket directory that does not exist. */
     c = tp_pg_connect("host=/nonexistent/tp port=5999 password=S3cretPw", 3000, err, sizeof err);
@@ -628,6 +718,19 @@ static void test_query_and_quote_helpers(void)
     free(q);
     CHECK(tp_pg_quote_ident(c, "bad\xff\xfe", err, sizeof err) == NULL);
     CHECK_CONTAINS(err, "cannot quote identifier");
+
+    /* Server warnings become JSON log lines, not bare stderr text. */
+    FILE *logf = tmpfile();
+    tp_log_set_stream(logf);
+    CHECK(tp_pg_exec(c, "DO $$BEGIN RAISE WARNING 'careful %', 42; END$$", 0, NULL, err,
+                     sizeof err));
+    tp_log_set_stream(NULL);
+    char line[1024] = "";
+    rewind(logf);
+    CHECK(fgets(line, sizeof line, logf) != NULL);
+    CHECK_CONTAINS(line, "\"level\":\"warn\"");
+    CHECK_CONTAINS(line, "postgres: careful 42");
+    fclose(logf);
     PQfinish(c);
 }
 
@@ -656,6 +759,7 @@ int main(void)
     TP_RUN(test_fresh_apply_creates_every_table);
     TP_RUN(test_rerun_is_noop);
     TP_RUN(test_concurrent_apply_once);
+    TP_RUN(test_waits_for_lock_holder);
     TP_RUN(test_edited_migration_refused);
     TP_RUN(test_newer_schema_refused);
     TP_RUN(test_broken_migration_rolls_back);

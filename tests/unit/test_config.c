@@ -615,6 +615,84 @@ static void errors_never_show_secrets(void)
     clear_env();
 }
 
+/* The [auth] settings lib/auth.c reads: defaults, parsing, bounds, and the
+ * two secrets (tokens, jwt_secret) masked in --check output and errors. */
+static void auth_settings(void)
+{
+    clear_env();
+    tp_config_t c = {0};
+    char err[512] = "";
+    CHECK(tp_config_load(&c, NULL, err, sizeof err));
+    CHECK_STR_EQ(c.auth.anonymous_roles, "reader, writer, admin");
+    CHECK_STR_EQ(c.auth.tokens, "");
+    CHECK_STR_EQ(c.auth.tokens_file, "");
+    CHECK(c.auth.token_table);
+    CHECK_STR_EQ(c.auth.trusted_proxies, "127.0.0.1/32, ::1/128");
+    CHECK_STR_EQ(c.auth.roles, "");
+    CHECK_STR_EQ(c.auth.jwt_secret, "");
+    CHECK_STR_EQ(c.auth.jwt_roles_claim, "roles");
+    CHECK_STR_EQ(c.auth.jwt_groups_claim, "groups");
+    CHECK_INT_EQ(c.auth.jwt_clock_skew_ms, 60000);
+    CHECK_INT_EQ(c.auth.rate_per_identity, 20);
+    CHECK_INT_EQ(c.auth.burst_per_identity, 100);
+    CHECK_INT_EQ(c.auth.rate_per_address, 50);
+    CHECK_INT_EQ(c.auth.burst_per_address, 200);
+    CHECK_INT_EQ(c.auth.rate_limit_keys, 50000);
+    tp_config_free(&c);
+
+    CHECK_MSG(load_text(&c,
+                        "[auth]\n"
+                        "mode = jwt\n"
+                        "tokens = ci:reader:" SECRET "\n"
+                        "token_table = off\n"
+                        "trusted_proxies = 10.0.0.0/8\n"
+                        "roles = *:reader\n"
+                        "jwt_secret = " SECRET SECRET SECRET "\n"
+                        "jwt_jwks_file = /etc/tidepool/jwks.json\n"
+                        "jwt_audience = api\n"
+                        "jwt_issuer = https://idp/\n"
+                        "jwt_clock_skew = 0\n"
+                        "jwt_roles_claim = realm_access.roles\n"
+                        "rate_per_identity = 0\n"
+                        "burst_per_address = 1\n",
+                        err, sizeof err),
+              "%s", err);
+    CHECK(!c.auth.token_table);
+    CHECK_INT_EQ(c.auth.jwt_clock_skew_ms, 0);
+    CHECK_INT_EQ(c.auth.rate_per_identity, 0);
+    CHECK_INT_EQ(c.auth.burst_per_address, 1);
+    CHECK_STR_EQ(c.auth.jwt_roles_claim, "realm_access.roles");
+    char *out = print_config(&c);
+    CHECK(out != NULL && strstr(out, SECRET) == NULL);
+    CHECK_CONTAINS(out, "auth.tokens = ********  (file)\n");
+    CHECK_CONTAINS(out, "auth.jwt_secret = ********  (file)\n");
+    CHECK_CONTAINS(out, "auth.jwt_audience = api  (file)\n");
+    CHECK_CONTAINS(out, "auth.jwt_clock_skew = 0  (file)\n");
+    free(out);
+    /* auth settings take effect on reload */
+    tp_config_t d = {0};
+    CHECK(load_text(&d, "[auth]\nmode = jwt\njwt_audience = other\nrate_per_address = 5\n", err,
+                    sizeof err));
+    CHECK(tp_config_restart_needed(&c, &d) == NULL);
+    tp_config_free(&d);
+    tp_config_free(&c);
+
+    EXPECT_ERR("[auth]\njwt_clock_skew = 11m\n", 2,
+               "invalid value \"11m\" for auth.jwt_clock_skew: expected a duration from 0 to "
+               "10m (like 30s, 5m, 250ms)");
+    EXPECT_ERR("[auth]\nburst_per_identity = 0\n", 2,
+               "invalid value \"0\" for auth.burst_per_identity: expected an integer from 1 to "
+               "1000000");
+    EXPECT_ERR("[auth]\nrate_per_address = -1\n", 2,
+               "invalid value \"-1\" for auth.rate_per_address: expected an integer from 0 to "
+               "1000000");
+    EXPECT_ERR("[auth]\ntoken_table = maybe\n", 2,
+               "invalid value \"maybe\" for auth.token_table: expected true or false");
+    EXPECT_ERR("[auth]\nrate_limit_keys = 0\n", 2,
+               "invalid value \"0\" for auth.rate_limit_keys: expected an integer from 1 to "
+               "10000000");
+}
+
 static char *reference_text(void)
 {
     char *text = NULL;
@@ -750,6 +828,7 @@ int main(void)
     TP_RUN(print_masks_secrets);
     TP_RUN(dsn_masking);
     TP_RUN(errors_never_show_secrets);
+    TP_RUN(auth_settings);
     TP_RUN(reference_lists_every_setting);
     TP_RUN(reload_reports_restart_needed);
     TP_RUN(mutated_files_fail_cleanly);

@@ -459,6 +459,8 @@ static void markers_skip_literals_comments_and_casts(void)
     EXPECT_REWRITE(true, "SELECT a$b, :y", "SELECT a$b, $1", "y,");
     EXPECT_REWRITE(true, "SELECT arr[1:2], :y", "SELECT arr[1:2], $1", "y,");
     EXPECT_REWRITE(true, "  SELECT :y ;  -- done\n\n", "  SELECT $1", "y,");
+    EXPECT_REWRITE(true, "-- lead\nSELECT :y -- trailing\n/* more */\n", "-- lead\nSELECT $1", "y,");
+    EXPECT_REWRITE(true, "SELECT 1 -- c\n;", "SELECT 1", "");
     EXPECT_REWRITE(true, "SELECT 1 WHERE x = :User", "SELECT 1 WHERE x = $1", "User,");
     EXPECT_REWRITE(true, "SELECT 1 ; SELECT 2",
                    "ERR 1: more than one SQL statement (this follows the ';' on line 1)", "");
