@@ -24,6 +24,7 @@
 #include "tidepool/defs.h"
 #include "tidepool/log.h"
 #include "tidepool/migrate.h"
+#include "tidepool/notify.h"
 #include "tidepool/pg.h"
 #include "tidepool/wh.h"
 
@@ -72,6 +73,7 @@ typedef struct syncd {
     bool stopping;
     struct event *ev_term, *ev_int, *ev_hup, *ev_progress, *ev_listen_check, *ev_deadline;
     tp_pgasync_t *listen;
+    tp_notify_wd_t *wd;
     bool progress_shown;
     char daemon_id[300];
 } syncd_t;
@@ -424,6 +426,7 @@ static void begin_shutdown(syncd_t *d, const char *why)
     if (d->stopping)
         return;
     d->stopping = true;
+    tp_notify_stopping();
     tp_info("shutting down (%s): cancelling %d run(s) in flight", why, d->running);
     for (size_t i = 0; i < d->n_slots; i++) {
         evtimer_del(d->slots[i]->timer);
@@ -444,7 +447,9 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     syncd_t *d = arg;
     if (sig == SIGHUP) {
         tp_info("SIGHUP: reloading definitions");
+        tp_notify_reloading();
         reload(d);
+        tp_notify_ready();
         return;
     }
     begin_shutdown(d, sig == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -643,6 +648,10 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
         d.ev_listen_check = event_new(d.base, -1, EV_PERSIST, on_listen_check, &d);
         struct timeval tv = {5, 0};
         event_add(d.ev_listen_check, &tv);
+        if (!tp_notify_wd_start(d.base, &d.wd))
+            tp_warn("systemd watchdog timer could not be armed");
+        tp_notify_ready();
+        tp_notify_status("running %zu job(s)", d.n_slots);
     }
     if (!(opts->once && d.once_pending == 0))
         event_base_dispatch(d.base);
@@ -655,6 +664,7 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
     /* Teardown: runs still alive only after the deadline; abandon them (the
      * server rolls back when the sessions close at exit). */
     tp_pgasync_free(d.listen);
+    tp_notify_wd_free(d.wd);
     tp_wh_free(d.wh);
     for (size_t i = 0; i < d.n_slots; i++) {
         if (d.slots[i]->run == NULL)
