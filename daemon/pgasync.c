@@ -235,6 +235,12 @@ bool tp_pgasync_ok(const tp_pgasync_t *c)
            c->state != ST_CONNECTING && PQstatus(c->conn) == CONNECTION_OK;
 }
 
+bool tp_pgasync_busy(const tp_pgasync_t *c)
+{
+    return c && (c->state == ST_QUERY || c->state == ST_COPY_START || c->state == ST_COPY_IN ||
+                 c->state == ST_COPY_END || c->state == ST_CONNECTING);
+}
+
 const char *tp_pgasync_error(const tp_pgasync_t *c)
 {
     return c ? c->err : "";

@@ -53,6 +53,8 @@ void tp_pgasync_on_notify(tp_pgasync_t *c, tp_pgasync_notify_fn fn, void *arg);
 void tp_pgasync_cancel(tp_pgasync_t *c);
 /* True while connected and not broken. */
 bool tp_pgasync_ok(const tp_pgasync_t *c);
+/* True while an operation (query, COPY) is in flight. */
+bool tp_pgasync_busy(const tp_pgasync_t *c);
 /* Last error text ("" if none). */
 const char *tp_pgasync_error(const tp_pgasync_t *c);
 PGconn *tp_pgasync_conn(tp_pgasync_t *c);

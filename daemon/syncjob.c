@@ -322,6 +322,11 @@ static void fail(tp_syncjob_t *r, const char *fmt, ...)
         complete(r, r->canceled ? TP_SYNCJOB_CANCELED : TP_SYNCJOB_FAILED);
         return;
     }
+    if (tp_pgasync_busy(r->pg)) {
+        /* A bookkeeping query is in flight: its callback records the failure. */
+        tp_pgasync_cancel(r->pg);
+        return;
+    }
     record_failure(r);
 }
 
