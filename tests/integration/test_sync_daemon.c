@@ -247,6 +247,35 @@ static void timeout_fails_the_run(void)
     free(conf);
 }
 
+static void postgres_connection_loss_is_retried(void)
+{
+    char *dir = fx_jobs_dir("jobs_pgloss");
+    fx_job(dir, "pgloss", "-- @target sink.pgloss\n-- @mode snapshot\n-- @every 1h\n"
+                          "SELECT id, src.slow(v) AS v FROM src.flip WHERE id <= 30\n");
+    char *conf = fx_config("pgloss", dir, 2);
+    char *argv[] = {(char *)tp_test_bin("tidepool-sync"), "--config", conf, "--once", NULL};
+    char *log = fx_printf("%s/pgloss.log", tp_test_tmpdir());
+    pid_t p = tp_test_spawn(argv, log);
+    free(log);
+    CHECK(fx_wait_value("SELECT count(*)::text FROM tidepool.sync_runs WHERE job = 'pgloss' AND status = 'running'",
+                        "1", 10000));
+    free(fx_sql(fx.dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE application_name = 'tidepool-sync' AND pid <> pg_backend_pid()"));
+    int st = -1;
+    for (int i = 0; i < 200; i++) {
+        if (waitpid(p, &st, WNOHANG) == p)
+            break;
+        usleep(100000);
+    }
+    CHECK_MSG(WIFEXITED(st) && WEXITSTATUS(st) == 0, "status %d: %s", st, fx_tail(fx_read_log("pgloss.log"), 600));
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM sink.pgloss"), 30);
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM tidepool.sync_runs WHERE job = 'pgloss'"
+                                " AND status = 'succeeded'"),
+                 1);
+    free(dir);
+    free(conf);
+}
+
 int main(void)
 {
     if (!fx_setup("test_sync_daemon", lake_sql, NULL))
@@ -258,6 +287,7 @@ int main(void)
     TP_RUN(sighup_with_broken_file_keeps_old_jobs);
     TP_RUN(warehouse_faults_are_survived);
     TP_RUN(timeout_fails_the_run);
+    TP_RUN(postgres_connection_loss_is_retried);
     fx_stop_emulator();
     return tp_test_done();
 }
