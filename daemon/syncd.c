@@ -54,7 +54,10 @@ typedef struct slot {
     struct slot *next_wait;
 } slot_t;
 
+#define SYNCD_MAGIC 0x73796e64u
+
 typedef struct syncd {
+    unsigned magic;
     const tp_config_t *cfg;
     const tp_syncd_opts_t *opts;
     struct event_base *base;
@@ -79,6 +82,15 @@ typedef struct syncd {
 } syncd_t;
 
 static void start_run(slot_t *s);
+
+/* The daemon behind a libevent/libpq callback argument. */
+static syncd_t *daemon_of(void *arg)
+{
+    syncd_t *d = arg;
+    if (d == NULL || d->magic != SYNCD_MAGIC)
+        abort();
+    return d;
+}
 
 /* ---- definition sets ---- */
 
@@ -366,7 +378,7 @@ static void on_trigger(tp_pgasync_t *c, const char *channel, const char *payload
 {
     (void)c;
     (void)channel;
-    syncd_t *d = arg;
+    syncd_t *d = daemon_of(arg);
     slot_t *s = slot_find(d, payload ? payload : "");
     if (s == NULL || s->removed) {
         tp_logkv(TP_LOG_WARN, ((const char *[]){"job", payload, NULL}), "trigger for an unknown job ignored");
@@ -379,7 +391,7 @@ static void on_trigger(tp_pgasync_t *c, const char *channel, const char *payload
 static void on_listening(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)res;
-    syncd_t *d = arg;
+    syncd_t *d = daemon_of(arg);
     if (err) {
         tp_warn("LISTEN tidepool_trigger failed: %s", err);
         return;
@@ -390,7 +402,7 @@ static void on_listening(tp_pgasync_t *c, PGresult *res, const char *err, void *
 static void on_listen_connected(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)res;
-    syncd_t *d = arg;
+    syncd_t *d = daemon_of(arg);
     if (err) {
         tp_warn("trigger listener: %s (retrying)", err);
         return;
@@ -411,7 +423,7 @@ static void on_listen_check(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     (void)what;
-    syncd_t *d = arg;
+    syncd_t *d = daemon_of(arg);
     if (d->stopping)
         return;
     PGconn *pc = d->listen ? tp_pgasync_conn(d->listen) : NULL;
@@ -444,7 +456,7 @@ static void begin_shutdown(syncd_t *d, const char *why)
 static void on_signal(evutil_socket_t sig, short what, void *arg)
 {
     (void)what;
-    syncd_t *d = arg;
+    syncd_t *d = daemon_of(arg);
     if (sig == SIGHUP) {
         tp_info("SIGHUP: reloading definitions");
         tp_notify_reloading();
@@ -459,7 +471,7 @@ static void on_deadline(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     (void)what;
-    syncd_t *d = arg;
+    syncd_t *d = daemon_of(arg);
     tp_warn("shutdown deadline reached with %d run(s) still unwinding; exiting", d->running);
     event_base_loopbreak(d->base);
 }
@@ -468,7 +480,7 @@ static void on_progress(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     (void)what;
-    syncd_t *d = arg;
+    syncd_t *d = daemon_of(arg);
     int64_t rows = 0, bytes = 0, first = 0;
     int n = 0;
     for (size_t i = 0; i < d->n_slots; i++) {
@@ -567,6 +579,7 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
 {
     syncd_t d;
     memset(&d, 0, sizeof(d));
+    d.magic = SYNCD_MAGIC;
     d.cfg = cfg;
     d.opts = opts;
     signal(SIGPIPE, SIG_IGN);
