@@ -59,6 +59,8 @@ struct tp_syncjob {
     bool finished;
     bool done_scheduled;
     bool retryable; /* failed for a transient reason (network, truncated chunk) */
+    bool inline_req;  /* the statement in flight asked for INLINE */
+    bool force_links; /* INLINE hit the size limit: use EXTERNAL_LINKS */
     bool canceled;
     char *cancel_reason;
     tp_syncjob_outcome_t outcome;
@@ -1006,6 +1008,17 @@ static void on_wh_done(tp_wh_stmt_t *st, const tp_wh_result_t *res, void *arg)
          * nothing else is pending (the Postgres side was idle and gone). */
         return;
     }
+    if (res->status == TP_WH_FAILED && r->inline_req && r->load_table == NULL && !r->canceled &&
+        ((res->sql_state && strcmp(res->sql_state, "54000") == 0) ||
+         (res->message && (strstr(res->message, "EXTERNAL_LINKS") || strstr(res->message, "byte limit"))))) {
+        tp_logkv(TP_LOG_INFO, ((const char *[]){"job", jname(r), NULL}),
+                 "batch too large for INLINE; fetching it again with EXTERNAL_LINKS");
+        free(r->statement_id);
+        r->statement_id = NULL;
+        r->force_links = true;
+        step_submit(r);
+        return;
+    }
     if (res->status != TP_WH_SUCCEEDED) {
         r->retryable = res->status == TP_WH_CLOSED ||
                        (res->status == TP_WH_ERROR &&
@@ -1057,15 +1070,21 @@ static void step_submit(tp_syncjob_t *r)
     req.sql = sql.data;
     req.catalog = r->env->catalog && *r->env->catalog ? r->env->catalog : NULL;
     req.schema = r->env->schema && *r->env->schema ? r->env->schema : NULL;
-    req.disposition = TP_WH_EXTERNAL_LINKS;
+    /* Large results come as EXTERNAL_LINKS + CSV (passed to COPY as is);
+     * an incremental batch after the first run is usually small: INLINE JSON
+     * saves the link round trips, and a batch over the inline limit falls
+     * back to links (on_wh_done). TIDEPOOL_SYNC_FORMAT=csv|json|inline forces one. */
     const char *fmt = getenv("TIDEPOOL_SYNC_FORMAT");
-    if (fmt && strcmp(fmt, "json") == 0)
+    bool small = r->phase == PH_MAIN && j->mode == TP_DEFS_INCREMENTAL && r->watermark_from && !r->force_links;
+    req.disposition = TP_WH_EXTERNAL_LINKS;
+    req.format = TP_WH_CSV;
+    if (fmt && strcmp(fmt, "json") == 0) {
         req.format = TP_WH_JSON_ARRAY;
-    else if (fmt && strcmp(fmt, "inline") == 0) {
+    } else if ((fmt && strcmp(fmt, "inline") == 0) || ((fmt == NULL || *fmt == '\0') && small)) {
         req.format = TP_WH_JSON_ARRAY;
         req.disposition = TP_WH_INLINE;
-    } else
-        req.format = TP_WH_CSV;
+    }
+    r->inline_req = req.disposition == TP_WH_INLINE;
     req.wait_timeout_s = 0;
     req.timeout_ms = j->timeout_ms;
     req.label = jname(r);

@@ -299,6 +299,32 @@ static void concurrent_jobs_create_one_schema(void)
     free(c);
 }
 
+static void large_incremental_batch_falls_back_to_links(void)
+{
+    char *dir = fx_jobs_dir("jobs_wide");
+    fx_job(dir, "wide", "-- @target sink.wide\n-- @mode incremental\n-- @key id\n-- @watermark updated_at\n"
+                        "-- @every 1h\nSELECT id, body, updated_at FROM src.wide\n"
+                        "WHERE :watermark IS NULL OR updated_at > CAST(:watermark AS TIMESTAMP)\n");
+    char *c = fx_config("wide", dir, 2);
+    free(fx_sql(fx.wh_dsn, "CREATE TABLE src.wide (id int, body text, updated_at timestamptz);"
+                           "INSERT INTO src.wide VALUES (1, 'small', '2025-01-01')"));
+    char *out = NULL;
+    int rc = fx_once(c, NULL, NULL, &out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
+    free(out);
+    /* 28 rows of 1 MiB: over the 25 MiB INLINE limit. */
+    free(fx_sql(fx.wh_dsn, "INSERT INTO src.wide SELECT i, repeat(chr(65 + i % 26), 1048576),"
+                           " '2025-01-02' FROM generate_series(2, 29) i"));
+    rc = fx_once(c, NULL, NULL, &out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
+    CHECK_CONTAINS(out, "too large for INLINE");
+    free(out);
+    CHECK(fx_same("SELECT count(*) || md5(string_agg(md5(body), ',' ORDER BY id)) FROM src.wide",
+                  "SELECT count(*) || md5(string_agg(md5(body), ',' ORDER BY id)) FROM sink.wide", NULL));
+    free(dir);
+    free(c);
+}
+
 int main(void)
 {
     if (!fx_setup("test_sync_basic", lake_sql, NULL))
@@ -331,6 +357,7 @@ int main(void)
     TP_RUN(snapshot_refuses_changed_type);
     TP_RUN(check_reports_bad_definitions_with_file_line);
     TP_RUN(concurrent_jobs_create_one_schema);
+    TP_RUN(large_incremental_batch_falls_back_to_links);
     fx_stop_emulator();
     free(jobs);
     free(conf);
