@@ -325,6 +325,26 @@ static void large_incremental_batch_falls_back_to_links(void)
     free(c);
 }
 
+static void failing_jobs_do_not_stop_the_others(void)
+{
+    /* By now "drift" (changed type) and "keyed" (NULL key) fail; the rest run. */
+    const char *gens = "SELECT string_agg(job || '=' || generation, ',' ORDER BY job) FROM tidepool.sync_state"
+                       " WHERE job IN ('drift', 'keyed', 'readings')";
+    char *before = fx_sql(fx.dsn, gens);
+    char *out = NULL;
+    int rc = fx_once(conf, NULL, NULL, &out);
+    CHECK_INT_EQ(rc, 1);
+    CHECK_CONTAINS(out, "job drift:");
+    CHECK_CONTAINS(out, "job keyed:");
+    free(out);
+    char *after = fx_sql(fx.dsn, gens);
+    CHECK_STR_EQ(before, "drift=2,keyed=1,readings=3");
+    CHECK_STR_EQ(after, "drift=2,keyed=1,readings=4");
+    free(before);
+    free(after);
+    CHECK(fx_same(READINGS_SUM("src.readings"), READINGS_SUM("sink.readings"), NULL));
+}
+
 int main(void)
 {
     if (!fx_setup("test_sync_basic", lake_sql, NULL))
@@ -355,6 +375,7 @@ int main(void)
     TP_RUN(drift_adds_columns_and_refuses_type_changes);
     TP_RUN(bad_keys_fail_the_job_and_keep_the_target);
     TP_RUN(snapshot_refuses_changed_type);
+    TP_RUN(failing_jobs_do_not_stop_the_others);
     TP_RUN(check_reports_bad_definitions_with_file_line);
     TP_RUN(concurrent_jobs_create_one_schema);
     TP_RUN(large_incremental_batch_falls_back_to_links);
