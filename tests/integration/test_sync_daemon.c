@@ -276,6 +276,45 @@ static void postgres_connection_loss_is_retried(void)
     free(conf);
 }
 
+/* Pairs of runs (of different jobs in conc_*) whose intervals overlap. */
+static long long overlapping_runs(void)
+{
+    return fx_num(fx.dsn, "SELECT count(*) FROM tidepool.sync_runs x JOIN tidepool.sync_runs y"
+                          " ON x.id < y.id AND x.job LIKE 'conc%' AND y.job LIKE 'conc%'"
+                          " AND x.started_at < y.finished_at AND y.started_at < x.finished_at");
+}
+
+static void max_concurrent_jobs_is_respected(void)
+{
+    char *dir = fx_jobs_dir("jobs_conc");
+    for (int i = 0; i < 3; i++) {
+        char name[16], text[256];
+        snprintf(name, sizeof(name), "conc%d", i);
+        snprintf(text, sizeof(text), "-- @target sink.conc%d\n-- @mode snapshot\n-- @every 1h\n"
+                 "SELECT id, src.slow(v) AS v FROM src.flip WHERE id <= 8\n", i);
+        fx_job(dir, name, text);
+    }
+    char *one = fx_config("conc1", dir, 1);
+    char *out = NULL;
+    int rc = fx_once(one, NULL, NULL, &out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
+    free(out);
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM tidepool.sync_runs WHERE job LIKE 'conc%'"
+                                " AND status = 'succeeded'"),
+                 3);
+    CHECK_INT_EQ(overlapping_runs(), 0);
+    /* With room for three they do overlap (so the check above can fail). */
+    free(fx_sql(fx.dsn, "DELETE FROM tidepool.sync_runs WHERE job LIKE 'conc%'"));
+    char *three = fx_config("conc3", dir, 3);
+    rc = fx_once(three, NULL, NULL, &out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
+    free(out);
+    CHECK_MSG(overlapping_runs() > 0, "three slots, yet no runs overlapped");
+    free(dir);
+    free(one);
+    free(three);
+}
+
 int main(void)
 {
     if (!fx_setup("test_sync_daemon", lake_sql, NULL))
@@ -288,6 +327,7 @@ int main(void)
     TP_RUN(warehouse_faults_are_survived);
     TP_RUN(timeout_fails_the_run);
     TP_RUN(postgres_connection_loss_is_retried);
+    TP_RUN(max_concurrent_jobs_is_respected);
     fx_stop_emulator();
     return tp_test_done();
 }
