@@ -16,6 +16,9 @@ static const char lake_sql[] =
 /* Every source row with updated_at <= the stored watermark is in the target as is. */
 static bool no_skipped_range(int iter)
 {
+    /* A daemon killed during its start-up migrations may leave no schema yet. */
+    if (fx_num(fx.dsn, "SELECT count(*) FROM pg_class WHERE oid = to_regclass('tidepool.sync_state')") != 1)
+        return true;
     char *wm = fx_sql(fx.dsn, "SELECT coalesce(watermark, '') FROM tidepool.sync_state WHERE job = 'inc'");
     bool ok = true;
     if (wm && *wm) {
