@@ -237,8 +237,13 @@ bool tp_pgasync_ok(const tp_pgasync_t *c)
 
 bool tp_pgasync_busy(const tp_pgasync_t *c)
 {
-    return c && (c->state == ST_QUERY || c->state == ST_COPY_START || c->state == ST_COPY_IN ||
-                 c->state == ST_COPY_END || c->state == ST_CONNECTING);
+    return c && (c->state == ST_QUERY || c->state == ST_COPY_START || c->state == ST_COPY_END ||
+                 c->state == ST_CONNECTING);
+}
+
+bool tp_pgasync_in_copy(const tp_pgasync_t *c)
+{
+    return c && c->state == ST_COPY_IN;
 }
 
 const char *tp_pgasync_error(const tp_pgasync_t *c)

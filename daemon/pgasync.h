@@ -55,6 +55,8 @@ void tp_pgasync_cancel(tp_pgasync_t *c);
 bool tp_pgasync_ok(const tp_pgasync_t *c);
 /* True while an operation (query, COPY) is in flight. */
 bool tp_pgasync_busy(const tp_pgasync_t *c);
+/* True between COPY start and copy_end (data may be sent). */
+bool tp_pgasync_in_copy(const tp_pgasync_t *c);
 /* Last error text ("" if none). */
 const char *tp_pgasync_error(const tp_pgasync_t *c);
 PGconn *tp_pgasync_conn(tp_pgasync_t *c);

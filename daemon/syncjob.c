@@ -60,6 +60,7 @@ struct tp_syncjob {
     bool done_scheduled;
     bool retryable; /* failed for a transient reason (network, truncated chunk) */
     bool inline_req;  /* the statement in flight asked for INLINE */
+    bool recording;   /* the failure is being written to sync_runs */
     bool force_links; /* INLINE hit the size limit: use EXTERNAL_LINKS */
     bool canceled;
     char *cancel_reason;
@@ -222,6 +223,13 @@ static void complete(tp_syncjob_t *r, tp_syncjob_outcome_t outcome)
     schedule_done(r);
 }
 
+static tp_syncjob_outcome_t failed_outcome(const tp_syncjob_t *r)
+{
+    return r->canceled ? TP_SYNCJOB_CANCELED : TP_SYNCJOB_FAILED;
+}
+
+static void unwind(tp_syncjob_t *r);
+
 static void on_failure_recorded(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
@@ -230,13 +238,13 @@ static void on_failure_recorded(tp_pgasync_t *c, PGresult *res, const char *err,
     if (err)
         tp_logkv(TP_LOG_WARN, ((const char *[]){"job", jname(r), NULL}),
                  "could not record failed run: %s", err);
-    complete(r, r->canceled ? TP_SYNCJOB_CANCELED : TP_SYNCJOB_FAILED);
+    complete(r, failed_outcome(r));
 }
 
 static void record_failure(tp_syncjob_t *r)
 {
-    if (r->run_id <= 0 || !tp_pgasync_ok(r->pg)) {
-        complete(r, r->canceled ? TP_SYNCJOB_CANCELED : TP_SYNCJOB_FAILED);
+    if (r->run_id <= 0) {
+        complete(r, failed_outcome(r));
         return;
     }
     char id[32], rows[32], bytes[32], dur[32];
@@ -253,8 +261,9 @@ static void record_failure(tp_syncjob_t *r)
         " UPDATE tidepool.sync_state SET last_error = $3, last_error_at = now(),"
         " consecutive_failures = consecutive_failures + 1, last_run_id = (SELECT id FROM run),"
         " updated_at = now() WHERE job = $8";
+    r->recording = true;
     if (!tp_pgasync_query(r->pg, sql, 8, params, on_failure_recorded, r))
-        complete(r, r->canceled ? TP_SYNCJOB_CANCELED : TP_SYNCJOB_FAILED);
+        complete(r, failed_outcome(r));
 }
 
 static void on_rolled_back(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
@@ -265,10 +274,10 @@ static void on_rolled_back(tp_pgasync_t *c, PGresult *res, const char *err, void
     r->in_tx = false;
     if (err) {
         tp_logkv(TP_LOG_WARN, ((const char *[]){"job", jname(r), NULL}), "rollback failed: %s", err);
-        complete(r, r->canceled ? TP_SYNCJOB_CANCELED : TP_SYNCJOB_FAILED);
+        complete(r, failed_outcome(r));
         return;
     }
-    record_failure(r);
+    unwind(r);
 }
 
 static void after_copy_aborted(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
@@ -276,60 +285,61 @@ static void after_copy_aborted(tp_pgasync_t *c, PGresult *res, const char *err, 
     (void)c;
     (void)res;
     (void)err; /* the COPY was aborted on purpose; its error is expected */
-    tp_syncjob_t *r = check(arg);
-    if (!tp_pgasync_query(r->pg, "ROLLBACK", 0, NULL, on_rolled_back, r))
-        complete(r, r->canceled ? TP_SYNCJOB_CANCELED : TP_SYNCJOB_FAILED);
+    unwind(check(arg));
 }
 
-/* Fails the run once: stops the warehouse statement, aborts the COPY, rolls
- * back, records the error. Later failures of the same run are ignored. */
+/* Takes a failed run one step closer to its end, from whatever state its
+ * session is in: abort a COPY, wait for (and cancel) a statement in flight,
+ * roll back, record the failure, close. Each async step comes back here. */
+static void unwind(tp_syncjob_t *r)
+{
+    if (r->finished)
+        return;
+    if (r->pg == NULL || !tp_pgasync_ok(r->pg) || r->recording) {
+        complete(r, failed_outcome(r));
+        return;
+    }
+    if (tp_pgasync_in_copy(r->pg)) {
+        r->copy_ended = true;
+        if (!tp_pgasync_copy_end(r->pg, "sync run failed", after_copy_aborted, r))
+            complete(r, failed_outcome(r));
+        return;
+    }
+    if (tp_pgasync_busy(r->pg)) {
+        /* Its callback (pg_step_ok) comes back here once it ends. */
+        tp_pgasync_cancel(r->pg);
+        return;
+    }
+    if (r->in_tx) {
+        if (!tp_pgasync_query(r->pg, "ROLLBACK", 0, NULL, on_rolled_back, r))
+            complete(r, failed_outcome(r));
+        return;
+    }
+    if (!r->locked) {
+        complete(r, failed_outcome(r));
+        return;
+    }
+    record_failure(r);
+}
+
+/* Fails the run once: logs, stops the warehouse statement, then unwinds the
+ * Postgres side (the target is never touched outside the transaction). */
 static void fail(tp_syncjob_t *r, const char *fmt, ...)
 {
     if (r->error || r->finished)
         return;
     va_list ap;
     va_start(ap, fmt);
-    tp_buf_t b;
-    tp_buf_init(&b);
     char tmp[2048];
     vsnprintf(tmp, sizeof(tmp), fmt, ap);
     va_end(ap);
-    tp_buf_printf(&b, "job %s: %s", jname(r), tmp);
-    r->error = tp_buf_steal(&b);
+    r->error = tp_xasprintf("job %s: %s", jname(r), tmp);
     tp_logkv(TP_LOG_ERROR,
              ((const char *[]){"job", jname(r), "statement_id", r->statement_id, NULL}), "%s",
              r->error);
-    if (r->stmt) {
+    if (r->stmt)
         tp_wh_cancel(r->stmt); /* on_done still comes; it sees r->error and does nothing */
-    }
-    if (r->pg == NULL || !tp_pgasync_ok(r->pg)) {
-        complete(r, r->canceled ? TP_SYNCJOB_CANCELED : TP_SYNCJOB_FAILED);
-        return;
-    }
-    if (r->copy_ready && !r->copy_ended) {
-        r->copy_ended = true;
-        if (tp_pgasync_copy_end(r->pg, "sync run failed", after_copy_aborted, r))
-            return;
-    }
-    if (r->in_tx) {
-        /* A query may be in flight (e.g. the fail came from the warehouse side
-         * while Postgres was busy): cancel it, then roll back once it ends. */
-        if (!tp_pgasync_query(r->pg, "ROLLBACK", 0, NULL, on_rolled_back, r)) {
-            /* Busy: the pending callback will see r->error and roll back. */
-            tp_pgasync_cancel(r->pg);
-        }
-        return;
-    }
-    if (!r->locked) {
-        complete(r, r->canceled ? TP_SYNCJOB_CANCELED : TP_SYNCJOB_FAILED);
-        return;
-    }
-    if (tp_pgasync_busy(r->pg)) {
-        /* A bookkeeping query is in flight: its callback records the failure. */
-        tp_pgasync_cancel(r->pg);
-        return;
-    }
-    record_failure(r);
+    unwind(r);
 }
 
 /* Common entry for Postgres step callbacks: true when the step may go on. */
@@ -338,15 +348,7 @@ static bool pg_step_ok(tp_syncjob_t *r, const char *err, const char *what)
     if (r->finished)
         return false;
     if (r->error) {
-        /* The run failed while this query was in flight: finish unwinding. */
-        if (r->in_tx && tp_pgasync_ok(r->pg)) {
-            if (!tp_pgasync_query(r->pg, "ROLLBACK", 0, NULL, on_rolled_back, r))
-                complete(r, TP_SYNCJOB_FAILED);
-        } else if (r->locked && tp_pgasync_ok(r->pg)) {
-            record_failure(r);
-        } else {
-            complete(r, r->canceled ? TP_SYNCJOB_CANCELED : TP_SYNCJOB_FAILED);
-        }
+        unwind(r); /* the run failed while this statement was in flight */
         return false;
     }
     if (err) {

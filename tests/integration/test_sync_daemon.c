@@ -315,6 +315,29 @@ static void max_concurrent_jobs_is_respected(void)
     free(three);
 }
 
+static void sigterm_during_copy_records_the_cancel(void)
+{
+    char *dir = fx_jobs_dir("jobs_term2");
+    fx_job(dir, "stream", "-- @target sink.stream\n-- @mode snapshot\n-- @key id\n-- @every 1h\n"
+                          "SELECT id, v FROM src.big\n");
+    char *conf = fx_config("term2", dir, 2);
+    CHECK(fx_faults("latency=100@chunk"));
+    pid_t d = fx_daemon(conf, "term2.log");
+    /* 50 chunks x 100 ms: wait until rows are flowing into COPY. */
+    CHECK(fx_wait_value("SELECT (count(*) > 0)::text FROM pg_stat_progress_copy", "true", 15000));
+    long long t0 = fx_ms();
+    int st = tp_test_stop(d, 10000);
+    CHECK_INT_EQ(st, 0);
+    CHECK_MSG(fx_ms() - t0 < 10000, "exit took %lld ms", fx_ms() - t0);
+    CHECK(fx_faults(NULL));
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM tidepool.sync_runs WHERE job = 'stream'"
+                                " AND status = 'canceled' AND error LIKE '%SIGTERM%' AND bytes > 0"),
+                 1);
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM pg_class WHERE relname IN ('stream', '_tp_new_stream')"), 0);
+    free(dir);
+    free(conf);
+}
+
 int main(void)
 {
     if (!fx_setup("test_sync_daemon", lake_sql, NULL))
@@ -323,6 +346,7 @@ int main(void)
     TP_RUN(notify_trigger_runs_a_job_now);
     TP_RUN(two_daemons_run_each_job_once_at_a_time);
     TP_RUN(sigterm_cancels_the_run_in_flight);
+    TP_RUN(sigterm_during_copy_records_the_cancel);
     TP_RUN(sighup_with_broken_file_keeps_old_jobs);
     TP_RUN(warehouse_faults_are_survived);
     TP_RUN(timeout_fails_the_run);
