@@ -19,6 +19,7 @@ static void usage(FILE *f)
                " if it exists)\n"
                "      --once [JOB]   run every job (or JOB) once and exit: 0 ok, 1 a run failed\n"
                "      --check        validate the configuration and the job definitions, then exit\n"
+               "      --migrate      apply pending database migrations, then exit\n"
                "  -h, --help         show this help\n"
                "  -V, --version      show the version\n");
 }
@@ -29,13 +30,14 @@ int main(int argc, char **argv)
         {"config", required_argument, NULL, 'c'},
         {"once", optional_argument, NULL, 'o'},
         {"check", no_argument, NULL, 'k'},
+        {"migrate", no_argument, NULL, 'm'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
     tp_syncd_opts_t o = {.migrate = true};
     const char *config_path = NULL;
-    bool check = false;
+    bool check = false, migrate_only = false;
     int c;
     while ((c = getopt_long(argc, argv, "c:hV", opts, NULL)) != -1) {
         switch (c) {
@@ -45,6 +47,7 @@ int main(int argc, char **argv)
             o.once_job = optarg;
             break;
         case 'k': check = true; break;
+        case 'm': migrate_only = true; break;
         case 'h': usage(stdout); return 0;
         case 'V': printf("tidepool-sync %s\n", TP_VERSION); return 0;
         default: usage(stderr); return 2;
@@ -71,7 +74,9 @@ int main(int argc, char **argv)
         tp_log_set_level(level);
     tp_log_set_global("program", "tidepool-sync");
     int status;
-    if (check) {
+    if (migrate_only) {
+        status = tp_syncd_migrate(&cfg) ? 0 : 1;
+    } else if (check) {
         tp_config_print(&cfg, stdout);
         status = tp_syncd_check(cfg.sync.definitions, stdout, stderr) ? 0 : 2;
     } else {

@@ -532,7 +532,7 @@ static void quiet_notice(void *arg, const char *msg)
 }
 
 /* Start-up: applies pending migrations (blocking, before the loop runs). */
-static bool migrate_at_start(const tp_config_t *cfg)
+bool tp_syncd_migrate(const tp_config_t *cfg)
 {
     char err[1024];
     PGconn *c = tp_pg_connect(cfg->postgres.dsn, cfg->postgres.connect_timeout_ms, err, sizeof(err));
@@ -605,7 +605,7 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
         return 2;
     }
 
-    if (opts->migrate && !migrate_at_start(cfg)) {
+    if (opts->migrate && !tp_syncd_migrate(cfg)) {
         defset_unref(set);
         return 1;
     }

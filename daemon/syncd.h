@@ -21,6 +21,10 @@ typedef struct tp_syncd_opts {
  * err and returns false. */
 bool tp_syncd_check(const char *dir, FILE *out, FILE *err) TP_WUR;
 
+/* Applies pending migrations (blocking; start-up and --migrate only). Logs
+ * the count applied, or the error naming the file; returns success. */
+bool tp_syncd_migrate(const tp_config_t *cfg) TP_WUR;
+
 /* Runs the daemon (or the --once pass) with cfg (borrowed for the whole run).
  * Returns the process exit status: 0 ok, 1 a run failed (--once) or a runtime
  * failure, 2 configuration error (bad definitions at start-up, unknown job). */

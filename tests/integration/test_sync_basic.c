@@ -345,6 +345,25 @@ static void failing_jobs_do_not_stop_the_others(void)
     CHECK(fx_same(READINGS_SUM("src.readings"), READINGS_SUM("sink.readings"), NULL));
 }
 
+static void migrate_flag_applies_the_schema(void)
+{
+    char *db = tp_test_new_db("sync_migr");
+    char *text = fx_printf("[postgres]\ndsn = %s\n[sync]\ndefinitions = %s\n", db, jobs);
+    char *c = tp_test_write_tmp("migr.conf", text);
+    char *cmd = fx_printf("%s --config %s --migrate 2>&1", tp_test_bin("tidepool-sync"), c);
+    char *out = NULL;
+    int rc = tp_test_cmd(cmd, &out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 500));
+    free(out);
+    CHECK_INT_EQ(fx_num(db, "SELECT count(*) FROM pg_tables WHERE schemaname = 'tidepool'"
+                            " AND tablename IN ('sync_state', 'sync_runs')"),
+                 2);
+    free(cmd);
+    free(c);
+    free(text);
+    free(db);
+}
+
 int main(void)
 {
     if (!fx_setup("test_sync_basic", lake_sql, NULL))
@@ -378,6 +397,7 @@ int main(void)
     TP_RUN(failing_jobs_do_not_stop_the_others);
     TP_RUN(check_reports_bad_definitions_with_file_line);
     TP_RUN(concurrent_jobs_create_one_schema);
+    TP_RUN(migrate_flag_applies_the_schema);
     TP_RUN(large_incremental_batch_falls_back_to_links);
     fx_stop_emulator();
     free(jobs);
