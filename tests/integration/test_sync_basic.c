@@ -364,6 +364,35 @@ static void migrate_flag_applies_the_schema(void)
     free(db);
 }
 
+static void complex_types_map_to_jsonb_interval_timestamp(void)
+{
+    char *dir = fx_jobs_dir("jobs_types");
+    fx_job(dir, "types", "-- @target sink.types\n-- @mode snapshot\n-- @key id\n-- @every 1h\n"
+                         "SELECT id, ARRAY[id, id + 1] AS arr, ARRAY['a', NULL] AS sarr,"
+                         " id * interval '1 day 2 hours' AS iv,"
+                         " timestamp '2025-01-01 10:00:00' + id * interval '1 second' AS ntz,"
+                         " CAST(NULL AS text) AS nothing, true AS yes"
+                         " FROM src.keyed WHERE id IS NOT NULL AND id <= 3\n");
+    char *c = fx_config("types", dir, 2);
+    const char *fmts[] = {NULL, "TIDEPOOL_SYNC_FORMAT=json"};
+    for (int i = 0; i < 2; i++) {
+        char *out = NULL;
+        int rc = fx_once(c, NULL, fmts[i], &out);
+        CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
+        free(out);
+        char *t = fx_sql(fx.dsn, "SELECT string_agg(format_type(atttypid, atttypmod), ',' ORDER BY attnum)"
+                                 " FROM pg_attribute WHERE attrelid = 'sink.types'::regclass AND attnum > 0");
+        CHECK_STR_EQ(t, "integer,jsonb,jsonb,interval,timestamp without time zone,text,boolean");
+        free(t);
+        t = fx_sql(fx.dsn, "SELECT concat_ws('|', arr, sarr, iv, ntz, coalesce(nothing, '<N>'), yes)"
+                           " FROM sink.types WHERE id = 2");
+        CHECK_STR_EQ(t, "[2, 3]|[\"a\", null]|2 days 04:00:00|2025-01-01 10:00:02|<N>|t");
+        free(t);
+    }
+    free(dir);
+    free(c);
+}
+
 int main(void)
 {
     if (!fx_setup("test_sync_basic", lake_sql, NULL))
@@ -398,6 +427,7 @@ int main(void)
     TP_RUN(check_reports_bad_definitions_with_file_line);
     TP_RUN(concurrent_jobs_create_one_schema);
     TP_RUN(migrate_flag_applies_the_schema);
+    TP_RUN(complex_types_map_to_jsonb_interval_timestamp);
     TP_RUN(large_incremental_batch_falls_back_to_links);
     fx_stop_emulator();
     free(jobs);
