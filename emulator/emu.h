@@ -195,6 +195,7 @@ char *emu_bridge_sql(const char *sql, const emu_param_t *params, int nparams, in
 /* ---- result.c: type mapping, cell formats, chunk building ---- */
 /* Fills type fields of col from a Postgres type oid and typmod. */
 void emu_column_map(emu_column_t *col, unsigned int oid, int typmod);
+/* Frees the strings of col (not col itself). */
 void emu_column_free(emu_column_t *col);
 
 typedef struct emu_builder {
@@ -207,21 +208,30 @@ typedef struct emu_builder {
     bool stop; /* a limit was hit */
 } emu_builder_t;
 
+/* Starts building st's chunks (st->format, ->cols, ->row_limit, ->byte_limit set). */
 void emu_builder_init(emu_builder_t *b, emu_stmt_t *st);
 /* Adds one row of text cells (NULL = SQL NULL). */
 void emu_builder_row(emu_builder_t *b, char *const *cells);
 /* Closes the last chunk. */
 void emu_builder_finish(emu_builder_t *b);
+/* Frees the builder's buffers (the chunks belong to the statement). */
 void emu_builder_free(emu_builder_t *b);
 
 /* ---- stmt.c: statements, workers, JSON answers ---- */
-/* Creates a statement from a validated request and starts its worker. */
+/* Creates a statement from a validated request, links it into g.stmts and
+ * starts its worker. Takes ownership of sql, values (nvalues strings or NULLs)
+ * and unbound; copies schema. Never NULL: a thread that cannot start gives a
+ * FAILED statement. Loop thread only. */
 emu_stmt_t *emu_stmt_start(char *sql, char **values, int nvalues, const char *schema,
                            char *unbound, emu_format_t fmt, emu_disp_t disp, int64_t row_limit,
                            int64_t byte_limit);
+/* The live statement with this id, or NULL (unknown or forgotten); borrowed. */
 emu_stmt_t *emu_stmt_find(const char *id);
+/* The current state, read under g.mu (workers change it). */
 emu_state_t emu_stmt_state(emu_stmt_t *st);
+/* SUCCEEDED, FAILED, CANCELED and CLOSED are terminal. */
 bool emu_state_terminal(emu_state_t s);
+/* "PENDING" ... "CLOSED", as the API spells them. */
 const char *emu_state_name(emu_state_t s);
 /* Cancels (state CANCELED at once when not terminal); close=true marks it CLOSED. */
 void emu_stmt_cancel(emu_stmt_t *st, bool close);
@@ -229,33 +239,48 @@ void emu_stmt_cancel(emu_stmt_t *st, bool close);
 void emu_stmt_response(emu_stmt_t *st, const char *host, tp_buf_t *out);
 /* Writes the ResultData for chunk idx (must be valid and the statement SUCCEEDED). */
 void emu_stmt_chunk_json(emu_stmt_t *st, int idx, const char *host, tp_buf_t *out);
-/* Joins finished workers, answers waiters, expires results; called on the loop. */
+/* Joins finished workers and answers their waiters; called on the loop when a
+ * worker signals g.done_ev. */
 void emu_stmt_reap(void);
+/* Once a second: closes results older than --result-ttl, forgets terminal
+ * statements older than --forget-ttl, drops long-expired links. */
 void emu_stmt_janitor(void);
+/* At exit: cancels every running statement, joins all workers, frees all. */
 void emu_stmt_shutdown(void);
+/* Wall-clock milliseconds -> "2024-11-08T15:20:17.922Z". */
 void emu_rfc3339(int64_t wall_ms, char *out, size_t outlen);
 
 /* ---- http.c ---- */
+/* Creates the evhttp server on g.base and binds --listen; false (logged) if it cannot. */
 bool emu_http_start(void) TP_WUR;
+/* Frees the server; held requests are dropped (their close callbacks free them). */
 void emu_http_stop(void);
-/* Answers a held statement waiter with the statement's current response. */
+/* Answers a held statement waiter with the statement's current response and
+ * frees it; the caller has already unlinked it from the statement. */
 void emu_defer_answer(emu_defer_t *d);
+/* Frees a held request's bookkeeping without answering; NULL is a no-op. */
 void emu_defer_free(emu_defer_t *d);
 
 /* ---- faults.c ---- */
 /* Parses SPEC into *out (zeroed first); on error writes a message into err. */
 bool emu_faults_parse(const char *spec, emu_faults_t *out, char *err, size_t errlen) TP_WUR;
+/* Appends the faults (remaining counters) as a JSON object. */
 void emu_faults_describe(const emu_faults_t *f, tp_buf_t *out);
 /* If an injected status applies to class cls, consumes it and returns the code, else 0. */
 int emu_faults_take_status(const char *cls);
+/* Milliseconds of injected latency for class cls (0 = none). */
 int emu_faults_latency(const char *cls);
+/* Consumes one unit of a countdown fault; true if it fired. */
 bool emu_faults_take(int *counter);
 
 /* ---- oauth.c ---- */
+/* Handles POST /oidc/v1/token: writes the JSON body into out and the HTTP status into *code. */
 void emu_oauth_token(struct evhttp_request *req, tp_buf_t *out, int *code);
+/* Writes the discovery document, with endpoints on http://host. */
 void emu_oauth_discovery(struct evhttp_request *req, const char *host, tp_buf_t *out);
 /* True if token is an accepted PAT or a live OAuth token. */
 bool emu_auth_valid(const char *token);
+/* Drops expired OAuth tokens / all of them at exit. */
 void emu_oauth_prune(void);
 void emu_oauth_free(void);
 

@@ -7,9 +7,10 @@
  *   truncate_chunk=K            the next K chunk bodies are cut, with an honest Content-Length
  *   expire_links[=K]            links are issued already expired (all, or the next K)
  *   token_fail=K[:CODE]         the next K token requests fail (default 500)
- * CLASS: execute, get, chunk, cancel, close, link, token, any (default any:
- * every endpoint except /admin). Counters live in g.faults and are only used
- * on the loop thread. */
+ * CLASS: execute, get, chunk, cancel, close, link, token, any. Without one,
+ * latency applies everywhere but /admin, and status everywhere but /admin and
+ * the token endpoint (which has token_fail and @token). Counters live in
+ * g.faults and are only used on the loop thread. */
 #include "emu.h"
 
 #include <stdio.h>

@@ -15,10 +15,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/http.h>
 #include <event2/keyvalq_struct.h>
 #include <jansson.h>
 
@@ -128,6 +132,8 @@ static void request_host(struct evhttp_request *req, char *out, size_t outlen)
         ok = isalnum((unsigned char)*p) || strchr(".-:[]_", *p);
     if (ok)
         snprintf(out, outlen, "%s", h);
+    else if (strchr(g.listen_addr, ':')) /* IPv6 literal */
+        snprintf(out, outlen, "[%s]:%d", g.listen_addr, g.listen_port);
     else
         snprintf(out, outlen, "%s:%d", g.listen_addr, g.listen_port);
 }
@@ -182,8 +188,14 @@ static void on_defer_close(struct evhttp_connection *evcon, void *arg)
     emu_defer_t *d = arg;
     if (d == NULL || d->magic != EMU_DEFER_MAGIC)
         return;
+    if (d->stmt)
+        tp_info("client went away while waiting for statement %s", d->stmt->id);
+    /* A request still queued on the connection is freed with it; one that
+     * libevent detached (evcon NULL) is ours. */
+    if (evhttp_request_get_connection(d->req) == NULL)
+        evhttp_request_free(d->req);
     unlink_waiter(d);
-    emu_defer_free(d); /* libevent frees the request itself */
+    emu_defer_free(d);
 }
 
 void emu_defer_answer(emu_defer_t *d)
@@ -248,13 +260,23 @@ static emu_defer_t *defer_new(struct evhttp_request *req, int64_t t0_us, int64_t
 
 /* ---- body delivery with chunk faults ---- */
 
+/* The half body is on the wire: close the connection (and free its request)
+ * without finishing the reply. libevent does not touch evcon after this callback. */
 static void on_dropped_flush(struct evhttp_connection *evcon, void *arg)
 {
     (void)arg;
-    struct bufferevent *bev = evhttp_connection_get_bufferevent(evcon);
-    evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
-    if (fd >= 0)
-        shutdown(fd, SHUT_RDWR); /* libevent sees EOF and frees the connection */
+    evhttp_connection_set_closecb(evcon, NULL, NULL);
+    evhttp_connection_free(evcon);
+}
+
+/* The client left before the half body was flushed: libevent detached the
+ * unfinished request from the dying connection, so it is ours to free. */
+static void on_dropped_close(struct evhttp_connection *evcon, void *arg)
+{
+    (void)evcon;
+    struct evhttp_request *req = arg;
+    if (evhttp_request_get_connection(req) == NULL)
+        evhttp_request_free(req);
 }
 
 static void send_chunk_body(struct evhttp_request *req, const reqinfo_t *ri, const char *ctype,
@@ -266,6 +288,7 @@ static void send_chunk_body(struct evhttp_request *req, const reqinfo_t *ri, con
         snprintf(cl, sizeof cl, "%zu", len);
         evhttp_add_header(h, "Content-Type", ctype);
         evhttp_add_header(h, "Content-Length", cl);
+        evhttp_connection_set_closecb(evhttp_request_get_connection(req), on_dropped_close, req);
         evhttp_send_reply_start(req, 200, "OK");
         struct evbuffer *b = evbuffer_new();
         evbuffer_add(b, data, len / 2);
@@ -666,9 +689,9 @@ static void handle_admin(struct evhttp_request *req, reqinfo_t *ri)
             tp_buf_free(&b);
             return;
         }
+        tp_info("faults set: %s", json_string_value(spec));
         json_decref(root);
         g.faults = f;
-        tp_info("faults set: %s", json_string_value(spec) ? "from /admin/faults" : "");
     } else if (cmd == EVHTTP_REQ_DELETE) {
         char err[8];
         if (!emu_faults_parse(NULL, &g.faults, err, sizeof err))
@@ -871,9 +894,22 @@ static void dispatch(struct evhttp_request *req, int64_t t0_us, bool after_laten
     }
 }
 
+/* Responses go out as headers then body; without TCP_NODELAY, Nagle plus the
+ * client's delayed ACK hold every chunk on a kept-alive connection ~40 ms. */
+static void set_nodelay(struct evhttp_request *req)
+{
+    struct evhttp_connection *conn = evhttp_request_get_connection(req);
+    struct bufferevent *bev = conn ? evhttp_connection_get_bufferevent(conn) : NULL;
+    evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
+    int one = 1;
+    if (fd >= 0)
+        (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
 static void on_request(struct evhttp_request *req, void *arg)
 {
     (void)arg;
+    set_nodelay(req);
     if (g.stopping) {
         evhttp_send_error(req, 503, "shutting down");
         return;

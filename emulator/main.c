@@ -94,7 +94,10 @@ static bool parse_listen(const char *s)
     if (colon == NULL || colon == s || !tp_parse_int64(colon + 1, 0, 65535, &port))
         return false;
     free(g.listen_addr);
-    g.listen_addr = tp_xstrndup(s, (size_t)(colon - s));
+    if (s[0] == '[' && colon[-1] == ']') /* [::1]:8180 */
+        g.listen_addr = tp_xstrndup(s + 1, (size_t)(colon - s) - 2);
+    else
+        g.listen_addr = tp_xstrndup(s, (size_t)(colon - s));
     g.listen_port = (int)port;
     return true;
 }

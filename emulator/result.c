@@ -65,6 +65,36 @@ static void numeric_typmod(int typmod, int *p, int *s)
     }
 }
 
+/* Postgres interval typmod range bits (datetime.h: MONTH 1, YEAR 2, DAY 3,
+ * HOUR 10, MINUTE 11, SECOND 12) -> Databricks' interval qualifier. */
+static const char *interval_range(int typmod)
+{
+    static const struct {
+        int mask;
+        const char *name;
+    } ranges[] = {
+        {1 << 2, "YEAR"},
+        {1 << 1, "MONTH"},
+        {(1 << 2) | (1 << 1), "YEAR TO MONTH"},
+        {1 << 3, "DAY"},
+        {1 << 10, "HOUR"},
+        {1 << 11, "MINUTE"},
+        {1 << 12, "SECOND"},
+        {(1 << 3) | (1 << 10), "DAY TO HOUR"},
+        {(1 << 3) | (1 << 10) | (1 << 11), "DAY TO MINUTE"},
+        {(1 << 10) | (1 << 11), "HOUR TO MINUTE"},
+        {(1 << 10) | (1 << 11) | (1 << 12), "HOUR TO SECOND"},
+        {(1 << 11) | (1 << 12), "MINUTE TO SECOND"},
+    };
+    if (typmod >= 0) {
+        int mask = (typmod >> 16) & 0x7fff;
+        for (size_t i = 0; i < TP_ARRAY_LEN(ranges); i++)
+            if (ranges[i].mask == mask)
+                return ranges[i].name;
+    }
+    return "DAY TO SECOND";
+}
+
 void emu_column_map(emu_column_t *col, unsigned int oid, int typmod)
 {
     col->precision = 0;
@@ -81,8 +111,11 @@ void emu_column_map(emu_column_t *col, unsigned int oid, int typmod)
             } else {
                 col->type_text = tp_xstrdup(m->type_text);
             }
-            if (oid == OID_INTERVAL)
-                col->interval_type = "DAY TO SECOND";
+            if (oid == OID_INTERVAL) {
+                col->interval_type = interval_range(typmod);
+                free(col->type_text);
+                col->type_text = tp_xasprintf("INTERVAL %s", col->interval_type);
+            }
             return;
         }
         if (m->array_oid != 0 && m->array_oid == oid) {

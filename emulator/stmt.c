@@ -264,7 +264,10 @@ static void execute(emu_stmt_t *st, PGconn *conn)
     char **cells = NULL;
     bool cancel_sent = false;
     for (;;) {
-        if (!cancel_sent && (atomic_load(&st->cancel) || b.stop)) {
+        /* A row or byte limit does not cancel: the rest is drained unread, so a
+         * statement that writes (INSERT ... RETURNING) still commits. A failing
+         * one (INLINE too large) is cancelled. */
+        if (!cancel_sent && (atomic_load(&st->cancel) || (b.stop && st->err_code))) {
             PGcancel *c = PQgetCancel(conn);
             char eb[256];
             if (c && !PQcancel(c, eb, sizeof eb))
@@ -278,14 +281,6 @@ static void execute(emu_stmt_t *st, PGconn *conn)
             if (res == NULL) {
                 finished = true;
                 break;
-            }
-            if (b.stop && PQresultStatus(res) == PGRES_FATAL_ERROR && !st->err_code) {
-                /* our own cancel after a limit was hit: the rows we kept stand */
-                const char *ss = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-                if (ss && strcmp(ss, "57014") == 0) {
-                    PQclear(res);
-                    continue;
-                }
             }
             handle_result(st, &b, res, &cells);
             PQclear(res);
@@ -325,7 +320,12 @@ static void free_result(emu_stmt_t *st)
 static void *worker_main(void *arg)
 {
     emu_stmt_t *st = arg;
-    PGconn *conn = PQconnectdb(g.dsn);
+    if (st == NULL || st->magic != EMU_STMT_MAGIC)
+        abort(); /* a corrupted hand-off: nothing sane to do */
+    /* connect_timeout bounds a shutdown that waits for this thread; the DSN may override it */
+    const char *const keys[] = {"connect_timeout", "dbname", NULL};
+    const char *const vals[] = {"10", g.dsn, NULL};
+    PGconn *conn = PQconnectdbParams(keys, vals, 1);
     if (PQstatus(conn) != CONNECTION_OK) {
         set_error(st, "TEMPORARILY_UNAVAILABLE", "08006", PQerrorMessage(conn));
     } else {
@@ -333,7 +333,8 @@ static void *worker_main(void *arg)
         if (st->state == EMU_PENDING)
             st->state = EMU_RUNNING;
         unlock();
-        execute(st, conn);
+        if (!atomic_load(&st->cancel))
+            execute(st, conn);
     }
     PQfinish(conn);
     lock();

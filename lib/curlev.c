@@ -182,6 +182,11 @@ tp_curlev_t *tp_curlev_new(struct event_base *base)
     return cv;
 }
 
+void tp_curlev_set_max_host_connections(tp_curlev_t *cv, long n)
+{
+    curl_multi_setopt(cv->multi, CURLMOPT_MAX_HOST_CONNECTIONS, n);
+}
+
 void tp_curlev_free(tp_curlev_t *cv)
 {
     if (cv == NULL)

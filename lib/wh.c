@@ -162,14 +162,12 @@ struct tp_wh_stmt {
     int64_t chunk_base;      /* row offset of its first row */
     int64_t chunk_rows_done; /* its rows (or CSV bytes' rows) delivered */
     int64_t chunk_bytes_done;
-    int64_t chunk_expect_rows; /* -1 unknown */
     tp_whjson_t *held;         /* parser whose batch still has rows to deliver */
     size_t batch_pos;
     bool held_complete; /* the chunk's download is over; after flushing, move on */
     int64_t next_index;
     char *next_link;
     link_t link;
-    bool have_link;
     bool refreshing;
     tp_wh_result_t res;
     tp_wh_stmt_t *prev, *next;
@@ -249,15 +247,20 @@ static void st_log(const tp_wh_stmt_t *st, tp_log_level_t lvl, int64_t chunk, co
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    snprintf(cbuf, sizeof(cbuf), "%lld", (long long)chunk);
-    const char *kv[] = {"statement_id", st && st->id ? st->id : NULL,
-                        "label",        st && st->label ? st->label : NULL,
-                        chunk >= 0 ? "chunk" : NULL, cbuf, NULL};
-    if (st == NULL || st->label == NULL) {
-        kv[2] = chunk >= 0 ? "chunk" : NULL;
-        kv[3] = cbuf;
-        kv[4] = NULL;
+    const char *kv[7];
+    int n = 0;
+    kv[n++] = "statement_id";
+    kv[n++] = st && st->id ? st->id : NULL;
+    if (st && st->label) {
+        kv[n++] = "label";
+        kv[n++] = st->label;
     }
+    if (chunk >= 0) {
+        snprintf(cbuf, sizeof(cbuf), "%lld", (long long)chunk);
+        kv[n++] = "chunk";
+        kv[n++] = cbuf;
+    }
+    kv[n] = NULL;
     tp_log_emit(lvl, kv, "%s", msg);
 }
 
@@ -325,6 +328,7 @@ void tp_wh_config_init(tp_wh_config_t *c)
     c->statement_timeout_ms = 0;
     c->max_response_bytes = 64 << 20;
     c->rows_per_batch = 1024;
+    c->max_connections = 64;
 }
 
 static const char *env_nonempty(const char *name)
@@ -404,8 +408,7 @@ char *tp_wh_normalize_host(const char *host, char **err)
 /* ------------------------------------------------------------------ */
 /* error bodies (§1.11)                                                 */
 
-/* Turns a non-2xx body into error_code and a one-line message (heap strings). */
-static void parse_error_body(const char *body, size_t len, char **code, char **msg)
+void tp_wh_error_body(const char *body, size_t len, char **code, char **msg)
 {
     *code = NULL;
     *msg = NULL;
@@ -461,6 +464,26 @@ static void parse_error_body(const char *body, size_t len, char **code, char **m
         json_decref(j);
     }
     if (body[i] == '<') {
+        /* object-store XML error (external links): <Code> and <Message> */
+        const char *tags[2][2] = {{"<Code>", "</Code>"}, {"<Message>", "</Message>"}};
+        char *parts[2] = {NULL, NULL};
+        for (int k = 0; k < 2; k++) {
+            const char *a = memmem(body + i, len - i, tags[k][0], strlen(tags[k][0]));
+            if (a == NULL)
+                continue;
+            a += strlen(tags[k][0]);
+            const char *e = memmem(a, (size_t)(body + len - a), tags[k][1], strlen(tags[k][1]));
+            if (e == NULL)
+                continue;
+            clean_line(line, sizeof(line), a, (size_t)(e - a));
+            parts[k] = tp_xstrdup(line);
+        }
+        if (parts[1] != NULL) {
+            *code = parts[0];
+            *msg = parts[1];
+            return;
+        }
+        free(parts[0]);
         /* an HTML page from a gateway or proxy: its <title> says the most */
         const char *t = NULL;
         for (size_t k = i; k + 7 <= len; k++)
@@ -745,6 +768,7 @@ static void choose_sink(call_t *c)
     static const char *const stmt_path[] = {"result", "data_array"};
     static const char *const chunk_path[] = {"data_array"};
     c->sink = SINK_JSON;
+    st->batch_pos = 0; /* a new parser: its batch starts empty */
     if (c->kind == K_LINK)
         c->json = tp_whjson_new(NULL, 0);
     else if (c->kind == K_CHUNK)
@@ -852,6 +876,21 @@ static void on_stall_timer(evutil_socket_t fd, short what, void *arg)
     on_call_done(c->easy, CURLE_OPERATION_TIMEDOUT, c);
 }
 
+static void token_request_start(tp_wh_t *wh)
+{
+    if (wh->tok.inflight != NULL)
+        return;
+    call_t *tc = call_new(wh, NULL, K_TOKEN, true, tp_xasprintf("%s%s", wh->host, TOKEN_PATH),
+                          tp_xstrdup("POST " TOKEN_PATH));
+    CURL *e = curl_easy_init();
+    char *scope = curl_easy_escape(e, wh->scope, 0);
+    tc->body = tp_xasprintf("grant_type=client_credentials&scope=%s", scope);
+    curl_free(scope);
+    curl_easy_cleanup(e);
+    wh->tok.inflight = tc;
+    call_start(tc);
+}
+
 static const char *auth_header_for(call_t *c, bool *must_wait)
 {
     tp_wh_t *wh = c->wh;
@@ -867,26 +906,13 @@ static const char *auth_header_for(call_t *c, bool *must_wait)
     if (t->header != NULL && now < t->hard_ms) {
         if (now >= t->stale_ms && t->inflight == NULL && now >= t->next_try_ms) {
             tp_debug("oauth token due for refresh; refreshing in the background");
-            call_t *tc = call_new(wh, NULL, K_TOKEN, true, tp_xasprintf("%s%s", wh->host, TOKEN_PATH),
-                                  tp_xstrdup("POST " TOKEN_PATH));
-            t->inflight = tc;
-            call_start(tc);
+            token_request_start(wh);
         }
         c->tok_gen = t->gen;
         return t->header;
     }
     *must_wait = true;
     return NULL;
-}
-
-static void token_request_start(tp_wh_t *wh)
-{
-    if (wh->tok.inflight != NULL)
-        return;
-    call_t *tc = call_new(wh, NULL, K_TOKEN, true, tp_xasprintf("%s%s", wh->host, TOKEN_PATH),
-                          tp_xstrdup("POST " TOKEN_PATH));
-    wh->tok.inflight = tc;
-    call_start(tc);
 }
 
 static void call_start(call_t *c)
@@ -928,8 +954,14 @@ static void call_start(call_t *c)
     curl_easy_setopt(e, CURLOPT_WRITEDATA, c);
     curl_easy_setopt(e, CURLOPT_USERAGENT, wh->user_agent);
     bool stream = c->kind == K_CHUNK || c->kind == K_LINK;
-    if (!stream)
-        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)wh->cfg.request_timeout_ms);
+    if (!stream) {
+        /* the submit may legitimately wait wait_timeout seconds at the server */
+        long limit = (long)wh->cfg.request_timeout_ms;
+        if (c->kind == K_EXEC && c->st != NULL && c->st->req.wait_timeout_s > 0 &&
+            limit < c->st->req.wait_timeout_s * 1000L + 10000L)
+            limit = c->st->req.wait_timeout_s * 1000L + 10000L;
+        curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, limit);
+    }
     struct curl_slist *h = NULL;
     if (c->kind == K_LINK) {
         for (struct curl_slist *x = c->xhdrs; x; x = x->next)
@@ -1049,7 +1081,7 @@ static void describe_failure(call_t *c, CURLcode rc, char *out, size_t outlen, c
         return;
     }
     char *msg = NULL;
-    parse_error_body(c->raw.data ? c->raw.data : "", c->raw.len, code, &msg);
+    tp_wh_error_body(c->raw.data ? c->raw.data : "", c->raw.len, code, &msg);
     if (*code)
         snprintf(out, outlen, "%s: HTTP %ld: %s: %s", c->what, c->http, *code, msg);
     else
@@ -1071,8 +1103,9 @@ static void on_call_done(CURL *easy, CURLcode rc, void *arg)
     bool stopping = st != NULL && stmt_stopping(st);
     int64_t delay;
     bool ok_http = rc == CURLE_OK && c->http >= 200 && c->http < 300 && !c->local_abort;
-    /* OAuth: a 401 may mean our cached token died early; refresh once and retry */
-    if (!ok_http && !stopping && rc == CURLE_OK && c->http == 401 && c->use_auth &&
+    /* OAuth: a 401, or the 403 "Invalid access token." the service answers, may
+     * mean our cached token died early (revoked, clock skew): refresh once, retry */
+    if (!ok_http && !stopping && rc == CURLE_OK && (c->http == 401 || c->http == 403) && c->use_auth &&
         c->wh->client_id != NULL && c->wh->pat_header == NULL && c->auth_override == NULL &&
         !c->auth_retried) {
         c->auth_retried = true;
@@ -1080,7 +1113,7 @@ static void on_call_done(CURL *easy, CURLcode rc, void *arg)
             c->wh->tok.hard_ms = 0;
             c->wh->tok.stale_ms = 0;
         }
-        st_log(st, TP_LOG_WARN, c->chunk, "%s: HTTP 401 with a cached OAuth token; refreshing it", c->what);
+        st_log(st, TP_LOG_WARN, c->chunk, "%s: HTTP %ld with a cached OAuth token; refreshing it", c->what, c->http);
         call_start(c);
         return;
     }
@@ -1252,6 +1285,7 @@ tp_wh_t *tp_wh_new(struct event_base *base, const tp_wh_config_t *cfg, char **er
     DEF(unknown_state_ms);
     DEF(max_response_bytes);
     DEF(rows_per_batch);
+    DEF(max_connections);
 #undef DEF
     if (wh->cfg.retry_budget_ms < 0)
         wh->cfg.retry_budget_ms = 0;
@@ -1272,6 +1306,7 @@ tp_wh_t *tp_wh_new(struct event_base *base, const tp_wh_config_t *cfg, char **er
     wh->ca_file = dup_or_null(cfg->ca_file);
     wh->user_agent = tp_xstrdup("tidepool/" TP_VERSION);
     wh->cv = tp_curlev_new(base);
+    tp_curlev_set_max_host_connections(wh->cv, (long)wh->cfg.max_connections);
     return wh;
 }
 
@@ -1408,7 +1443,7 @@ static void finish(tp_wh_stmt_t *st, tp_wh_status_t status, tp_wh_errkind_t kind
         evtimer_del(st->deadline);
     if (need_cancel && status == TP_WH_ERROR)
         send_cancel(st->wh, st->id, st->bearer_header);
-    st_log(st, status == TP_WH_SUCCEEDED ? TP_LOG_INFO : status == TP_WH_ERROR ? TP_LOG_ERROR : TP_LOG_WARN,
+    st_log(st, status == TP_WH_SUCCEEDED ? TP_LOG_DEBUG : status == TP_WH_ERROR ? TP_LOG_ERROR : TP_LOG_INFO,
            chunk, "statement %s%s%s (rows=%lld chunks=%lld)", tp_wh_status_name(status),
            st->res.message ? ": " : "", st->res.message ? st->res.message : "", (long long)st->res.rows,
            (long long)st->res.chunks);
@@ -1578,7 +1613,6 @@ tp_wh_stmt_t *tp_wh_submit(tp_wh_t *wh, const tp_wh_request_t *req, char **err)
     st->phase = P_SUBMIT;
     st->poll_delay_ms = wh->cfg.poll_initial_ms;
     st->res.chunk_index = -1;
-    st->chunk_expect_rows = -1;
     st->timer = evtimer_new(wh->base, on_poll_timer, st);
     st->deadline = evtimer_new(wh->base, on_deadline, st);
     st->defer = event_new(wh->base, -1, 0, on_defer, st);
@@ -1930,7 +1964,6 @@ static void take_result_data(tp_wh_stmt_t *st, json_t *rd, tp_whjson_t *j)
         /* the link carries the chain; the result object may too */
         bool on_link = json_object_get(l, "next_chunk_index") || json_object_get(l, "next_chunk_internal_link");
         set_next(st, on_link ? l : rd);
-        st->have_link = true;
         st->refreshing = false;
         start_link_download(st);
         return;
@@ -1968,9 +2001,7 @@ static void take_result_data(tp_wh_stmt_t *st, json_t *rd, tp_whjson_t *j)
         return;
     }
     set_next(st, rd);
-    st->chunk_expect_rows = got;
-    st->held = j;
-    st->batch_pos = 0;
+    st->held = j; /* batch_pos stays: rows of a streamed batch may be out already */
     st->held_complete = true;
     flush_held(st);
 }
@@ -2021,7 +2052,6 @@ static void after_chunk(tp_wh_stmt_t *st)
     st->chunk_rows_done = 0;
     st->chunk_bytes_done = 0;
     link_clear(&st->link);
-    st->have_link = false;
     if (st->next_link != NULL || st->next_index >= 0) {
         int64_t next = st->chunk + 1;
         if (st->next_index >= 0 && st->next_index != next) {
@@ -2141,8 +2171,7 @@ static void on_link_result(tp_wh_stmt_t *st, call_t *c)
     c->json = NULL;
     call_free(st->call);
     st->call = NULL;
-    st->held = j;
-    st->batch_pos = 0;
+    st->held = j; /* batch_pos stays: rows of a streamed batch may be out already */
     st->held_complete = true;
     flush_held(st);
 }

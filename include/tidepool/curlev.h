@@ -23,6 +23,8 @@ typedef void (*tp_curlev_done_fn)(CURL *easy, CURLcode rc, void *arg);
 /* Creates the multi handle for base (which must outlive the result). Calls
  * curl_global_init once per process. Aborts on out of memory; never NULL. */
 tp_curlev_t *tp_curlev_new(struct event_base *base);
+/* Caps connections per host (CURLMOPT_MAX_HOST_CONNECTIONS); 0 = unlimited. */
+void tp_curlev_set_max_host_connections(tp_curlev_t *cv, long n);
 /* Removes any transfer still attached (without calling its done callback; the
  * caller still owns and cleans up those easy handles), frees socket events,
  * then cleans up the multi handle. Call while base still exists. NULL: no-op. */

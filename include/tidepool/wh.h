@@ -34,8 +34,8 @@ typedef struct tp_wh_stmt tp_wh_stmt_t;
 
 typedef struct tp_wh_config {
     /* Workspace URL (DATABRICKS_HOST). Normalised: "https://" added when there is
-     * no scheme, trailing "/" and ":443" dropped; "http://" is kept as given
-     * (the local emulator speaks plain HTTP). Required. */
+     * no scheme, path, trailing "/" and ":443" dropped; "http://" is kept as
+     * given (the local emulator speaks plain HTTP). Required. */
     const char *host;
     const char *warehouse_id; /* required */
     /* Auth: token (PAT, "Authorization: Bearer <token>") wins when set; else
@@ -60,6 +60,8 @@ typedef struct tp_wh_config {
     int64_t statement_timeout_ms; /* default overall limit per statement; 0 = none */
     int64_t max_response_bytes; /* cap for one buffered API response body, default 64 MiB */
     int64_t rows_per_batch;     /* rows per on_rows call at most, default 1024 */
+    int64_t max_connections;    /* connections to one host at a time (more transfers queue;
+                                   HTTP/2 multiplexes over them), default 64 */
 } tp_wh_config_t;
 
 /* Fills c with defaults and NULL strings. Cannot fail. */
@@ -70,10 +72,20 @@ void tp_wh_config_init(tp_wh_config_t *c);
  * environment; empty variables count as unset). Cannot fail. */
 void tp_wh_config_from_env(tp_wh_config_t *c);
 
-/* Normalises a workspace host as described for tp_wh_config.host. Returns a
- * heap string the caller frees, or NULL with *err set to a heap message (caller
- * frees) for an empty host, an unsupported scheme, or a host with a path. */
+/* Normalises a workspace host as described for tp_wh_config.host (surrounding
+ * blanks, any path, query and trailing slashes are dropped, as the Databricks
+ * SDKs do). Returns a heap string the caller frees, or NULL with *err set to a
+ * heap message (caller frees) for an empty host, a scheme other than http or
+ * https, or a host with user info or blanks. */
 char *tp_wh_normalize_host(const char *host, char **err) TP_WUR;
+
+/* Reads a non-2xx answer body in any of the forms Databricks and the proxies in
+ * front of it use (§1.11): {"error_code": string|number, "message"}, legacy
+ * {"error": ...}, OAuth {"error", "error_description"}, SCIM {"detail"},
+ * "CODE: message" text, object-store XML, or an HTML page (its <title>). Sets
+ * *code (NULL if none) and *msg (never NULL; one line, bounded); the caller
+ * frees both. */
+void tp_wh_error_body(const char *body, size_t len, char **code, char **msg);
 
 /* Creates a client on base (which must outlive it). Copies everything it needs
  * from cfg. Returns NULL with *err set (heap string, caller frees) when the
