@@ -529,14 +529,10 @@ int tp_pgasync_copy_put(tp_pgasync_t *c, const void *data, size_t len)
             return -1;
         }
         if (r == 0) {
-            /* libpq could not grow its buffer without flushing: flush and retry. */
-            bool pending = false;
-            if (PQflush(c->conn) < 0) {
-                conn_error(c, "COPY data");
-                return -1;
-            }
-            (void)pending;
-            continue;
+            /* libpq could not grow its output buffer (it only says so when an
+             * allocation failed): treat it like a broken connection. */
+            snprintf(c->err, sizeof(c->err), "COPY data: libpq could not buffer %d bytes", n);
+            return -1;
         }
         p += n;
         len -= (size_t)n;

@@ -486,7 +486,6 @@ static void apply_snapshot(tp_syncjob_t *r, tp_buf_t *q)
     tp_buf_t tq;
     tp_buf_init(&tq);
     target_qname(&tq, j);
-    char *fresh_name = prefixed("_tp_new_", j->target_table);
     char *pk_tmp = prefixed("_tp_new_pk_", j->target_table);
     char *pk_final = tp_xasprintf("%.*s_pkey", 58, j->target_table);
     char *idx_tmp = prefixed("_tp_new_ix_", j->target_table);
@@ -534,7 +533,6 @@ static void apply_snapshot(tp_syncjob_t *r, tp_buf_t *q)
         free(from);
         free(to);
     }
-    free(fresh_name);
     free(pk_tmp);
     free(pk_final);
     free(idx_tmp);
