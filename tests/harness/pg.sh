@@ -42,6 +42,9 @@ tp_pg_start() {
         tp_pg_as_owner "$bindir/initdb" -D "$TP_PG_DIR/data" -U tidepool -A trust -E UTF8 \
             --locale=C.UTF-8 -N >"$TP_PG_DIR/initdb.log" 2>&1 ||
             { echo "tp_pg_start: initdb failed, see $TP_PG_DIR/initdb.log" >&2; cat "$TP_PG_DIR/initdb.log" >&2; return 1; }
+        # Members of tp_password_login must log in over TCP with a real password
+        # (tests of expiring, Lakebase-style credentials); everyone else is trusted.
+        tp_pg_as_owner sh -c "{ echo 'host all +tp_password_login 127.0.0.1/32 scram-sha-256'; cat '$TP_PG_DIR/data/pg_hba.conf'; } > '$TP_PG_DIR/data/pg_hba.new' && mv '$TP_PG_DIR/data/pg_hba.new' '$TP_PG_DIR/data/pg_hba.conf'"
     fi
     for try in 1 2 3 4 5 6 7 8; do
         port=${TP_PG_PORT:-$((20000 + RANDOM % 30000))}
@@ -51,6 +54,8 @@ tp_pg_start() {
             start >/dev/null 2>&1; then
             export PGHOST=$TP_PG_DIR PGPORT=$port PGUSER=tidepool PGDATABASE=postgres
             export TP_PG_DIR TP_PG_BIN TP_PG_OWNER
+            "$bindir/psql" -qAtc "SELECT 1 FROM pg_roles WHERE rolname = 'tp_password_login'" postgres 2>/dev/null | grep -q 1 ||
+                "$bindir/psql" -qc "CREATE ROLE tp_password_login NOLOGIN" postgres >/dev/null 2>&1
             return 0
         fi
         unset TP_PG_PORT
