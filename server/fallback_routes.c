@@ -26,6 +26,7 @@
 #include "tidepool/fallback.h"
 #include "tidepool/log.h"
 #include "tidepool/wh.h"
+#include "tidepool/wh_settings.h"
 
 #define FBREQ_MAGIC 0x46425251u
 #define POLL_RETRY_S 1
@@ -96,12 +97,7 @@ void fb_worker_init(worker_t *w)
     const tp_config_t *c = &g_srv.cfg;
     tp_wh_config_t wc;
     tp_wh_config_init(&wc);
-    wc.host = c->warehouse.host;
-    wc.warehouse_id = c->warehouse.warehouse_id;
-    wc.token = nonempty(c->warehouse.token);
-    wc.client_id = nonempty(c->warehouse.client_id);
-    wc.client_secret = nonempty(c->warehouse.client_secret);
-    wc.statement_timeout_ms = c->warehouse.timeout_ms;
+    tp_wh_config_from_settings(&wc, c);
     /* Fast first polls: a quick statement is answered a few ms after it ends
      * (the submission itself does not wait, so that a cancel is sent at once). */
     wc.poll_initial_ms = 2;
