@@ -1,34 +1,606 @@
-/* tidepool-server: answers dashboard reads and write-backs over HTTP.
- * Skeleton entry point: flags are parsed; capabilities arrive with their issues. */
+/* tidepool-server entry point: configuration, the worker threads and the
+ * process's lifecycle.
+ *
+ * Threads: N workers (server.threads, 0 = one per core), each with its own
+ * event_base, evhttp, SO_REUSEPORT listener, Postgres pool and response cache;
+ * the main thread runs a small event_base for signals and the LISTEN
+ * connection on tidepool_sync (which bumps the invalidation epochs the caches
+ * read); a status thread does the blocking work that must stay off every
+ * loop: migration status for /readyz and reflecting @expose tables (retried
+ * until Postgres answers).
+ * Definitions: parsed into a new generation and swapped in whole (SIGHUP); a
+ * broken file keeps the old generation and logs why. Requests hold a
+ * reference on the generation they started with.
+ * Shutdown (SIGTERM/SIGINT): stop listening, let in-flight requests finish
+ * within TIDEPOOL_DRAIN_MS (default 10 s), then exit. SIGPIPE is ignored. */
+#include "server.h"
+
+#include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
+#include <netinet/in.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+#include <event2/thread.h>
+#include <event2/util.h>
 
 #include "tidepool/log.h"
+#include "tidepool/migrate.h"
+#include "tidepool/pg.h"
+
+srv_t g_srv;
+
+static pthread_mutex_t status_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t status_cv = PTHREAD_COND_INITIALIZER;
+static bool status_stop, status_reflect = true;
+
+/* ---- generations and the job registry ---- */
+
+defgen_t *gen_acquire(void)
+{
+    pthread_mutex_lock(&g_srv.lock);
+    defgen_t *g = g_srv.gen;
+    atomic_fetch_add(&g->refs, 1);
+    pthread_mutex_unlock(&g_srv.lock);
+    return g;
+}
+
+static void gen_free(defgen_t *g)
+{
+    if (g->set && g->job_idx)
+        for (size_t i = 0; i < g->set->n_datasets; i++)
+            free(g->job_idx[i]);
+    free(g->job_idx);
+    tp_defs_set_free(g->set);
+    free(g);
+}
+
+void gen_release(defgen_t *g)
+{
+    if (g && atomic_fetch_sub(&g->refs, 1) == 1)
+        gen_free(g);
+}
+
+tables_t *tables_acquire(void)
+{
+    pthread_mutex_lock(&g_srv.lock);
+    tables_t *t = g_srv.tables;
+    atomic_fetch_add(&t->refs, 1);
+    pthread_mutex_unlock(&g_srv.lock);
+    return t;
+}
+
+void tables_swap(tables_t *t)
+{
+    pthread_mutex_lock(&g_srv.lock);
+    tables_t *old = g_srv.tables;
+    g_srv.tables = t;
+    pthread_mutex_unlock(&g_srv.lock);
+    tables_release(old);
+}
+
+int job_index(const char *name)
+{
+    pthread_mutex_lock(&g_srv.lock);
+    int idx = -1;
+    for (int i = 0; i < g_srv.njobs; i++)
+        if (strcmp(g_srv.job_names[i], name) == 0)
+            idx = i;
+    if (idx < 0 && g_srv.njobs < SRV_MAX_JOBS) {
+        g_srv.job_names[g_srv.njobs] = tp_xstrdup(name);
+        idx = g_srv.njobs++;
+    }
+    pthread_mutex_unlock(&g_srv.lock);
+    return idx;
+}
+
+uint64_t epoch_now(void)
+{
+    return atomic_load(&g_srv.epoch);
+}
+
+bool jobs_unchanged(const int *jobs, size_t n, uint64_t fill_epoch)
+{
+    if (atomic_load_explicit(&g_srv.all_inval, memory_order_acquire) > fill_epoch)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (jobs[i] >= 0 &&
+            atomic_load_explicit(&g_srv.job_inval[jobs[i]], memory_order_acquire) > fill_epoch)
+            return false;
+    return true;
+}
+
+/* Builds a generation from the definitions directory; NULL (diagnostics logged
+ * or printed) when anything is wrong. */
+static defgen_t *gen_build(bool print)
+{
+    tp_defs_set_t *set = tp_defs_set_new();
+    const char *dir = g_srv.cfg.server.definitions;
+    if (dir && *dir) {
+        tp_defs_diag_t diag = {0};
+        if (!tp_defs_load_datasets(set, dir, &diag)) {
+            for (size_t i = 0; i < diag.n; i++) {
+                if (print)
+                    fprintf(stderr, "%s\n", diag.msgs[i]);
+                const char *kv[] = {"problem", diag.msgs[i], NULL};
+                tp_logkv(TP_LOG_ERROR, kv, "definitions rejected");
+            }
+            tp_defs_diag_free(&diag);
+            tp_defs_set_free(set);
+            return NULL;
+        }
+        tp_defs_diag_free(&diag);
+    }
+    defgen_t *g = tp_xcalloc(1, sizeof *g);
+    atomic_init(&g->refs, 1);
+    g->set = set;
+    g->job_idx = tp_xcalloc(set->n_datasets ? set->n_datasets : 1, sizeof(int *));
+    for (size_t i = 0; i < set->n_datasets; i++) {
+        const tp_defs_dataset_t *ds = &set->datasets[i];
+        g->job_idx[i] = tp_xcalloc(ds->n_requires ? ds->n_requires : 1, sizeof(int));
+        for (size_t j = 0; j < ds->n_requires; j++)
+            g->job_idx[i][j] = job_index(ds->requires[j]);
+    }
+    return g;
+}
+
+static void gen_swap(defgen_t *g)
+{
+    pthread_mutex_lock(&g_srv.lock);
+    defgen_t *old = g_srv.gen;
+    g->id = ++g_srv.gen_counter;
+    g_srv.gen = g;
+    pthread_mutex_unlock(&g_srv.lock);
+    gen_release(old);
+}
+
+/* ---- status thread: blocking Postgres work, off every loop ---- */
+
+static void status_once(void)
+{
+    char err[512];
+    PGconn *c = tp_pg_connect(g_srv.dsn, 3000, err, sizeof err);
+    if (!c) {
+        atomic_store(&g_srv.migrations_known, false);
+        pthread_mutex_lock(&g_srv.lock);
+        snprintf(g_srv.migrations_why, sizeof g_srv.migrations_why, "%s", err);
+        pthread_mutex_unlock(&g_srv.lock);
+        return;
+    }
+    tp_migrate_status_t st;
+    char why[600] = "";
+    bool ok = false;
+    if (tp_migrate_status(c, tp_migrate_default_dir(), &st, err, sizeof err))
+        ok = tp_migrate_status_current(&st, why, sizeof why);
+    else
+        snprintf(why, sizeof why, "%s", err);
+    pthread_mutex_lock(&g_srv.lock);
+    snprintf(g_srv.migrations_why, sizeof g_srv.migrations_why, "%s", why);
+    pthread_mutex_unlock(&g_srv.lock);
+    atomic_store(&g_srv.migrations_ok, ok);
+    atomic_store(&g_srv.migrations_known, true);
+    PQfinish(c);
+
+    pthread_mutex_lock(&status_mu);
+    bool reflect = status_reflect;
+    pthread_mutex_unlock(&status_mu);
+    if (!reflect)
+        return;
+    tables_t *t = tables_reflect(g_srv.read_dsn, err, sizeof err);
+    if (!t) {
+        const char *kv[] = {"error", err, NULL};
+        tp_logkv(TP_LOG_WARN, kv, "reflecting exposed tables failed; will retry");
+        return;
+    }
+    pthread_mutex_lock(&status_mu);
+    status_reflect = false;
+    pthread_mutex_unlock(&status_mu);
+    tables_swap(t);
+    char n[16];
+    snprintf(n, sizeof n, "%zu", t->n);
+    const char *kv[] = {"tables", n, NULL};
+    tp_logkv(TP_LOG_INFO, kv, "exposed tables reflected");
+}
+
+static void *status_main(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&status_mu);
+    while (!status_stop) {
+        pthread_mutex_unlock(&status_mu);
+        status_once();
+        pthread_mutex_lock(&status_mu);
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        /* quick retries while something is missing, a slow pulse otherwise */
+        ts.tv_sec += status_reflect || !atomic_load(&g_srv.migrations_ok) ? 1 : 5;
+        if (!status_stop)
+            pthread_cond_timedwait(&status_cv, &status_mu, &ts);
+    }
+    pthread_mutex_unlock(&status_mu);
+    return NULL;
+}
+
+static void status_wake(bool reflect)
+{
+    pthread_mutex_lock(&status_mu);
+    if (reflect)
+        status_reflect = true;
+    pthread_cond_signal(&status_cv);
+    pthread_mutex_unlock(&status_mu);
+}
+
+/* ---- workers ---- */
+
+static int open_listener(const char *addr, char *err, size_t errlen)
+{
+    struct sockaddr_storage ss;
+    int sslen = sizeof ss;
+    memset(&ss, 0, sizeof ss);
+    if (evutil_parse_sockaddr_port(addr, (struct sockaddr *)&ss, &sslen) != 0) {
+        snprintf(err, errlen, "server.listen \"%s\" is not ADDR:PORT", addr);
+        return -1;
+    }
+    int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        return -1;
+    }
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0 ||
+        bind(fd, (struct sockaddr *)&ss, (socklen_t)sslen) != 0 || listen(fd, 1024) != 0) {
+        snprintf(err, errlen, "cannot listen on %s: %s", addr, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static void on_drain_tick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    worker_t *w = arg;
+    if (w->magic != WORKER_MAGIC)
+        abort();
+    if ((w->inflight == 0 && w->closing <= 0) || tp_now_ms() >= w->drain_deadline_ms) {
+        if (w->inflight > 0) {
+            char n[16];
+            snprintf(n, sizeof n, "%d", w->inflight);
+            const char *kv[] = {"inflight", n, NULL};
+            tp_logkv(TP_LOG_WARN, kv, "drain deadline reached; abandoning requests");
+        }
+        event_base_loopexit(w->base, NULL);
+        return;
+    }
+    struct timeval tv = {0, 20000};
+    evtimer_add(w->drain_timer, &tv);
+}
+
+static void on_stop(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    worker_t *w = arg;
+    if (w->magic != WORKER_MAGIC)
+        abort();
+    if (w->bound) {
+        evhttp_del_accept_socket(w->http, w->bound);
+        w->bound = NULL;
+    }
+    event_del(w->tick);
+    w->drain_deadline_ms = tp_now_ms() + g_srv.drain_ms;
+    on_drain_tick(-1, 0, w);
+}
+
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    worker_t *w = arg;
+    if (w->magic != WORKER_MAGIC)
+        abort();
+    tp_pgpool_stats_t st;
+    tp_pgpool_stats(w->pool, &st);
+    atomic_store_explicit(&w->m.pool_size, st.size, memory_order_relaxed);
+    atomic_store_explicit(&w->m.pool_connected, st.connected, memory_order_relaxed);
+    atomic_store_explicit(&w->m.pool_in_use, st.in_use, memory_order_relaxed);
+    atomic_store_explicit(&w->m.pool_queued, st.queued, memory_order_relaxed);
+}
+
+static void *worker_main(void *arg)
+{
+    worker_t *w = arg;
+    char name[16];
+    snprintf(name, sizeof name, "tp-worker-%d", w->id);
+    pthread_setname_np(pthread_self(), name);
+    event_base_dispatch(w->base);
+    if (w->inflight == 0) {
+        evhttp_free(w->http);
+        tp_pgpool_free(w->pool);
+        cache_free(w->cache);
+        event_free(w->stop_ev);
+        event_free(w->drain_timer);
+        event_free(w->tick);
+        event_base_free(w->base);
+    }
+    return NULL;
+}
+
+static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t errlen)
+{
+    memset(w, 0, sizeof *w);
+    w->magic = WORKER_MAGIC;
+    w->id = id;
+    w->base = event_base_new();
+    if (!w->base) {
+        snprintf(err, errlen, "event_base_new failed");
+        return false;
+    }
+    w->http = evhttp_new(w->base);
+    const tp_config_t *c = &g_srv.cfg;
+    /* evhttp's own limits are hard ceilings above ours, so that the common
+     * oversize cases get our problem+json 413/431 instead of a bare close. */
+    evhttp_set_max_body_size(w->http, c->server.max_body_bytes * 4 + 65536);
+    evhttp_set_max_headers_size(w->http, c->server.max_header_bytes * 4 + 8192);
+    struct timeval tv = {.tv_sec = c->server.timeout_ms / 1000,
+                         .tv_usec = (c->server.timeout_ms % 1000) * 1000};
+    evhttp_set_timeout_tv(w->http, &tv);
+    evhttp_set_allowed_methods(w->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD |
+                                            EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE |
+                                            EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH);
+    evhttp_set_gencb(w->http, route_request, w);
+    int fd = open_listener(c->server.listen, err, errlen);
+    if (fd < 0)
+        return false;
+    w->bound = evhttp_accept_socket_with_handle(w->http, fd);
+    if (!w->bound) {
+        snprintf(err, errlen, "evhttp_accept_socket failed on %s", c->server.listen);
+        close(fd);
+        return false;
+    }
+    int64_t maxc = c->server.max_connections > 0 ? c->server.max_connections : 1024;
+    w->max_inflight = (int)(maxc / g_srv.nthreads);
+    if (w->max_inflight < 1)
+        w->max_inflight = 1;
+    tp_pgpool_opts_t po = {
+        .dsn = g_srv.read_dsn,
+        .size = pool_size,
+        .max_queue = g_srv.pool_queue,
+        .connect_timeout_ms = (int)c->postgres.connect_timeout_ms,
+        .max_statements = 512,
+        .name = "read",
+    };
+    w->pool = tp_pgpool_new(w->base, &po);
+    w->cache = cache_new(g_srv.cache_bytes, &w->m);
+    w->stop_ev = event_new(w->base, -1, 0, on_stop, w);
+    w->drain_timer = evtimer_new(w->base, on_drain_tick, w);
+    w->tick = event_new(w->base, -1, EV_PERSIST, on_tick, w);
+    struct timeval sec = {1, 0};
+    event_add(w->tick, &sec);
+    return true;
+}
+
+/* ---- main loop: signals and LISTEN ---- */
+
+static void on_notify(const char *channel, const char *payload, void *arg)
+{
+    (void)arg;
+    uint64_t e = atomic_fetch_add(&g_srv.epoch, 1) + 1;
+    if (!channel) {
+        atomic_store(&g_srv.all_inval, e);
+        atomic_store(&g_srv.listen_up, true);
+        return;
+    }
+    char job[160];
+    snprintf(job, sizeof job, "%s", payload ? payload : "");
+    char *colon = strrchr(job, ':');
+    if (colon)
+        *colon = '\0';
+    int idx = job[0] ? job_index(job) : -1;
+    if (idx >= 0)
+        atomic_store(&g_srv.job_inval[idx], e);
+    else
+        atomic_store(&g_srv.all_inval, e);
+    const char *kv[] = {"job", job, "payload", payload, NULL};
+    tp_logkv(TP_LOG_INFO, kv, "sync notification: cache entries of the job dropped");
+}
+
+static struct event_base *g_main_base;
+
+static void on_signal(evutil_socket_t sig, short what, void *arg)
+{
+    (void)what;
+    (void)arg;
+    if (sig == SIGHUP) {
+        tp_info("SIGHUP: reloading definitions");
+        defgen_t *g = gen_build(false);
+        if (!g) {
+            tp_warn("reload failed: keeping the previous definitions");
+            return;
+        }
+        gen_swap(g);
+        status_wake(true);
+        char n[16];
+        snprintf(n, sizeof n, "%zu", g->set->n_datasets);
+        const char *kv[] = {"datasets", n, NULL};
+        tp_logkv(TP_LOG_INFO, kv, "definitions reloaded");
+        return;
+    }
+    if (atomic_exchange(&g_srv.draining, true))
+        return;
+    tp_info("shutting down: draining in-flight requests");
+    for (int i = 0; i < g_srv.nthreads; i++)
+        event_active(g_srv.workers[i].stop_ev, EV_READ, 0);
+    event_base_loopexit(g_main_base, NULL);
+}
 
 static void usage(FILE *f)
 {
     fprintf(f, "Usage: tidepool-server [OPTIONS]\n"
                "tidepool-server answers dashboard reads and write-backs over HTTP.\n\n"
-               "  -h, --help       show this help\n"
-               "  -V, --version    show the version\n");
+               "  -c, --config FILE  configuration file (default %s if it exists)\n"
+               "      --check        validate configuration and definitions, then exit\n"
+               "  -h, --help         show this help\n"
+               "  -V, --version      show the version\n",
+            TP_CONFIG_DEFAULT_PATH);
+}
+
+static int64_t env_i64(const char *name, int64_t dflt, bool size)
+{
+    const char *v = getenv(name);
+    int64_t out;
+    if (!v || !*v)
+        return dflt;
+    if (size ? tp_parse_size(v, &out) : tp_parse_int64(v, 0, INT64_MAX, &out))
+        return out;
+    fprintf(stderr, "tidepool-server: ignoring %s=%s (not a valid value)\n", name, v);
+    return dflt;
 }
 
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
+        {"config", required_argument, NULL, 'c'},
+        {"check", no_argument, NULL, 'k'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
+    const char *config_path = NULL;
+    bool check = false;
     int c;
-    while ((c = getopt_long(argc, argv, "hV", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "c:hV", opts, NULL)) != -1) {
         switch (c) {
+        case 'c': config_path = optarg; break;
+        case 'k': check = true; break;
         case 'h': usage(stdout); return 0;
         case 'V': printf("tidepool-server %s\n", TP_VERSION); return 0;
         default: usage(stderr); return 2;
         }
     }
-    tp_error("tidepool-server: not implemented yet");
-    return 1;
+    if (optind < argc) {
+        usage(stderr);
+        return 2;
+    }
+    struct stat st;
+    if (!config_path && stat(TP_CONFIG_DEFAULT_PATH, &st) == 0)
+        config_path = TP_CONFIG_DEFAULT_PATH;
+    char err[512];
+    if (!tp_config_load(&g_srv.cfg, config_path, err, sizeof err)) {
+        fprintf(stderr, "tidepool-server: %s\n", err);
+        return 2;
+    }
+    tp_log_set_global("program", "tidepool-server");
+    tp_log_level_t lvl;
+    if (g_srv.cfg.log.level && tp_log_parse_level(g_srv.cfg.log.level, &lvl))
+        tp_log_set_level(lvl);
+    g_srv.dsn = g_srv.cfg.postgres.dsn ? g_srv.cfg.postgres.dsn : "";
+    g_srv.read_dsn = g_srv.cfg.postgres.read_dsn && *g_srv.cfg.postgres.read_dsn
+                         ? g_srv.cfg.postgres.read_dsn
+                         : g_srv.dsn;
+    g_srv.drain_ms = env_i64("TIDEPOOL_DRAIN_MS", 10000, false);
+    g_srv.table_max_limit = env_i64("TIDEPOOL_TABLE_MAX_LIMIT", 1000, false);
+    g_srv.pool_queue = (int)env_i64("TIDEPOOL_POOL_QUEUE", 256, false);
+    pthread_mutex_init(&g_srv.lock, NULL);
+
+    defgen_t *g0 = gen_build(true);
+    if (!g0)
+        return 2;
+    if (check) {
+        printf("config: ok\ndatasets: %zu\n", g0->set->n_datasets);
+        for (size_t i = 0; i < g0->set->n_datasets; i++)
+            printf("  dataset %s (%zu params)\n", g0->set->datasets[i].name,
+                   g0->set->datasets[i].n_params);
+        gen_release(g0);
+        tp_config_free(&g_srv.cfg);
+        return 0;
+    }
+    g_srv.gen = g0;
+    g_srv.tables = tp_xcalloc(1, sizeof(tables_t));
+    atomic_init(&g_srv.tables->refs, 1);
+
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    g_srv.nthreads = g_srv.cfg.server.threads > 0 ? (int)g_srv.cfg.server.threads
+                                                  : (int)(cores > 0 ? cores : 1);
+    int64_t total_cache = env_i64("TIDEPOOL_CACHE_BYTES", 64 << 20, true);
+    g_srv.cache_bytes = total_cache / g_srv.nthreads;
+    int pool_total = g_srv.cfg.postgres.pool_size > 0 ? (int)g_srv.cfg.postgres.pool_size : 8;
+    int per = pool_total / g_srv.nthreads;
+    if (per < 1)
+        per = 1;
+    g_srv.started_ms = tp_wall_ms();
+
+    signal(SIGPIPE, SIG_IGN);
+    evthread_use_pthreads();
+    g_srv.workers = tp_xcalloc((size_t)g_srv.nthreads, sizeof(worker_t));
+    for (int i = 0; i < g_srv.nthreads; i++) {
+        if (!worker_init(&g_srv.workers[i], i, per, err, sizeof err)) {
+            fprintf(stderr, "tidepool-server: %s\n", err);
+            return 1;
+        }
+    }
+    g_main_base = event_base_new();
+    struct event *sigs[3];
+    const int signums[3] = {SIGTERM, SIGINT, SIGHUP};
+    for (int i = 0; i < 3; i++) {
+        sigs[i] = evsignal_new(g_main_base, signums[i], on_signal, NULL);
+        event_add(sigs[i], NULL);
+    }
+    tp_pglisten_t *lsn = tp_pglisten_new(g_main_base, g_srv.dsn, "tidepool_sync",
+                                         (int)g_srv.cfg.postgres.connect_timeout_ms, on_notify,
+                                         NULL);
+    pthread_t status_th;
+    pthread_create(&status_th, NULL, status_main, NULL);
+    for (int i = 0; i < g_srv.nthreads; i++)
+        pthread_create(&g_srv.workers[i].th, NULL, worker_main, &g_srv.workers[i]);
+    char nth[16], pool[16];
+    snprintf(nth, sizeof nth, "%d", g_srv.nthreads);
+    snprintf(pool, sizeof pool, "%d", per);
+    const char *kv[] = {"listen", g_srv.cfg.server.listen, "threads", nth, "pool_per_thread", pool,
+                        NULL};
+    tp_logkv(TP_LOG_INFO, kv, "tidepool-server listening");
+
+    event_base_dispatch(g_main_base);
+
+    for (int i = 0; i < g_srv.nthreads; i++)
+        pthread_join(g_srv.workers[i].th, NULL);
+    pthread_mutex_lock(&status_mu);
+    status_stop = true;
+    pthread_cond_signal(&status_cv);
+    pthread_mutex_unlock(&status_mu);
+    pthread_join(status_th, NULL);
+    tp_pglisten_free(lsn);
+    /* A repeated SIGTERM while we finish must not kill us mid-cleanup: block
+     * it (every other thread has ended) before libevent restores the default. */
+    sigset_t block;
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    sigaddset(&block, SIGINT);
+    sigaddset(&block, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &block, NULL);
+    for (int i = 0; i < 3; i++)
+        event_free(sigs[i]);
+    event_base_free(g_main_base);
+    bool clean = true;
+    for (int i = 0; i < g_srv.nthreads; i++)
+        clean = clean && g_srv.workers[i].inflight == 0;
+    if (clean) {
+        free(g_srv.workers);
+        gen_release(g_srv.gen);
+        tables_release(g_srv.tables);
+        for (int i = 0; i < g_srv.njobs; i++)
+            free(g_srv.job_names[i]);
+        tp_config_free(&g_srv.cfg);
+    }
+    tp_info("tidepool-server stopped");
+    return 0;
 }

@@ -1,0 +1,482 @@
+/* HTTP plumbing for tidepool-server handlers: the request context (request
+ * id honoured from X-Request-Id or generated, timing, a reference on the
+ * current definitions), the one reply path (status line, headers, metrics,
+ * one JSON log line per request), RFC 9457 problem+json through one function,
+ * a strict query-string parser (percent-decoding; NUL, bad escapes and invalid
+ * UTF-8 are rejected naming the parameter), body reading with the configured
+ * limit, and the mapping of Postgres failures to statuses (never a 500 for a
+ * client's mistake; a dependency down is 503 with Retry-After). */
+#include "server.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include <event2/buffer.h>
+#include <event2/keyvalq_struct.h>
+
+#include "tidepool/log.h"
+
+static const int status_codes[N_STATUS] = {200, 304, 400, 403, 404, 405, 413, 415,
+                                           422, 429, 431, 500, 501, 503, 504, 0};
+
+int status_index(int status)
+{
+    for (int i = 0; i < N_STATUS - 1; i++)
+        if (status_codes[i] == status)
+            return i;
+    return N_STATUS - 1;
+}
+
+int status_code_at(int i)
+{
+    return status_codes[i];
+}
+
+static const double bucket_ms[N_BUCKETS] = {0.25, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000};
+
+double bucket_bound_ms(int i)
+{
+    return bucket_ms[i];
+}
+
+static _Thread_local uint64_t rng_state;
+
+static uint64_t rng_next(void)
+{
+    if (rng_state == 0)
+        rng_state = tp_random_u64() | 1;
+    uint64_t x = rng_state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    rng_state = x;
+    return x;
+}
+
+static bool id_ok(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > 36)
+        return false;
+    for (; *s; s++) {
+        char c = *s;
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '-' || c == '_' || c == '.'))
+            return false;
+    }
+    return true;
+}
+
+rq_t *rq_new(worker_t *w, struct evhttp_request *req, int route, const char *route_name)
+{
+    rq_t *r = tp_xcalloc(1, sizeof *r);
+    r->magic = RQ_MAGIC;
+    r->w = w;
+    r->req = req;
+    r->route = route;
+    r->route_name = route_name;
+    r->t0_us = tp_now_us();
+    r->ds_idx = -1;
+    const char *id = evhttp_find_header(evhttp_request_get_input_headers(req), "X-Request-Id");
+    if (id && id_ok(id))
+        snprintf(r->id, sizeof r->id, "%s", id);
+    else
+        snprintf(r->id, sizeof r->id, "%016llx", (unsigned long long)rng_next());
+    r->gen = gen_acquire();
+    r->tables = tables_acquire();
+    w->inflight++;
+    return r;
+}
+
+static void rq_free(rq_t *r)
+{
+    for (size_t i = 0; i < r->nq; i++) {
+        free(r->q[i].key);
+        free(r->q[i].val);
+    }
+    free(r->q);
+    free(r->key);
+    free(r->sql);
+    for (int i = 0; i < r->nvals; i++)
+        free(r->vals[i]);
+    free(r->vals);
+    gen_release(r->gen);
+    tables_release(r->tables);
+    r->magic = 0;
+    free(r);
+}
+
+void rq_header(rq_t *r, const char *name, const char *value)
+{
+    evhttp_add_header(evhttp_request_get_output_headers(r->req), name, value);
+}
+
+const char *rq_in_header(rq_t *r, const char *name)
+{
+    return evhttp_find_header(evhttp_request_get_input_headers(r->req), name);
+}
+
+static const char *method_name(enum evhttp_cmd_type m)
+{
+    switch (m) {
+    case EVHTTP_REQ_GET: return "GET";
+    case EVHTTP_REQ_POST: return "POST";
+    case EVHTTP_REQ_HEAD: return "HEAD";
+    case EVHTTP_REQ_PUT: return "PUT";
+    case EVHTTP_REQ_DELETE: return "DELETE";
+    case EVHTTP_REQ_OPTIONS: return "OPTIONS";
+    case EVHTTP_REQ_TRACE: return "TRACE";
+    case EVHTTP_REQ_CONNECT: return "CONNECT";
+    case EVHTTP_REQ_PATCH: return "PATCH";
+    }
+    return "OTHER";
+}
+
+static const char *reason(int status)
+{
+    switch (status) {
+    case 200: return "OK";
+    case 304: return "Not Modified";
+    case 400: return "Bad Request";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 413: return "Content Too Large";
+    case 415: return "Unsupported Media Type";
+    case 422: return "Unprocessable Content";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    }
+    return "Status";
+}
+
+static void on_drained_conn_close(struct evhttp_connection *evcon, void *arg)
+{
+    (void)evcon;
+    worker_t *w = arg;
+    if (w->magic != WORKER_MAGIC)
+        abort();
+    w->closing--;
+}
+
+void rq_reply(rq_t *r, int status, const char *ctype, const char *body, size_t len)
+{
+    if (r->magic != RQ_MAGIC)
+        abort();
+    worker_t *w = r->w;
+    struct evhttp_connection *evcon = evhttp_request_get_connection(r->req);
+    if (atomic_load_explicit(&g_srv.draining, memory_order_relaxed) && evcon) {
+        /* Draining: close after this reply, and count the connection until
+         * evhttp has written it out and freed it. */
+        rq_header(r, "Connection", "close");
+        evhttp_connection_set_closecb(evcon, on_drained_conn_close, w);
+        w->closing++;
+    }
+    struct evbuffer *buf = evbuffer_new();
+    if (ctype)
+        rq_header(r, "Content-Type", ctype);
+    rq_header(r, "X-Request-Id", r->id);
+    bool head = evhttp_request_get_command(r->req) == EVHTTP_REQ_HEAD;
+    if (body && len && status != 304 && !head)
+        evbuffer_add(buf, body, len);
+    evhttp_send_reply(r->req, status, reason(status), buf);
+    evbuffer_free(buf);
+
+    int64_t us = tp_now_us() - r->t0_us;
+    atomic_fetch_add_explicit(&w->m.req[r->route][status_index(status)], 1, memory_order_relaxed);
+    for (int i = 0; i < N_BUCKETS; i++)
+        if ((double)us <= bucket_ms[i] * 1000.0) {
+            atomic_fetch_add_explicit(&w->m.lat_bucket[i], 1, memory_order_relaxed);
+            break;
+        }
+    atomic_fetch_add_explicit(&w->m.lat_sum_us, (uint64_t)us, memory_order_relaxed);
+    atomic_fetch_add_explicit(&w->m.lat_count, 1, memory_order_relaxed);
+    if (tp_log_enabled(TP_LOG_INFO)) {
+        char st[8], ms[32], bytes[32];
+        snprintf(st, sizeof st, "%d", status);
+        snprintf(ms, sizeof ms, "%.3f", (double)us / 1000.0);
+        snprintf(bytes, sizeof bytes, "%zu", status == 304 ? (size_t)0 : len);
+        const char *kv[] = {"request_id", r->id,
+                            "method", method_name(evhttp_request_get_command(r->req)),
+                            "route", r->route_name,
+                            "status", st, "ms", ms, "bytes", bytes, NULL};
+        tp_log_emit(TP_LOG_INFO, kv, "request");
+    }
+    w->inflight--;
+    rq_free(r);
+}
+
+static void problem_body(tp_buf_t *b, int status, const char *code, const char *detail,
+                         const char *field, const char *message)
+{
+    tp_buf_puts(b, "{\"type\":");
+    char type[128];
+    snprintf(type, sizeof type, "https://tidepool.dev/problems/%s", code);
+    tp_buf_json_str(b, type);
+    tp_buf_puts(b, ",\"title\":");
+    tp_buf_json_str(b, reason(status));
+    tp_buf_printf(b, ",\"status\":%d,\"detail\":", status);
+    tp_buf_json_str(b, detail ? detail : reason(status));
+    tp_buf_puts(b, ",\"code\":");
+    tp_buf_json_str(b, code);
+    if (field) {
+        tp_buf_puts(b, ",\"errors\":[{\"field\":");
+        tp_buf_json_str(b, field);
+        tp_buf_puts(b, ",\"message\":");
+        tp_buf_json_str(b, message ? message : "is invalid");
+        tp_buf_puts(b, "}]");
+    }
+    tp_buf_puts(b, "}");
+}
+
+void rq_problem(rq_t *r, int status, const char *code, const char *detail, const char *field,
+                const char *message, int retry_after_s)
+{
+    tp_buf_t b = {0};
+    problem_body(&b, status, code, detail, field, message);
+    if (retry_after_s > 0) {
+        char ra[16];
+        snprintf(ra, sizeof ra, "%d", retry_after_s);
+        rq_header(r, "Retry-After", ra);
+    }
+    rq_header(r, "Cache-Control", "no-store");
+    rq_reply(r, status, "application/problem+json", b.data, b.len);
+    tp_buf_free(&b);
+}
+
+/* ---- strict query-string parsing ---- */
+
+bool utf8_valid(const char *s, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)s, *end = p + n;
+    while (p < end) {
+        unsigned c = *p;
+        size_t k;
+        uint32_t cp;
+        if (c < 0x80) {
+            p++;
+            continue;
+        } else if ((c & 0xE0) == 0xC0) {
+            k = 1;
+            cp = c & 0x1F;
+        } else if ((c & 0xF0) == 0xE0) {
+            k = 2;
+            cp = c & 0x0F;
+        } else if ((c & 0xF8) == 0xF0) {
+            k = 3;
+            cp = c & 0x07;
+        } else {
+            return false;
+        }
+        if ((size_t)(end - p) <= k)
+            return false;
+        for (size_t i = 1; i <= k; i++) {
+            if ((p[i] & 0xC0) != 0x80)
+                return false;
+            cp = (cp << 6) | (p[i] & 0x3F);
+        }
+        if ((k == 1 && cp < 0x80) || (k == 2 && cp < 0x800) || (k == 3 && cp < 0x10000) ||
+            cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
+            return false;
+        p += k + 1;
+    }
+    return true;
+}
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* Percent-decodes s[0..n) ('+' is a space when plus). NULL with *why on a bad
+ * escape, a NUL or invalid UTF-8. */
+char *pct_decode(const char *s, size_t n, bool plus, const char **why)
+{
+    char *out = tp_xmalloc(n + 1);
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (c == '+' && plus) {
+            c = ' ';
+        } else if (c == '%') {
+            if (i + 2 >= n) {
+                free(out);
+                *why = "has an incomplete percent-escape";
+                return NULL;
+            }
+            int a = hexval(s[i + 1]), b = hexval(s[i + 2]);
+            if (a < 0 || b < 0) {
+                free(out);
+                *why = "has an invalid percent-escape";
+                return NULL;
+            }
+            c = (char)(a * 16 + b);
+            i += 2;
+        }
+        if (c == '\0') {
+            free(out);
+            *why = "contains a NUL byte";
+            return NULL;
+        }
+        out[o++] = c;
+    }
+    out[o] = '\0';
+    if (!utf8_valid(out, o)) {
+        free(out);
+        *why = "is not valid UTF-8";
+        return NULL;
+    }
+    return out;
+}
+
+bool rq_parse_query(rq_t *r)
+{
+    const struct evhttp_uri *u = evhttp_request_get_evhttp_uri(r->req);
+    const char *qs = u ? evhttp_uri_get_query(u) : NULL;
+    if (!qs || !*qs)
+        return true;
+    const char *p = qs;
+    while (*p) {
+        const char *amp = strchr(p, '&');
+        size_t len = amp ? (size_t)(amp - p) : strlen(p);
+        if (len > 0) {
+            const char *eq = memchr(p, '=', len);
+            size_t klen = eq ? (size_t)(eq - p) : len;
+            const char *why = NULL;
+            char *k = pct_decode(p, klen, true, &why);
+            if (!k) {
+                char *raw = tp_xstrndup(p, klen > 64 ? 64 : klen);
+                /* the raw name is ASCII-safe only if valid; name it escaped */
+                char *field = utf8_valid(raw, strlen(raw)) && !strchr(raw, '%') ? raw : NULL;
+                rq_problem(r, 400, "invalid-parameter", "a query parameter name could not be decoded",
+                           field ? field : "(query)", why, 0);
+                free(raw);
+                return false;
+            }
+            char *v = eq ? pct_decode(eq + 1, len - klen - 1, true, &why) : tp_xstrdup("");
+            if (!v) {
+                tp_buf_t d = {0};
+                tp_buf_printf(&d, "query parameter %s %s", k, why);
+                rq_problem(r, 400, "invalid-parameter", d.data, k, why, 0);
+                tp_buf_free(&d);
+                free(k);
+                return false;
+            }
+            r->q = tp_xrealloc(r->q, (r->nq + 1) * sizeof *r->q);
+            r->q[r->nq].key = k;
+            r->q[r->nq].val = v;
+            r->q[r->nq].used = false;
+            r->nq++;
+        }
+        if (!amp)
+            break;
+        p = amp + 1;
+    }
+    return true;
+}
+
+const char *rq_q(rq_t *r, const char *key)
+{
+    for (size_t i = 0; i < r->nq; i++)
+        if (strcmp(r->q[i].key, key) == 0) {
+            r->q[i].used = true;
+            return r->q[i].val;
+        }
+    return NULL;
+}
+
+bool rq_body(rq_t *r, char **out, size_t *len)
+{
+    struct evbuffer *in = evhttp_request_get_input_buffer(r->req);
+    size_t n = evbuffer_get_length(in);
+    if ((int64_t)n > g_srv.cfg.server.max_body_bytes) {
+        char d[128];
+        snprintf(d, sizeof d, "the request body is %zu bytes; the limit is %lld", n,
+                 (long long)g_srv.cfg.server.max_body_bytes);
+        rq_problem(r, 413, "body-too-large", d, "body", "is too large", 0);
+        return false;
+    }
+    char *b = tp_xmalloc(n + 1);
+    evbuffer_copyout(in, b, n);
+    b[n] = '\0';
+    *out = b;
+    *len = n;
+    return true;
+}
+
+void http_date(int64_t wall_ms, char *buf, size_t n)
+{
+    time_t t = (time_t)(wall_ms / 1000);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(buf, n, "%a, %d %b %Y %H:%M:%S GMT", &tm);
+}
+
+uint64_t hash64(const void *data, size_t n)
+{
+    /* FNV-1a over 8-byte words then a final mix: fast enough for response bodies. */
+    const unsigned char *p = data;
+    uint64_t h = 1469598103934665603ull ^ n;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        h = (h ^ w) * 1099511628211ull;
+        h ^= h >> 29;
+    }
+    for (; i < n; i++)
+        h = (h ^ p[i]) * 1099511628211ull;
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdull;
+    h ^= h >> 33;
+    return h;
+}
+
+void rq_pool_refused(rq_t *r, tp_pg_submit_t why)
+{
+    if (why == TP_PG_BUSY) {
+        rq_problem(r, 503, "overloaded",
+                   "every Postgres connection is busy and the wait queue is full", NULL, NULL, 1);
+    } else {
+        int64_t ms = tp_pgpool_retry_ms(r->w->pool);
+        int s = (int)((ms + 999) / 1000);
+        rq_problem(r, 503, "postgres-unavailable", "Postgres is not reachable right now", NULL,
+                   NULL, s < 1 ? 1 : s);
+    }
+}
+
+void rq_pg_error(rq_t *r, PGresult *res, const char *err)
+{
+    if (!res) {
+        rq_problem(r, 503, "postgres-unavailable", "the Postgres connection was lost", NULL, NULL,
+                   1);
+        return;
+    }
+    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    if (state && strncmp(state, "22", 2) == 0) {
+        rq_problem(r, 422, "invalid-value", PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY),
+                   NULL, NULL, 0);
+        return;
+    }
+    if (state && (strncmp(state, "08", 2) == 0 || strncmp(state, "57", 2) == 0 ||
+                  strncmp(state, "53", 2) == 0)) {
+        rq_problem(r, 503, "postgres-unavailable", "Postgres is unavailable or shutting down",
+                   NULL, NULL, 1);
+        return;
+    }
+    const char *kv[] = {"request_id", r->id, "sqlstate", state, "error", err, NULL};
+    tp_logkv(TP_LOG_ERROR, kv, "query failed");
+    rq_problem(r, 500, "query-failed", "the query failed; see the server log for the request id",
+               NULL, NULL, 0);
+}

@@ -1,0 +1,273 @@
+/* tidepool-server internals shared by the server/ sources: the process-wide state, one
+ * worker per thread (event_base, evhttp, listener, Postgres pool, response
+ * cache, sync-state view), the per-request context, and the helpers every
+ * handler uses (problem+json, replies, query strings, metrics). Program-private:
+ * nothing outside server/ includes this. */
+#ifndef TIDEPOOL_SERVER_H
+#define TIDEPOOL_SERVER_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include <event2/event.h>
+#include <event2/http.h>
+#include <libpq-fe.h>
+
+#include "tidepool/config.h"
+#include "tidepool/defs.h"
+#include "tidepool/pgasync.h"
+#include "tidepool/util.h"
+
+#define SRV_MAX_JOBS 256
+#define WORKER_MAGIC 0x574b5231u
+#define RQ_MAGIC 0x52513031u
+
+/* ---- reflected tables (tables.c) ---- */
+
+typedef struct tcol {
+    char *name;
+    char *type;   /* format_type(), e.g. "integer", "text", "timestamp with time zone" */
+    unsigned oid; /* atttypid */
+} tcol_t;
+
+typedef struct ttable {
+    char *name;  /* "schema.table" as used in the URL */
+    char *schema, *table;
+    tcol_t *cols;
+    size_t ncols;
+    int64_t max_limit;
+} ttable_t;
+
+typedef struct tables {
+    atomic_int refs;
+    ttable_t *t;
+    size_t n;
+} tables_t;
+
+/* ---- definitions generation: swapped whole on SIGHUP, refcounted ---- */
+
+typedef struct defgen {
+    atomic_int refs;
+    tp_defs_set_t *set;
+    int **job_idx; /* per dataset: index of each @requires job in the job registry */
+    uint64_t id;
+} defgen_t;
+
+/* ---- metrics (written by the owning worker, read by any scrape: relaxed atomics) ---- */
+
+enum { RT_DATASETS, RT_DATASET, RT_TABLE, RT_HEALTHZ, RT_READYZ, RT_METRICS, RT_OPENAPI, RT_OTHER, RT__N };
+#define N_STATUS 16
+#define N_BUCKETS 13
+
+typedef struct metrics {
+    atomic_uint_fast64_t req[RT__N][N_STATUS];
+    atomic_uint_fast64_t lat_bucket[N_BUCKETS]; /* cumulative at scrape */
+    atomic_uint_fast64_t lat_sum_us, lat_count;
+    atomic_uint_fast64_t cache_hits, cache_misses, cache_bytes, cache_entries, cache_evictions;
+    atomic_uint_fast64_t flights_joined;
+    atomic_int pool_in_use, pool_queued, pool_size, pool_connected;
+} metrics_t;
+
+/* ---- cache (cache.c): one per worker thread ---- */
+
+typedef struct cache cache_t;
+typedef struct centry {
+    char *body;
+    size_t len;
+    const char *ctype;
+    char etag[24];
+    char last_modified[40];
+    char generation[128];
+} centry_t;
+
+/* ---- per-worker sync-state view ---- */
+
+typedef struct jobstate {
+    bool known;
+    int64_t generation;
+    int64_t last_success_ms; /* wall clock; 0 = never */
+} jobstate_t;
+
+typedef struct rq rq_t;
+
+typedef struct worker {
+    uint32_t magic;
+    int id;
+    pthread_t th;
+    struct event_base *base;
+    struct evhttp *http;
+    struct evhttp_bound_socket *bound;
+    struct event *stop_ev;
+    struct event *drain_timer;
+    struct event *tick; /* publishes pool gauges into metrics once a second */
+    int64_t drain_deadline_ms;
+    tp_pgpool_t *pool;
+    cache_t *cache;
+    int inflight;
+    int closing; /* connections closing after their last reply while draining */
+    int max_inflight;
+    metrics_t m;
+    /* sync_state view: refreshed when the invalidation epoch moved or after 1 s */
+    jobstate_t jobs[SRV_MAX_JOBS];
+    uint64_t ss_epoch;
+    int64_t ss_fetched_ms;
+    bool ss_fetching;
+    bool ss_ok;
+    rq_t *ss_waiters;
+    struct flight *flights; /* single-flight table (linked list; few in flight at once) */
+} worker_t;
+
+/* ---- process-wide state ---- */
+
+typedef struct srv {
+    tp_config_t cfg;
+    const char *dsn, *read_dsn;
+    int nthreads;
+    worker_t *workers;
+    pthread_mutex_t lock; /* guards gen and the job registry names */
+    defgen_t *gen;
+    tables_t *tables;
+    uint64_t gen_counter;
+    char *job_names[SRV_MAX_JOBS];
+    int njobs;
+    atomic_uint_fast64_t epoch;               /* bumped by every invalidation */
+    atomic_uint_fast64_t job_inval[SRV_MAX_JOBS]; /* epoch of the job's last invalidation */
+    atomic_uint_fast64_t all_inval;           /* epoch of the last "everything changed" */
+    atomic_bool draining;
+    atomic_bool listen_up;
+    atomic_bool migrations_ok;
+    atomic_bool migrations_known;
+    char migrations_why[600]; /* guarded by lock */
+    int64_t drain_ms;
+    int64_t cache_bytes; /* per worker */
+    int64_t table_max_limit;
+    int pool_queue;
+    int64_t started_ms;
+} srv_t;
+
+extern srv_t g_srv;
+
+/* ---- request context ---- */
+
+typedef struct qparam {
+    char *key, *val;
+    bool used;
+} qparam_t;
+
+typedef enum fmt { FMT_ROWS, FMT_COLUMNS, FMT_CSV } fmt_t;
+
+struct rq {
+    uint32_t magic;
+    worker_t *w;
+    struct evhttp_request *req;
+    char id[40];
+    int route;
+    const char *route_name;
+    int64_t t0_us;
+    defgen_t *gen;
+    tables_t *tables;
+    qparam_t *q;
+    size_t nq;
+    fmt_t fmt;
+    bool bypass;
+    /* dataset / table work */
+    const tp_defs_dataset_t *ds;
+    int ds_idx;
+    const ttable_t *tbl;
+    char *key;      /* cache key */
+    char *sql;      /* table reads: generated SQL */
+    char **vals;    /* bound values */
+    int nvals;
+    struct flight *flight;
+    rq_t *next;     /* waiter lists */
+    void (*cont)(rq_t *r); /* continuation after sync_state is fresh */
+};
+
+/* ---- http.c ---- */
+
+/* Starts a request context (request id, defs reference, timing). */
+rq_t *rq_new(worker_t *w, struct evhttp_request *req, int route, const char *route_name);
+/* Sends status with body (may be NULL) of content type ctype, logs the request
+ * line, updates metrics and frees r. Exactly one reply per request. */
+void rq_reply(rq_t *r, int status, const char *ctype, const char *body, size_t len);
+/* RFC 9457 problem+json through one function: field/message may be NULL.
+ * retry_after_s > 0 adds Retry-After. */
+void rq_problem(rq_t *r, int status, const char *code, const char *detail, const char *field,
+                const char *message, int retry_after_s);
+/* Adds a response header. */
+void rq_header(rq_t *r, const char *name, const char *value);
+const char *rq_in_header(rq_t *r, const char *name);
+/* Parses the query string: percent-decoding, NUL and invalid UTF-8 rejected
+ * (a 400 problem is sent and false returned). */
+bool rq_parse_query(rq_t *r) TP_WUR;
+const char *rq_q(rq_t *r, const char *key);
+bool utf8_valid(const char *s, size_t n);
+char *pct_decode(const char *s, size_t n, bool plus, const char **why);
+/* ETag from the body, 304 on If-None-Match, else 200 with body. */
+void send_body(rq_t *r, const char *body, size_t len, const char *ctype, const char *source);
+/* Reads the request body; false (problem sent) when over the configured max. */
+bool rq_body(rq_t *r, char **out, size_t *len) TP_WUR;
+void http_date(int64_t wall_ms, char *buf, size_t n);
+uint64_t hash64(const void *data, size_t n);
+/* Maps a Postgres failure to a reply: dependency down -> 503, client-caused
+ * (class 22, 42) -> 400/422, anything else -> 500 without internals. */
+void rq_pg_error(rq_t *r, PGresult *res, const char *err);
+/* 503 + Retry-After when the pool refused (busy or down). */
+void rq_pool_refused(rq_t *r, tp_pg_submit_t why);
+
+int status_index(int status);
+int status_code_at(int i);
+double bucket_bound_ms(int i);
+
+/* ---- encode.c ---- */
+void encode_result(const PGresult *res, fmt_t fmt, tp_buf_t *out);
+const char *fmt_ctype(fmt_t fmt);
+
+/* ---- cache.c ---- */
+cache_t *cache_new(int64_t max_bytes, metrics_t *m);
+void cache_free(cache_t *c);
+/* Borrowed entry valid for key, or NULL. jobs: indices in the job registry. */
+const centry_t *cache_get(cache_t *c, const char *key);
+/* Takes ownership of body. fill_epoch: epoch read before the query was sent. */
+void cache_put(cache_t *c, const char *key, char *body, size_t len, const centry_t *meta,
+               uint64_t fill_epoch, int64_t ttl_ms, const int *jobs, size_t njobs);
+
+/* ---- datasets.c ---- */
+void h_datasets(rq_t *r);
+void h_dataset(rq_t *r, const char *name);
+/* Ensures the worker's sync_state view is fresh, then runs r->cont(r). */
+void syncstate_then(rq_t *r, void (*cont)(rq_t *r));
+/* Fills Last-Modified / generation for a dataset's required jobs. */
+void freshness_headers(worker_t *w, const defgen_t *g, int ds_idx, centry_t *meta);
+
+/* ---- tables.c ---- */
+/* Reflects @expose tables with a blocking connection (status thread only).
+ * Returns a set with one reference, or NULL with err. */
+tables_t *tables_reflect(const char *dsn, char *err, size_t errlen);
+/* Drops a reference; the last one frees. NULL is a no-op. */
+void tables_release(tables_t *t);
+/* A reference on the current set / replaces it (takes t's reference). */
+tables_t *tables_acquire(void);
+void tables_swap(tables_t *t);
+const ttable_t *tables_find(const tables_t *t, const char *name);
+void h_table(rq_t *r, const char *name);
+
+/* ---- routes.c ---- */
+void route_request(struct evhttp_request *req, void *arg);
+void h_openapi(rq_t *r);
+void h_metrics(rq_t *r);
+
+/* ---- main.c: definitions generations and jobs ---- */
+defgen_t *gen_acquire(void);
+void gen_release(defgen_t *g);
+/* Registry index of a job name (added if new), or -1 when the registry is full. */
+int job_index(const char *name);
+uint64_t epoch_now(void);
+/* True if nothing affecting jobs changed since fill_epoch. */
+bool jobs_unchanged(const int *jobs, size_t n, uint64_t fill_epoch);
+
+#endif

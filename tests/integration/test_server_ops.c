@@ -1,0 +1,407 @@
+/* tidepool-server operations against the harness Postgres: response cache
+ * hits, bypass, invalidation by NOTIFY tidepool_sync (per job), single flight,
+ * a full pool queue (503 + Retry-After), Postgres going away (backends
+ * terminated; the cluster stopped and started: 503 + Retry-After, /readyz
+ * failing, recovery without restart), SIGHUP reload (good and broken files)
+ * and SIGTERM draining an in-flight request. */
+#include "server_harness.h"
+
+static srv_h_t S;
+static const char *DSN;
+
+static void sql(const char *q)
+{
+    free(tp_test_sql(DSN, q));
+}
+
+static long metric(const char *name)
+{
+    resp_t r = get(&S, "/metrics");
+    long v = -1;
+    const char *p = r.body ? strstr(r.body, name) : NULL;
+    while (p && p > r.body && p[-1] != '\n')
+        p = strstr(p + 1, name);
+    if (p)
+        v = strtol(p + strlen(name) + 1, NULL, 10);
+    resp_free(&r);
+    return v;
+}
+
+/* Runs n GETs at once; fills status[i] (and retry_after[i] if non-NULL).
+ * on_started (may be NULL) runs once every request has been sent. */
+static void parallel_get(srv_h_t *s, const char *const *paths, int n, long *status,
+                         void (*on_started)(void))
+{
+    CURLM *m = curl_multi_init();
+    CURL *h[64];
+    tp_buf_t bodies[64];
+    for (int i = 0; i < n; i++) {
+        char url[1024];
+        snprintf(url, sizeof url, "http://127.0.0.1:%d%s", s->port, paths[i]);
+        h[i] = curl_easy_init();
+        tp_buf_init(&bodies[i]);
+        curl_easy_setopt(h[i], CURLOPT_URL, url);
+        curl_easy_setopt(h[i], CURLOPT_WRITEFUNCTION, on_body);
+        curl_easy_setopt(h[i], CURLOPT_WRITEDATA, &bodies[i]);
+        curl_easy_setopt(h[i], CURLOPT_TIMEOUT, 20L);
+        curl_multi_add_handle(m, h[i]);
+    }
+    int running = 1;
+    int64_t t0 = tp_now_ms();
+    bool started = false;
+    while (running) {
+        curl_multi_perform(m, &running);
+        curl_multi_poll(m, NULL, 0, 20, NULL);
+        if (!started && on_started && tp_now_ms() - t0 > 250) {
+            started = true;
+            on_started();
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        status[i] = 0;
+        curl_easy_getinfo(h[i], CURLINFO_RESPONSE_CODE, &status[i]);
+        curl_multi_remove_handle(m, h[i]);
+        curl_easy_cleanup(h[i]);
+        tp_buf_free(&bodies[i]);
+    }
+    curl_multi_cleanup(m);
+}
+
+static void test_cache_hit_and_bypass(void)
+{
+    long hits0 = metric("tidepool_cache_hits_total");
+    resp_t a = get(&S, "/api/v1/datasets/users?prefix=user%202");
+    CHECK_INT_EQ(a.status, 200);
+    CHECK_STR_EQ(hdr(&a, "X-Tidepool-Source"), "postgres");
+    resp_t b = get(&S, "/api/v1/datasets/users?prefix=user%202");
+    CHECK_STR_EQ(hdr(&b, "X-Tidepool-Source"), "cache");
+    CHECK_STR_EQ(a.body, b.body);
+    char etag[64];
+    snprintf(etag, sizeof etag, "%s", hdr(&a, "ETag") ? hdr(&a, "ETag") : "");
+    CHECK_STR_EQ(etag, hdr(&b, "ETag"));
+    resp_free(&b);
+    /* another format is another entry */
+    b = get(&S, "/api/v1/datasets/users?prefix=user%202&shape=columns");
+    CHECK_STR_EQ(hdr(&b, "X-Tidepool-Source"), "postgres");
+    resp_free(&b);
+    const char *nc[] = {"Cache-Control: no-cache", NULL};
+    b = http(&S, "GET", "/api/v1/datasets/users?prefix=user%202", nc, NULL, 0);
+    CHECK_STR_EQ(hdr(&b, "X-Tidepool-Source"), "postgres");
+    resp_free(&b);
+    b = get(&S, "/api/v1/datasets/users?prefix=user%202&fresh=1");
+    CHECK_STR_EQ(hdr(&b, "X-Tidepool-Source"), "postgres");
+    resp_free(&b);
+    CHECK(metric("tidepool_cache_hits_total") >= hits0 + 1);
+    CHECK(metric("tidepool_cache_bytes") > 0);
+    resp_free(&a);
+}
+
+static void test_invalidation_by_notify(void)
+{
+    const char *path = "/api/v1/datasets/daily_metrics?user_id=4&until=2025-01-02";
+    resp_t r = get(&S, path);
+    resp_free(&r);
+    r = get(&S, path);
+    CHECK_STR_EQ(hdr(&r, "X-Tidepool-Source"), "cache");
+    CHECK_STR_EQ(hdr(&r, "X-Tidepool-Generation"), "3");
+    char *old_body = tp_xstrdup(r.body);
+    resp_free(&r);
+    /* another job's sync leaves this entry alone */
+    sql("UPDATE tidepool.sync_state SET generation = 8 WHERE job = 'users'");
+    sql("SELECT pg_notify('tidepool_sync', 'users:8')");
+    usleep(200000);
+    r = get(&S, path);
+    CHECK_STR_EQ(hdr(&r, "X-Tidepool-Source"), "cache");
+    resp_free(&r);
+    /* a sync of daily_metrics: new rows, new generation, NOTIFY */
+    sql("UPDATE iot.user_daily_metrics SET steps = steps + 1000 WHERE user_id = 4");
+    sql("UPDATE tidepool.sync_state SET generation = 4, last_success_at = now() WHERE job = 'daily_metrics'");
+    sql("NOTIFY tidepool_sync, 'daily_metrics:4'");
+    usleep(200000);
+    r = get(&S, path);
+    CHECK_STR_EQ(hdr(&r, "X-Tidepool-Source"), "postgres");
+    CHECK_STR_EQ(hdr(&r, "X-Tidepool-Generation"), "4");
+    CHECK(strcmp(r.body, old_body) != 0);
+    CHECK_INT_EQ(json_integer_value(json_object_get(json_array_get(r.json, 0), "steps")), 1401);
+    resp_free(&r);
+    r = get(&S, path);
+    CHECK_STR_EQ(hdr(&r, "X-Tidepool-Source"), "cache");
+    resp_free(&r);
+    free(old_body);
+}
+
+static void test_single_flight(void)
+{
+    long joined0 = metric("tidepool_singleflight_joined_total");
+    const char *p = "/api/v1/datasets/slow?secs=0.6";
+    const char *paths[6] = {p, p, p, p, p, p};
+    long st[6];
+    int64_t t0 = tp_now_ms();
+    parallel_get(&S, paths, 6, st, NULL);
+    int64_t took = tp_now_ms() - t0;
+    for (int i = 0; i < 6; i++)
+        CHECK_INT_EQ(st[i], 200);
+    CHECK(took < 3000);
+    CHECK_MSG(metric("tidepool_singleflight_joined_total") >= joined0 + 5,
+              "identical concurrent misses should share one query");
+}
+
+static void test_queue_full(void)
+{
+    srv_h_t q = {0};
+    snprintf(q.qdir, sizeof q.qdir, "%s", S.qdir);
+    setenv("TIDEPOOL_POOL_QUEUE", "1", 1);
+    bool up = harness_start(&q, DSN, 1) && harness_ready(&q);
+    unsetenv("TIDEPOOL_POOL_QUEUE");
+    CHECK(up);
+    if (!up)
+        return;
+    /* pool_size 4 on one thread: 4 running + 1 queued; the rest are refused */
+    char paths_buf[8][64];
+    const char *paths[8];
+    for (int i = 0; i < 8; i++) {
+        snprintf(paths_buf[i], sizeof paths_buf[i], "/api/v1/datasets/slow?secs=0.%d", i + 2);
+        paths[i] = paths_buf[i];
+    }
+    long st[8];
+    parallel_get(&q, paths, 8, st, NULL);
+    int ok = 0, refused = 0;
+    for (int i = 0; i < 8; i++) {
+        ok += st[i] == 200;
+        refused += st[i] == 503;
+    }
+    CHECK_INT_EQ(ok, 5);
+    CHECK_INT_EQ(refused, 3);
+    CHECK_INT_EQ(tp_test_stop(q.pid, 10000), 0);
+    free(q.conf);
+    free(q.log);
+}
+
+static void test_backends_terminated(void)
+{
+    sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()");
+    long st = 0;
+    for (int i = 0; i < 50 && st != 200; i++) {
+        resp_t r = get(&S, "/api/v1/datasets/users?fresh=1");
+        st = r.status;
+        if (st != 200)
+            CHECK_PROBLEM(r, 503, NULL);
+        resp_free(&r);
+        if (st != 200)
+            usleep(100000);
+    }
+    CHECK_INT_EQ(st, 200);
+    /* the LISTEN connection came back too: a notify still invalidates */
+    const char *path = "/api/v1/datasets/daily_metrics?user_id=5&until=2025-01-01";
+    resp_t r = get(&S, path);
+    resp_free(&r);
+    bool listening = false;
+    for (int i = 0; i < 50 && !listening; i++) {
+        char *n = tp_test_sql(DSN, "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                   "current_database() AND query LIKE 'LISTEN%'");
+        listening = n && strcmp(n, "1") == 0;
+        free(n);
+        if (!listening)
+            usleep(100000);
+    }
+    CHECK(listening);
+    sql("UPDATE tidepool.sync_state SET generation = 5 WHERE job = 'daily_metrics'");
+    sql("NOTIFY tidepool_sync, 'daily_metrics:5'");
+    usleep(200000);
+    r = get(&S, path);
+    CHECK_STR_EQ(hdr(&r, "X-Tidepool-Generation"), "5");
+    resp_free(&r);
+}
+
+static int pg_ctl(const char *action)
+{
+    const char *bin = getenv("TP_PG_BIN"), *dir = getenv("TP_PG_DIR"), *owner = getenv("TP_PG_OWNER");
+    const char *port = getenv("PGPORT");
+    if (!bin || !dir || !port)
+        return -1;
+    char cmd[2048];
+    char prefix[256] = "";
+    if (getuid() == 0 && owner)
+        snprintf(prefix, sizeof prefix, "runuser -u %s -- ", owner);
+    if (strcmp(action, "stop") == 0)
+        snprintf(cmd, sizeof cmd, "%s%s/pg_ctl -D %s/data -m fast -w stop", prefix, bin, dir);
+    else
+        snprintf(cmd, sizeof cmd,
+                 "%s%s/pg_ctl -D %s/data -l %s/postgres.log -w -t 60 -o \"-p %s -k %s "
+                 "-c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+                 "-c full_page_writes=off -c max_connections=300 -c shared_buffers=256MB\" start",
+                 prefix, bin, dir, dir, port, dir);
+    char *out = NULL;
+    int st = tp_test_cmd(cmd, &out);
+    if (st != 0)
+        fprintf(stdout, "# pg_ctl %s: %s\n", action, out ? out : "");
+    free(out);
+    return st;
+}
+
+static void test_postgres_restart(void)
+{
+    if (!getenv("TP_PG_BIN") || !getenv("TP_PG_DIR")) {
+        CHECK_MSG(false, "TP_PG_BIN / TP_PG_DIR not exported by the harness");
+        return;
+    }
+    resp_t r = get(&S, "/api/v1/datasets/users?prefix=user%203"); /* primes the cache */
+    CHECK_INT_EQ(r.status, 200);
+    CHECK_INT_EQ(pg_ctl("stop"), 0);
+    for (int i = 0; i < 30; i++) { /* until the pool notices */
+        resp_free(&r);
+        r = get(&S, "/api/v1/datasets/users?fresh=1");
+        if (r.status == 503)
+            break;
+        usleep(100000);
+    }
+    CHECK_PROBLEM(r, 503, NULL);
+    CHECK(hdr(&r, "Retry-After") != NULL && atoi(hdr(&r, "Retry-After")) >= 1);
+    resp_free(&r);
+    r = get(&S, "/readyz");
+    CHECK_PROBLEM(r, 503, NULL);
+    CHECK(hdr(&r, "Retry-After") != NULL);
+    resp_free(&r);
+    /* liveness does not depend on Postgres */
+    r = get(&S, "/healthz");
+    CHECK_INT_EQ(r.status, 200);
+    resp_free(&r);
+    /* cached answers keep flowing while Postgres is away */
+    r = get(&S, "/api/v1/datasets/users?prefix=user%203");
+    CHECK_INT_EQ(r.status, 200);
+    CHECK_STR_EQ(hdr(&r, "X-Tidepool-Source"), "cache");
+    resp_free(&r);
+    int st = pg_ctl("start");
+    if (st != 0)
+        st = pg_ctl("start");
+    CHECK_INT_EQ(st, 0);
+    long code = 0;
+    for (int i = 0; i < 100 && code != 200; i++) {
+        resp_t x = get(&S, "/api/v1/datasets/users?fresh=1");
+        code = x.status;
+        resp_free(&x);
+        if (code != 200)
+            usleep(100000);
+    }
+    CHECK_INT_EQ(code, 200);
+    for (int i = 0; i < 150; i++) {
+        resp_free(&r);
+        r = get(&S, "/readyz");
+        if (r.status == 200)
+            break;
+        usleep(100000);
+    }
+    CHECK_INT_EQ(r.status, 200);
+    resp_free(&r);
+}
+
+static void test_reload(void)
+{
+    harness_def(&S, "fresh_one.sql", "-- @param n INT = 2\nSELECT generate_series(1, :n) AS i\n");
+    kill(S.pid, SIGHUP);
+    long st = 0;
+    for (int i = 0; i < 50 && st != 200; i++) {
+        resp_t r = get(&S, "/api/v1/datasets/fresh_one?n=3");
+        st = r.status;
+        if (st == 200)
+            CHECK_STR_EQ(r.body, "[{\"i\":1},{\"i\":2},{\"i\":3}]");
+        resp_free(&r);
+        if (st != 200)
+            usleep(50000);
+    }
+    CHECK_INT_EQ(st, 200);
+    /* a broken file: the old set stays, the log says which file and line */
+    harness_def(&S, "broken.sql", "-- @param x NOTATYPE\nSELECT 1\n");
+    harness_def(&S, "fresh_two.sql", "SELECT 2 AS two\n");
+    kill(S.pid, SIGHUP);
+    usleep(300000);
+    resp_t r = get(&S, "/api/v1/datasets/fresh_one");
+    CHECK_INT_EQ(r.status, 200);
+    resp_free(&r);
+    r = get(&S, "/api/v1/datasets/fresh_two");
+    CHECK_PROBLEM(r, 404, NULL);
+    resp_free(&r);
+    char *log = tp_read_file(S.log, NULL);
+    CHECK_CONTAINS(log, "broken.sql:1:");
+    CHECK_CONTAINS(log, "keeping the previous definitions");
+    free(log);
+    char path[700];
+    snprintf(path, sizeof path, "%s/broken.sql", S.qdir);
+    unlink(path);
+    kill(S.pid, SIGHUP);
+    st = 0;
+    for (int i = 0; i < 50 && st != 200; i++) {
+        r = get(&S, "/api/v1/datasets/fresh_two");
+        st = r.status;
+        resp_free(&r);
+        if (st != 200)
+            usleep(50000);
+    }
+    CHECK_INT_EQ(st, 200);
+}
+
+static void send_term(void)
+{
+    kill(S.pid, SIGTERM);
+}
+
+static void test_sigterm_drains(void)
+{
+    const char *paths[2] = {"/api/v1/datasets/slow?secs=1.2", "/api/v1/datasets/slow?secs=1.1"};
+    long st[2];
+    parallel_get(&S, paths, 2, st, send_term);
+    CHECK_INT_EQ(st[0], 200);
+    CHECK_INT_EQ(st[1], 200);
+    int status = tp_test_stop(S.pid, 15000);
+    CHECK_INT_EQ(status, 0);
+    S.pid = -1;
+    resp_t r = get(&S, "/healthz");
+    CHECK_INT_EQ(r.status, 0); /* nobody listens any more */
+    resp_free(&r);
+    char *log = tp_read_file(S.log, NULL);
+    CHECK_CONTAINS(log, "draining");
+    CHECK_CONTAINS(log, "tidepool-server stopped");
+    free(log);
+}
+
+int main(void)
+{
+    DSN = tp_test_dsn();
+    if (!DSN) {
+        tp_test_skip("test_server_ops", "no harness Postgres");
+        return tp_test_done();
+    }
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    if (!harness_db(DSN)) {
+        tp_test_fail(__FILE__, __LINE__, "database set-up failed");
+        return tp_test_done();
+    }
+    harness_write_defs(&S);
+    if (!harness_start(&S, DSN, 1) || !harness_ready(&S)) {
+        tp_test_fail(__FILE__, __LINE__, "server did not start; see %s", S.log);
+        return tp_test_done();
+    }
+    TP_RUN(test_cache_hit_and_bypass);
+    TP_RUN(test_invalidation_by_notify);
+    TP_RUN(test_single_flight);
+    TP_RUN(test_queue_full);
+    TP_RUN(test_backends_terminated);
+    TP_RUN(test_postgres_restart);
+    TP_RUN(test_reload);
+    TP_RUN(test_sigterm_drains);
+    if (S.pid > 0)
+        tp_test_stop(S.pid, 10000);
+    if (tp_test_failed_checks) {
+        char *log = tp_read_file(S.log, NULL);
+        if (log) {
+            size_t n = strlen(log);
+            fprintf(stdout, "# server log tail:\n%s\n", n > 4000 ? log + n - 4000 : log);
+        }
+        free(log);
+    }
+    curl_global_cleanup();
+    free(S.conf);
+    free(S.log);
+    return tp_test_done();
+}
