@@ -53,6 +53,7 @@ tpb_init() {
     trap tpb_cleanup EXIT
     trap 'exit 130' INT TERM
     : >"$TPB_DIR/results"
+    TPB_LOAD=$(cut -d" " -f1-3 /proc/loadavg)
     # shellcheck source=../tests/harness/pg.sh
     . "$TPB_ROOT/tests/harness/pg.sh"
     tp_pg_start "$TPB_DIR/pg" || tpb_die "private PostgreSQL did not start"
