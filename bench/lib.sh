@@ -241,3 +241,19 @@ tpb_apt_need() {
         echo "$TPB_NAME: missing packages ${missing[*]}; those peers will show n/a" >&2
     fi
 }
+
+# The Flask peer (bench/peers/flask_app.py) under Debian's gunicorn: 2 * cores + 1 sync
+# workers (gunicorn's advice). Sets FLASK_URL, or FLASK_WHY when it cannot run.
+# Debian's python3 explicitly: a python3 earlier on PATH (pyenv) lacks the Debian modules.
+tpb_flask_start() {
+    local port
+    FLASK_URL= FLASK_WHY=
+    if ! /usr/bin/python3 -c "import flask, psycopg2, gunicorn" 2>/dev/null; then
+        FLASK_WHY="python3-flask, python3-psycopg2 or gunicorn not installed"
+        return 1
+    fi
+    port=$(tpb_free_port)
+    tpb_spawn "$TPB_DIR/gunicorn.log" /usr/bin/python3 -m gunicorn --chdir "$TPB_ROOT/bench/peers" \
+        -w $((2 * $(nproc) + 1)) -k sync -b "127.0.0.1:$port" --log-level warning flask_app:app
+    FLASK_URL=http://127.0.0.1:$port
+}
