@@ -198,12 +198,13 @@ tpb_table() {
 # A missing figure ("n/a") is a missed target with the reason.
 tpb_target() {
     local name=$1 ours=$2 peer=$3 goal=$4 dir=$5 reason=${6:-}
-    case "$ours$peer" in
-    *n/a* | *failed* | "")
-        echo "target $name ours=${ours:-n/a} peer=${peer:-n/a} ratio=n/a goal=$goal missed${reason:+ ($reason)}"
-        return
-        ;;
-    esac
+    local v
+    for v in "$ours" "$peer"; do
+        if ! [[ $v =~ ^[0-9]+(\.[0-9]+)?$ ]] || [[ $v =~ ^0*(\.0*)?$ ]]; then
+            echo "target $name ours=${ours:-n/a} peer=${peer:-n/a} ratio=n/a goal=$goal missed${reason:+ ($reason)}"
+            return
+        fi
+    done
     awk -v n="$name" -v o="$ours" -v p="$peer" -v g="$goal" -v d="$dir" 'BEGIN {
         r = (d == "lower") ? p / o : o / p
         printf "target %s ours=%s peer=%s ratio=%.2f goal=%s %s\n", n, o, p, r, g, (r >= g) ? "met" : "missed"
