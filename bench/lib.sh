@@ -6,7 +6,8 @@
 #   tpb_free_port       print a free TCP port on 127.0.0.1
 #   tpb_spawn LOG CMD.. start CMD in the background (log to LOG), remember its pid ($TPB_LASTPID)
 #   tpb_wait_http URL   wait (20 s) until URL answers 2xx
-#   tpb_server DEFDIR   start bin/tidepool-server on a free port ($TPB_SERVER_URL, $TPB_SERVER_PID)
+#   tpb_server DEFDIR   start bin/tidepool-server (or $TPB_SERVER_BIN) on a free port
+#                       ($TPB_SERVER_URL, $TPB_SERVER_PID)
 #   tpb_wrk NAME URL LUA          wrk -t2 -c32 for $TPB_SECONDS; adds a table row
 #   tpb_pgbench NAME SCRIPT       pgbench -c32 -j2 for $TPB_SECONDS; adds a table row
 #   tpb_table           print the table; tpb_target NAME OURS PEER GOAL higher|lower  one target line
@@ -109,12 +110,13 @@ tpb_wait_http() {
 # Our server with datasets from DEFDIR, auth off on loopback, rate limits off.
 tpb_server() {
     local defs=$1 port
-    [ -x "$TPB_ROOT/bin/tidepool-server" ] || tpb_die "bin/tidepool-server missing: run make"
+    local bin=${TPB_SERVER_BIN:-$TPB_ROOT/bin/tidepool-server}
+    [ -x "$bin" ] || tpb_die "$bin missing: run make"
     port=$(tpb_free_port)
     cat >"$TPB_DIR/tidepool.conf" <<EOF
 [postgres]
 dsn = host=$PGHOST port=$PGPORT user=$PGUSER dbname=$PGDATABASE
-pool_size = ${TPB_POOL:-16}
+pool_size = ${TPB_POOL:-4}
 [server]
 listen = 127.0.0.1:$port
 definitions = $defs
@@ -125,11 +127,18 @@ rate_per_address = 0
 [log]
 level = warn
 EOF
-    tpb_spawn "$TPB_DIR/server.log" "$TPB_ROOT/bin/tidepool-server" --config "$TPB_DIR/tidepool.conf"
+    tpb_spawn "$TPB_DIR/server.log" "$bin" --config "$TPB_DIR/tidepool.conf"
     TPB_SERVER_PID=$TPB_LASTPID
     TPB_SERVER_URL=http://127.0.0.1:$port
     tpb_wait_http "$TPB_SERVER_URL/healthz" ||
         { tail -n 20 "$TPB_DIR/server.log" >&2; tpb_die "tidepool-server did not start"; }
+}
+
+# Prints a note when our server died during the run (its figures are then not to be trusted).
+tpb_server_alive() {
+    kill -0 "$TPB_SERVER_PID" 2>/dev/null && return 0
+    echo "note: tidepool-server DIED during the run (its log: $TPB_DIR/server.log; TPB_KEEP=1 keeps it)"
+    return 1
 }
 
 # Peak resident set of a process in MB (VmHWM), "n/a" when it is gone.
