@@ -96,7 +96,7 @@ fuzz:
 check:
 	@scripts/install-deps.sh --quiet
 	@$(MAKE) --no-print-directory tests
-	@TP_BINDIR=$(BINDIR) TP_TESTDIR=$(BUILDDIR)/tests tests/run $(TESTS)
+	@TP_SANITIZE=$(if $(filter 1,$(SANITIZE)),1,) TP_BINDIR=$(BINDIR) TP_TESTDIR=$(BUILDDIR)/tests tests/run $(TESTS)
 
 run:
 	@scripts/install-deps.sh --quiet

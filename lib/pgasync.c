@@ -689,6 +689,11 @@ static void listen_ready(conn_t *c)
     const char *kv[] = {"channel", c->lsn->channel, NULL};
     tp_logkv(TP_LOG_INFO, kv, "listening for notifications");
     c->lsn->cb(NULL, NULL, c->lsn->arg);
+    PGnotify *nt; /* any that arrived with the LISTEN's own reply */
+    while ((nt = PQnotifies(c->pg)) != NULL) {
+        c->lsn->cb(nt->relname, nt->extra, c->lsn->arg);
+        PQfreemem(nt);
+    }
 }
 
 tp_pglisten_t *tp_pglisten_new(struct event_base *base, const char *dsn, const char *channel,

@@ -17,6 +17,7 @@ WH_PORT=${TP_WAREHOUSE_PORT:-8180}
 SRV_PORT=${TP_SERVER_PORT:-8080}
 # A local-only token for the emulator: not a secret, the emulator listens on loopback.
 export DATABRICKS_TOKEN=${DATABRICKS_TOKEN:-tidepool-local-dev-token}
+export TIDEPOOL_WAREHOUSE_TOKENS=$DATABRICKS_TOKEN
 . tests/harness/pg.sh
 
 mkdir -p "$RUN/logs" "$RUN/pids"

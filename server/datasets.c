@@ -45,6 +45,18 @@ static const char *SS_SQL =
 
 /* ---- sync_state view ---- */
 
+static void ss_done(PGresult *res, const char *err, void *arg);
+
+/* Starts a sync_state read on the worker's pool; on refusal, completes at once. */
+static void ss_fetch(worker_t *w)
+{
+    w->ss_epoch = epoch_now();
+    w->ss_fetching = true;
+    tp_pg_submit_t s = tp_pgpool_query(w->pool, SS_SQL, 0, NULL, NULL, ss_done, w, NULL);
+    if (s != TP_PG_QUEUED)
+        ss_done(NULL, "postgres unavailable", w); /* waiters go on; their queries say why */
+}
+
 static void ss_done(PGresult *res, const char *err, void *arg)
 {
     worker_t *w = arg;
@@ -72,6 +84,11 @@ static void ss_done(PGresult *res, const char *err, void *arg)
         tp_logkv(TP_LOG_WARN, kv, "reading tidepool.sync_state failed; freshness unknown");
         w->ss_ok = false;
     }
+    /* A notification arrived while reading: the rows may predate it; read again. */
+    if (w->ss_ok && w->ss_waiters && w->ss_epoch != epoch_now()) {
+        ss_fetch(w);
+        return;
+    }
     rq_t *list = w->ss_waiters;
     w->ss_waiters = NULL;
     while (list) {
@@ -85,24 +102,20 @@ static void ss_done(PGresult *res, const char *err, void *arg)
 void syncstate_then(rq_t *r, void (*cont)(rq_t *r))
 {
     worker_t *w = r->w;
-    uint64_t e = epoch_now();
-    if (!w->ss_fetching && w->ss_ok && w->ss_epoch == e && tp_now_ms() - w->ss_fetched_ms < 1000) {
+    if (w->ss_ok && w->ss_epoch == epoch_now()) {
+        /* Current as of the last notification: answer now; if it is older than
+         * a second (an UPDATE without NOTIFY), refresh in the background. */
+        if (!w->ss_fetching && tp_now_ms() - w->ss_fetched_ms >= 1000)
+            ss_fetch(w);
         cont(r);
         return;
     }
+    /* Never read, or a sync was announced since: wait for a fresh read. */
     r->cont = cont;
     r->next = w->ss_waiters;
     w->ss_waiters = r;
-    if (w->ss_fetching)
-        return;
-    w->ss_epoch = e;
-    tp_pg_submit_t s = tp_pgpool_query(w->pool, SS_SQL, 0, NULL, NULL, ss_done, w, NULL);
-    if (s == TP_PG_QUEUED) {
-        w->ss_fetching = true;
-        return;
-    }
-    /* Postgres refused: let the waiters go on; their own queries will say why. */
-    ss_done(NULL, "postgres unavailable", w);
+    if (!w->ss_fetching)
+        ss_fetch(w);
 }
 
 void freshness_headers(worker_t *w, const defgen_t *g, int ds_idx, centry_t *meta)
@@ -178,10 +191,14 @@ static void list_cont(rq_t *r)
     tp_buf_t b = {0};
     tp_buf_putc(&b, '[');
     int64_t now = tp_wall_ms();
+    bool first = true;
     for (size_t i = 0; i < s->n_datasets; i++) {
         const tp_defs_dataset_t *ds = &s->datasets[i];
-        if (i)
+        if (!rq_allowed(r, ds->roles, ds->n_roles))
+            continue; /* only what the caller may read */
+        if (!first)
             tp_buf_putc(&b, ',');
+        first = false;
         tp_buf_puts(&b, "{\"name\":");
         tp_buf_json_str(&b, ds->name);
         tp_buf_puts(&b, ",\"description\":");
@@ -305,6 +322,8 @@ void h_dataset(rq_t *r, const char *name)
     }
     r->ds = ds;
     r->ds_idx = (int)(ds - set->datasets);
+    if (!rq_authorize(r, ds->roles, ds->n_roles))
+        return;
     const char *src = rq_q(r, "source");
     if (!ds->has_pg || (src && strcmp(src, "warehouse") == 0)) {
         rq_problem(r, 501, "warehouse-unavailable",
@@ -397,7 +416,10 @@ void h_dataset(rq_t *r, const char *name)
     /* Validate and apply defaults. */
     tp_buf_t key = {0};
     if (ok) {
-        tp_buf_printf(&key, "%s\x1f%d\x1f%s", ds->name, (int)r->fmt, "anonymous");
+        /* The role part: the principal's roles (answers never depend on more). */
+        tp_buf_printf(&key, "%s\x1f%d\x1f", ds->name, (int)r->fmt);
+        for (char **ro = r->auth.principal->roles; ro && *ro; ro++)
+            tp_buf_printf(&key, "%s+", *ro);
         for (size_t i = 0; i < np && ok; i++) {
             const tp_defs_param_t *p = &ds->params[i];
             const char *why = NULL;
@@ -486,7 +508,7 @@ void h_dataset(rq_t *r, const char *name)
                 /* Join: answered when the leader's query completes. */
                 rq_t **pp = &f->waiters;
                 while (*pp)
-                    pp = &(*pp)->next;
+                    pp = &(*pp)->fnext;
                 *pp = r;
                 r->flight = f;
                 atomic_fetch_add_explicit(&w->m.flights_joined, 1, memory_order_relaxed);
@@ -527,7 +549,7 @@ static void flight_fail_refused(flight_t *f, tp_pg_submit_t s)
     rq_t *list = f->waiters;
     while (list) {
         rq_t *r = list;
-        list = r->next;
+        list = r->fnext;
         rq_pool_refused(r, s);
     }
     free(f->key);
@@ -558,7 +580,7 @@ static void flight_done(PGresult *res, const char *err, void *arg)
     if (err) {
         while (list) {
             rq_t *r = list;
-            list = r->next;
+            list = r->fnext;
             rq_pg_error(r, res, err);
         }
     } else {
@@ -571,7 +593,7 @@ static void flight_done(PGresult *res, const char *err, void *arg)
         freshness_headers(f->w, leader->gen, f->ds_idx, &meta);
         while (list) {
             rq_t *r = list;
-            list = r->next;
+            list = r->fnext;
             send_entry(r, &meta, b.data, b.len, "postgres");
         }
         if (f->key && f->ttl_ms > 0) {

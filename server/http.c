@@ -17,8 +17,8 @@
 
 #include "tidepool/log.h"
 
-static const int status_codes[N_STATUS] = {200, 304, 400, 403, 404, 405, 413, 415,
-                                           422, 429, 431, 500, 501, 503, 504, 0};
+static const int status_codes[N_STATUS] = {200, 304, 400, 401, 403, 404, 405, 413,
+                                           415, 422, 429, 431, 500, 501, 503, 0};
 
 int status_index(int status)
 {
@@ -101,6 +101,7 @@ static void rq_free(rq_t *r)
     for (int i = 0; i < r->nvals; i++)
         free(r->vals[i]);
     free(r->vals);
+    tp_auth_result_clear(&r->auth);
     gen_release(r->gen);
     tables_release(r->tables);
     r->magic = 0;
@@ -144,6 +145,7 @@ static const char *reason(int status)
     case 405: return "Method Not Allowed";
     case 413: return "Content Too Large";
     case 415: return "Unsupported Media Type";
+    case 401: return "Unauthorized";
     case 422: return "Unprocessable Content";
     case 429: return "Too Many Requests";
     case 431: return "Request Header Fields Too Large";
@@ -247,6 +249,80 @@ void rq_problem(rq_t *r, int status, const char *code, const char *detail, const
     rq_header(r, "Cache-Control", "no-store");
     rq_reply(r, status, "application/problem+json", b.data, b.len);
     tp_buf_free(&b);
+}
+
+/* ---- authentication ---- */
+
+bool rq_authenticate(rq_t *r)
+{
+    tp_auth_t *a = g_srv.auth;
+    tp_auth_request_t ar;
+    memset(&ar, 0, sizeof ar);
+    char *addr = NULL;
+    ev_uint16_t port = 0;
+    struct evhttp_connection *evcon = evhttp_request_get_connection(r->req);
+    if (evcon)
+        evhttp_connection_get_peer(evcon, &addr, &port);
+    ar.peer = addr;
+    ar.now_s = tp_wall_ms() / 1000;
+    struct evkeyvalq *in = evhttp_request_get_input_headers(r->req);
+    for (struct evkeyval *kv = in->tqh_first; kv; kv = kv->next.tqe_next)
+        tp_auth_request_header(&ar, kv->key, kv->value);
+    const char *client = tp_auth_client_address(a, &ar);
+    bool limited = tp_auth_mode(a) != TP_AUTH_MODE_NONE;
+    int64_t wait = limited ? tp_ratelimit_take(r->w->rl_addr, client, tp_now_ms()) : 0;
+    if (wait > 0) {
+        rq_problem(r, 429, TP_AUTH_CODE_RATE_LIMITED, "too many requests from this address",
+                   NULL, NULL, (int)wait);
+        return false;
+    }
+    if (!tp_auth_check(a, &ar, &r->auth)) {
+        tp_auth_log_refusal(&r->auth, client, r->id);
+        if (r->auth.www_authenticate)
+            rq_header(r, "WWW-Authenticate", r->auth.www_authenticate);
+        rq_problem(r, r->auth.status, r->auth.code, r->auth.message, NULL, NULL, 0);
+        return false;
+    }
+    wait = limited ? tp_ratelimit_take(r->w->rl_ident, r->auth.principal->id, tp_now_ms()) : 0;
+    if (wait > 0) {
+        rq_problem(r, 429, TP_AUTH_CODE_RATE_LIMITED, "too many requests for this identity",
+                   NULL, NULL, (int)wait);
+        return false;
+    }
+    return true;
+}
+
+static const char **roles_list(char *const *roles, size_t n)
+{
+    const char **req = tp_xcalloc(n + 1, sizeof(char *));
+    for (size_t i = 0; i < n; i++)
+        req[i] = roles[i];
+    return req;
+}
+
+bool rq_allowed(rq_t *r, char *const *roles, size_t n)
+{
+    const char **req = roles_list(roles, n);
+    bool ok = tp_auth_allowed(r->auth.principal, req);
+    free(req);
+    return ok;
+}
+
+bool rq_authorize(rq_t *r, char *const *roles, size_t n)
+{
+    const char **req = roles_list(roles, n);
+    tp_auth_result_t denied;
+    memset(&denied, 0, sizeof denied);
+    bool ok = tp_auth_authorize(r->auth.principal, req, &denied);
+    free(req);
+    if (ok)
+        return true;
+    const char *client = NULL;
+    tp_auth_log_refusal(&denied, client, r->id);
+    rq_problem(r, denied.status ? denied.status : 403, denied.code ? denied.code : TP_AUTH_CODE_FORBIDDEN,
+               denied.message ? denied.message : "not allowed", NULL, NULL, 0);
+    tp_auth_result_clear(&denied);
+    return false;
 }
 
 /* ---- strict query-string parsing ---- */
@@ -476,6 +552,13 @@ void rq_pg_error(rq_t *r, PGresult *res, const char *err)
         return;
     }
     const char *kv[] = {"request_id", r->id, "sqlstate", state, "error", err, NULL};
+    if (state && strcmp(state, "42P01") == 0) {
+        /* A table the dataset reads does not exist yet: its sync has not run. */
+        tp_logkv(TP_LOG_WARN, kv, "query failed: relation missing (sync not run yet?)");
+        rq_problem(r, 503, "data-unavailable",
+                   "the data this reads has not been synced into Postgres yet", NULL, NULL, 30);
+        return;
+    }
     tp_logkv(TP_LOG_ERROR, kv, "query failed");
     rq_problem(r, 500, "query-failed", "the query failed; see the server log for the request id",
                NULL, NULL, 0);

@@ -19,6 +19,7 @@
 #include <fcntl.h>
 #include <getopt.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,8 +32,10 @@
 #include <event2/thread.h>
 #include <event2/util.h>
 
+#include "tidepool/auth_tokens.h"
 #include "tidepool/log.h"
 #include "tidepool/migrate.h"
+#include "tidepool/notify.h"
 #include "tidepool/pg.h"
 
 srv_t g_srv;
@@ -163,6 +166,27 @@ static void gen_swap(defgen_t *g)
 
 /* ---- status thread: blocking Postgres work, off every loop ---- */
 
+/* Token table snapshot for auth mode token: at start, on NOTIFY tidepool_auth
+ * and every minute. A failed load keeps the previous snapshot. */
+static void load_tokens(PGconn *c)
+{
+    static int64_t last_ms;
+    if (!tp_auth_wants_token_table(g_srv.auth))
+        return;
+    bool dirty = atomic_exchange(&g_srv.tokens_dirty, false);
+    if (!dirty && last_ms && tp_now_ms() - last_ms < 60000)
+        return;
+    char err[512];
+    tp_auth_tokens_t *t = tp_auth_tokens_load(c, err, sizeof err);
+    if (!t) {
+        const char *kv[] = {"error", err, NULL};
+        tp_logkv(TP_LOG_WARN, kv, "loading tidepool.api_tokens failed; keeping the previous tokens");
+        return;
+    }
+    last_ms = tp_now_ms();
+    tp_auth_set_tokens(g_srv.auth, t);
+}
+
 static void status_once(void)
 {
     char err[512];
@@ -186,6 +210,7 @@ static void status_once(void)
     pthread_mutex_unlock(&g_srv.lock);
     atomic_store(&g_srv.migrations_ok, ok);
     atomic_store(&g_srv.migrations_known, true);
+    load_tokens(c);
     PQfinish(c);
 
     pthread_mutex_lock(&status_mu);
@@ -203,6 +228,7 @@ static void status_once(void)
     status_reflect = false;
     pthread_mutex_unlock(&status_mu);
     tables_swap(t);
+    atomic_store(&g_srv.tables_ready, true);
     char n[16];
     snprintf(n, sizeof n, "%zu", t->n);
     const char *kv[] = {"tables", n, NULL};
@@ -255,6 +281,9 @@ static int open_listener(const char *addr, char *err, size_t errlen)
     }
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    /* Accepted sockets inherit TCP_NODELAY on Linux: no Nagle delay on the
+     * last segment of a reply (evhttp never sets it itself). */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0 ||
         bind(fd, (struct sockaddr *)&ss, (socklen_t)sslen) != 0 || listen(fd, 1024) != 0) {
         snprintf(err, errlen, "cannot listen on %s: %s", addr, strerror(errno));
@@ -331,6 +360,8 @@ static void *worker_main(void *arg)
         event_free(w->drain_timer);
         event_free(w->tick);
         event_base_free(w->base);
+        tp_ratelimit_free(w->rl_addr);
+        tp_ratelimit_free(w->rl_ident);
     }
     return NULL;
 }
@@ -340,7 +371,12 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
     memset(w, 0, sizeof *w);
     w->magic = WORKER_MAGIC;
     w->id = id;
-    w->base = event_base_new();
+    /* The epoll changelist folds the add/remove of write interest that every
+     * reply causes within one loop iteration into fewer epoll_ctl calls. */
+    struct event_config *ec = event_config_new();
+    event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+    w->base = event_base_new_with_config(ec);
+    event_config_free(ec);
     if (!w->base) {
         snprintf(err, errlen, "event_base_new failed");
         return false;
@@ -383,6 +419,14 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
     w->cache = cache_new(g_srv.cache_bytes, &w->m);
     w->stop_ev = event_new(w->base, -1, 0, on_stop, w);
     w->drain_timer = evtimer_new(w->base, on_drain_tick, w);
+    const tp_config_t *cf = &g_srv.cfg;
+    double n = (double)g_srv.nthreads;
+    w->rl_addr = tp_ratelimit_new((double)cf->auth.rate_per_address / n,
+                                  (double)cf->auth.burst_per_address / n + 1,
+                                  (size_t)(cf->auth.rate_limit_keys > 0 ? cf->auth.rate_limit_keys : 10000));
+    w->rl_ident = tp_ratelimit_new((double)cf->auth.rate_per_identity / n,
+                                   (double)cf->auth.burst_per_identity / n + 1,
+                                   (size_t)(cf->auth.rate_limit_keys > 0 ? cf->auth.rate_limit_keys : 10000));
     w->tick = event_new(w->base, -1, EV_PERSIST, on_tick, w);
     struct timeval sec = {1, 0};
     event_add(w->tick, &sec);
@@ -414,6 +458,15 @@ static void on_notify(const char *channel, const char *payload, void *arg)
     tp_logkv(TP_LOG_INFO, kv, "sync notification: cache entries of the job dropped");
 }
 
+static void on_auth_notify(const char *channel, const char *payload, void *arg)
+{
+    (void)payload;
+    (void)arg;
+    atomic_store(&g_srv.tokens_dirty, true);
+    if (channel)
+        status_wake(false);
+}
+
 static struct event_base *g_main_base;
 
 static void on_signal(evutil_socket_t sig, short what, void *arg)
@@ -422,9 +475,11 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     (void)arg;
     if (sig == SIGHUP) {
         tp_info("SIGHUP: reloading definitions");
+        tp_notify_reloading();
         defgen_t *g = gen_build(false);
         if (!g) {
             tp_warn("reload failed: keeping the previous definitions");
+            tp_notify_ready();
             return;
         }
         gen_swap(g);
@@ -433,11 +488,13 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
         snprintf(n, sizeof n, "%zu", g->set->n_datasets);
         const char *kv[] = {"datasets", n, NULL};
         tp_logkv(TP_LOG_INFO, kv, "definitions reloaded");
+        tp_notify_ready();
         return;
     }
     if (atomic_exchange(&g_srv.draining, true))
         return;
     tp_info("shutting down: draining in-flight requests");
+    tp_notify_stopping();
     for (int i = 0; i < g_srv.nthreads; i++)
         event_active(g_srv.workers[i].stop_ev, EV_READ, 0);
     event_base_loopexit(g_main_base, NULL);
@@ -446,6 +503,8 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
 static void usage(FILE *f)
 {
     fprintf(f, "Usage: tidepool-server [OPTIONS]\n"
+               "       tidepool-server [-c FILE] token create NAME --roles R[,R] [--ttl 90d]\n"
+               "       tidepool-server [-c FILE] token list | token revoke NAME|ID\n"
                "tidepool-server answers dashboard reads and write-backs over HTTP.\n\n"
                "  -c, --config FILE  configuration file (default %s if it exists)\n"
                "      --check        validate configuration and definitions, then exit\n"
@@ -478,7 +537,7 @@ int main(int argc, char **argv)
     const char *config_path = NULL;
     bool check = false;
     int c;
-    while ((c = getopt_long(argc, argv, "c:hV", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "+c:hV", opts, NULL)) != -1) {
         switch (c) {
         case 'c': config_path = optarg; break;
         case 'k': check = true; break;
@@ -487,7 +546,8 @@ int main(int argc, char **argv)
         default: usage(stderr); return 2;
         }
     }
-    if (optind < argc) {
+    bool token_cmd = optind < argc && strcmp(argv[optind], "token") == 0;
+    if (optind < argc && !token_cmd) {
         usage(stderr);
         return 2;
     }
@@ -500,6 +560,29 @@ int main(int argc, char **argv)
         return 2;
     }
     tp_log_set_global("program", "tidepool-server");
+    if (token_cmd) {
+        if (optind + 1 >= argc) {
+            usage(stderr);
+            tp_config_free(&g_srv.cfg);
+            return 2;
+        }
+        PGconn *conn = tp_pg_connect(g_srv.cfg.postgres.dsn, 10000, err, sizeof err);
+        if (!conn) {
+            fprintf(stderr, "tidepool-server: %s\n", err);
+            tp_config_free(&g_srv.cfg);
+            return 1;
+        }
+        int rc = tp_auth_token_command(conn, argc - optind - 1, argv + optind + 1, stdout, stderr);
+        PQfinish(conn);
+        tp_config_free(&g_srv.cfg);
+        return rc;
+    }
+    g_srv.auth = tp_auth_new(&g_srv.cfg, err, sizeof err);
+    if (!g_srv.auth) {
+        fprintf(stderr, "tidepool-server: %s\n", err);
+        tp_config_free(&g_srv.cfg);
+        return 2;
+    }
     tp_log_level_t lvl;
     if (g_srv.cfg.log.level && tp_log_parse_level(g_srv.cfg.log.level, &lvl))
         tp_log_set_level(lvl);
@@ -513,14 +596,18 @@ int main(int argc, char **argv)
     pthread_mutex_init(&g_srv.lock, NULL);
 
     defgen_t *g0 = gen_build(true);
-    if (!g0)
+    if (!g0) {
+        tp_auth_free(g_srv.auth);
+        tp_config_free(&g_srv.cfg);
         return 2;
+    }
     if (check) {
         printf("config: ok\ndatasets: %zu\n", g0->set->n_datasets);
         for (size_t i = 0; i < g0->set->n_datasets; i++)
             printf("  dataset %s (%zu params)\n", g0->set->datasets[i].name,
                    g0->set->datasets[i].n_params);
         gen_release(g0);
+        tp_auth_free(g_srv.auth);
         tp_config_free(&g_srv.cfg);
         return 0;
     }
@@ -558,6 +645,10 @@ int main(int argc, char **argv)
     tp_pglisten_t *lsn = tp_pglisten_new(g_main_base, g_srv.dsn, "tidepool_sync",
                                          (int)g_srv.cfg.postgres.connect_timeout_ms, on_notify,
                                          NULL);
+    tp_pglisten_t *auth_lsn = NULL;
+    if (tp_auth_wants_token_table(g_srv.auth))
+        auth_lsn = tp_pglisten_new(g_main_base, g_srv.dsn, "tidepool_auth",
+                                   (int)g_srv.cfg.postgres.connect_timeout_ms, on_auth_notify, NULL);
     pthread_t status_th;
     pthread_create(&status_th, NULL, status_main, NULL);
     for (int i = 0; i < g_srv.nthreads; i++)
@@ -568,6 +659,10 @@ int main(int argc, char **argv)
     const char *kv[] = {"listen", g_srv.cfg.server.listen, "threads", nth, "pool_per_thread", pool,
                         NULL};
     tp_logkv(TP_LOG_INFO, kv, "tidepool-server listening");
+    tp_notify_wd_t *wd = NULL;
+    if (!tp_notify_wd_start(g_main_base, &wd))
+        tp_warn("systemd watchdog timer could not be armed");
+    tp_notify_ready();
 
     event_base_dispatch(g_main_base);
 
@@ -578,7 +673,9 @@ int main(int argc, char **argv)
     pthread_cond_signal(&status_cv);
     pthread_mutex_unlock(&status_mu);
     pthread_join(status_th, NULL);
+    tp_notify_wd_free(wd);
     tp_pglisten_free(lsn);
+    tp_pglisten_free(auth_lsn);
     /* A repeated SIGTERM while we finish must not kill us mid-cleanup: block
      * it (every other thread has ended) before libevent restores the default. */
     sigset_t block;
@@ -597,6 +694,7 @@ int main(int argc, char **argv)
         free(g_srv.workers);
         gen_release(g_srv.gen);
         tables_release(g_srv.tables);
+        tp_auth_free(g_srv.auth);
         for (int i = 0; i < g_srv.njobs; i++)
             free(g_srv.job_names[i]);
         tp_config_free(&g_srv.cfg);

@@ -112,14 +112,15 @@ static void h_readyz(rq_t *r)
     bool lsn = atomic_load(&g_srv.listen_up);
     bool known = atomic_load(&g_srv.migrations_known);
     bool mig = known && atomic_load(&g_srv.migrations_ok);
+    bool tables = atomic_load(&g_srv.tables_ready);
     char why[600];
     pthread_mutex_lock(&g_srv.lock);
     snprintf(why, sizeof why, "%s", g_srv.migrations_why);
     pthread_mutex_unlock(&g_srv.lock);
-    if (pg && mig && lsn) {
+    if (pg && mig && lsn && tables) {
         tp_buf_t b = {0};
         tp_buf_puts(&b, "{\"status\":\"ready\",\"checks\":{\"postgres\":true,"
-                        "\"migrations\":true,\"listen\":true}}");
+                        "\"migrations\":true,\"listen\":true,\"tables\":true}}");
         rq_header(r, "Cache-Control", "no-store");
         rq_reply(r, 200, "application/json", b.data, b.len);
         tp_buf_free(&b);
@@ -134,8 +135,10 @@ static void h_readyz(rq_t *r)
     if (!lsn)
         tp_buf_printf(&d, "%sthe LISTEN connection for cache invalidation is down",
                       d.len ? "; " : "");
-    rq_problem(r, 503, "not-ready", d.data, !pg ? "postgres" : !mig ? "migrations" : "listen",
-               d.data, 1);
+    if (!tables)
+        tp_buf_printf(&d, "%sexposed tables not reflected yet", d.len ? "; " : "");
+    rq_problem(r, 503, "not-ready", d.data,
+               !pg ? "postgres" : !mig ? "migrations" : !lsn ? "listen" : "tables", d.data, 1);
     tp_buf_free(&d);
 }
 
@@ -201,7 +204,7 @@ void route_request(struct evhttp_request *req, void *arg)
         h_metrics(r);
     } else if (route == RT_OPENAPI) {
         h_openapi(r);
-    } else if (!parse_format(r)) {
+    } else if (!rq_authenticate(r) || !parse_format(r)) {
         /* problem sent */
     } else if (route == RT_DATASETS) {
         h_datasets(r);

@@ -17,6 +17,8 @@
 #include <event2/http.h>
 #include <libpq-fe.h>
 
+#include "tidepool/auth.h"
+#include "tidepool/auth_ratelimit.h"
 #include "tidepool/config.h"
 #include "tidepool/defs.h"
 #include "tidepool/pgasync.h"
@@ -104,6 +106,7 @@ typedef struct worker {
     struct event *stop_ev;
     struct event *drain_timer;
     struct event *tick; /* publishes pool gauges into metrics once a second */
+    tp_ratelimit_t *rl_addr, *rl_ident; /* per thread: not shared, no lock */
     int64_t drain_deadline_ms;
     tp_pgpool_t *pool;
     cache_t *cache;
@@ -141,12 +144,15 @@ typedef struct srv {
     atomic_bool listen_up;
     atomic_bool migrations_ok;
     atomic_bool migrations_known;
+    atomic_bool tables_ready; /* exposed tables reflected at least once */
     char migrations_why[600]; /* guarded by lock */
     int64_t drain_ms;
     int64_t cache_bytes; /* per worker */
     int64_t table_max_limit;
     int pool_queue;
     int64_t started_ms;
+    tp_auth_t *auth; /* built at start; not reloaded yet */
+    atomic_bool tokens_dirty; /* NOTIFY tidepool_auth: reload the token table */
 } srv_t;
 
 extern srv_t g_srv;
@@ -174,6 +180,7 @@ struct rq {
     size_t nq;
     fmt_t fmt;
     bool bypass;
+    tp_auth_result_t auth; /* principal of an authenticated request */
     /* dataset / table work */
     const tp_defs_dataset_t *ds;
     int ds_idx;
@@ -183,7 +190,8 @@ struct rq {
     char **vals;    /* bound values */
     int nvals;
     struct flight *flight;
-    rq_t *next;     /* waiter lists */
+    rq_t *next;     /* the worker's sync_state waiters */
+    rq_t *fnext;    /* the flight's waiters (a leader is on both lists at once) */
     void (*cont)(rq_t *r); /* continuation after sync_state is fresh */
 };
 
@@ -222,6 +230,14 @@ void rq_pool_refused(rq_t *r, tp_pg_submit_t why);
 int status_index(int status);
 int status_code_at(int i);
 double bucket_bound_ms(int i);
+
+/* Authenticates r (rate limits, tp_auth_check); false with the 401/429
+ * problem sent. */
+bool rq_authenticate(rq_t *r) TP_WUR;
+/* The principal may read an object needing any of roles (n of them; 0 = any
+ * authenticated principal); false with a 403 problem sent when denied. */
+bool rq_authorize(rq_t *r, char *const *roles, size_t n) TP_WUR;
+bool rq_allowed(rq_t *r, char *const *roles, size_t n);
 
 /* ---- encode.c ---- */
 void encode_result(const PGresult *res, fmt_t fmt, tp_buf_t *out);

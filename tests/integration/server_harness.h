@@ -29,6 +29,7 @@ typedef struct srv_h {
     char *log;
     char *conf;
     char qdir[512];
+    const char *extra_conf; /* appended to the config file (e.g. an [auth] section) */
 } srv_h_t;
 
 typedef struct resp {
@@ -114,6 +115,7 @@ static void harness_write_defs(srv_h_t *s)
                 "-- @param at TIMESTAMP = 2025-01-02T03:04:05Z\n"
                 "SELECT :flag AS flag, :big AS big, 1.50::numeric AS num, 'NaN'::float8 AS nan,"
                 " NULL::int AS nothing, '{\"a\":1}'::jsonb AS doc, :at AS at\n");
+    harness_def(s, "not_synced.sql", "SELECT * FROM iot.never_synced\n");
     harness_def(s, "sensor_readings.warehouse.sql",
                 "-- @param user_id INT\n"
                 "SELECT * FROM silver_sensors WHERE user_id = :user_id\n");
@@ -127,8 +129,8 @@ static bool harness_start(srv_h_t *s, const char *dsn, int threads)
     snprintf(conf, sizeof conf,
              "[postgres]\ndsn = %s\npool_size = 4\n"
              "[server]\nlisten = 127.0.0.1:%d\nthreads = %d\ndefinitions = %s\n"
-             "max_body_bytes = 4k\nmax_header_bytes = 4k\ntimeout = 10s\n",
-             dsn, s->port, threads, s->qdir);
+             "max_body_bytes = 4k\nmax_header_bytes = 4k\ntimeout = 10s\n%s",
+             dsn, s->port, threads, s->qdir, s->extra_conf ? s->extra_conf : "");
     free(s->conf);
     char name[64];
     snprintf(name, sizeof name, "server-%d.conf", s->port);
@@ -143,19 +145,29 @@ static bool harness_start(srv_h_t *s, const char *dsn, int threads)
 static resp_t get(srv_h_t *s, const char *path);
 static void resp_free(resp_t *r);
 
+/* GETs path every 100 ms until it answers want (at most tries times);
+ * returns the last response (caller frees). */
+static resp_t await_status(srv_h_t *s, const char *path, long want, int tries)
+{
+    resp_t r = {0};
+    for (int i = 0; i < tries; i++) {
+        resp_free(&r);
+        r = get(s, path);
+        if (r.status == want)
+            break;
+        usleep(100000);
+    }
+    return r;
+}
+
 /* Waits (up to 15 s) until /readyz answers 200: Postgres pool, migrations and
  * the LISTEN connection are all up. */
 static bool harness_ready(srv_h_t *s)
 {
-    for (int i = 0; i < 150; i++) {
-        resp_t r = get(s, "/readyz");
-        long st = r.status;
-        resp_free(&r);
-        if (st == 200)
-            return true;
-        usleep(100000);
-    }
-    return false;
+    resp_t r = await_status(s, "/readyz", 200, 150);
+    bool ok = r.status == 200;
+    resp_free(&r);
+    return ok;
 }
 
 static void resp_free(resp_t *r)
@@ -257,5 +269,48 @@ static const char *problem_field(const resp_t *r)
         if ((field) != NULL)                                                               \
             CHECK_STR_EQ(problem_field(&(resp)), (const char *)(field));                   \
     } while (0)
+
+/* Database, definitions and a ready server for a test program; false (the
+ * failure or skip already reported) when the program cannot go on. */
+static bool harness_setup(srv_h_t *s, const char *prog, const char **dsn_out, int threads)
+{
+    const char *dsn = tp_test_dsn();
+    *dsn_out = dsn;
+    if (!dsn) {
+        tp_test_skip(prog, "no harness Postgres");
+        return false;
+    }
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    if (!harness_db(dsn)) {
+        tp_test_fail(__FILE__, __LINE__, "database set-up failed");
+        return false;
+    }
+    harness_write_defs(s);
+    if (!harness_start(s, dsn, threads) || !harness_ready(s)) {
+        tp_test_fail(__FILE__, __LINE__, "server did not start; see %s", s->log);
+        return false;
+    }
+    return true;
+}
+
+/* Stops the server if running, prints its log tail when a check failed. */
+static void harness_finish(srv_h_t *s)
+{
+    if (s->pid > 0) {
+        int st = tp_test_stop(s->pid, 15000);
+        CHECK_MSG(st == 0, "server exit status %d", st);
+    }
+    if (tp_test_failed_checks) {
+        char *log = tp_read_file(s->log, NULL);
+        if (log) {
+            size_t n = strlen(log);
+            fprintf(stdout, "# server log tail:\n%s\n", n > 4000 ? log + n - 4000 : log);
+        }
+        free(log);
+    }
+    curl_global_cleanup();
+    free(s->conf);
+    free(s->log);
+}
 
 #endif

@@ -25,14 +25,7 @@ static void test_healthz(void)
 
 static void test_readyz(void)
 {
-    resp_t r = {0};
-    for (int i = 0; i < 50; i++) { /* the status thread checks migrations within a second */
-        resp_free(&r);
-        r = get(&S, "/readyz");
-        if (r.status == 200)
-            break;
-        usleep(100000);
-    }
+    resp_t r = await_status(&S, "/readyz", 200, 50);
     CHECK_INT_EQ(r.status, 200);
     CHECK(json_is_true(json_object_get(json_object_get(r.json, "checks"), "postgres")));
     CHECK(json_is_true(json_object_get(json_object_get(r.json, "checks"), "migrations")));
@@ -149,7 +142,7 @@ static void test_dataset_list(void)
 {
     resp_t r = get(&S, "/api/v1/datasets");
     CHECK_INT_EQ(r.status, 200);
-    CHECK_INT_EQ(json_array_size(r.json), 5);
+    CHECK_INT_EQ(json_array_size(r.json), 6);
     json_t *dm = NULL;
     for (size_t i = 0; i < json_array_size(r.json); i++)
         if (strcmp(json_string_value(json_object_get(json_array_get(r.json, i), "name")),
@@ -242,6 +235,11 @@ static void test_dataset_bad_input(void)
     resp_free(&r);
     r = get(&S, "/api/v1/datasets/users?source=warehouse");
     CHECK_PROBLEM(r, 501, NULL);
+    resp_free(&r);
+    /* its table was never synced: unavailable, not a server error */
+    r = get(&S, "/api/v1/datasets/not_synced");
+    CHECK_PROBLEM(r, 503, NULL);
+    CHECK(hdr(&r, "Retry-After") != NULL);
     resp_free(&r);
 }
 
@@ -407,23 +405,47 @@ static void test_request_log(void)
     free(log);
 }
 
+static void test_check_flag(void)
+{
+    /* the shipped demo datasets load */
+    char conf[1024];
+    snprintf(conf, sizeof conf, "[server]\ndefinitions = %s/sql/queries\n",
+             getenv("TP_ROOT") ? getenv("TP_ROOT") : ".");
+    char *path = tp_test_write_tmp("check-demo.conf", conf);
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s --check --config %s 2>&1", tp_test_bin("tidepool-server"), path);
+    char *out = NULL;
+    CHECK_INT_EQ(tp_test_cmd(cmd, &out), 0);
+    CHECK_CONTAINS(out, "dataset daily_metrics (3 params)");
+    CHECK_CONTAINS(out, "dataset users");
+    free(out);
+    free(path);
+    /* a broken definition: exit 2 and file:line */
+    char dir[600];
+    snprintf(dir, sizeof dir, "%s/broken-defs", tp_test_tmpdir());
+    mkdir(dir, 0755);
+    char file[700];
+    snprintf(file, sizeof file, "%s/bad.sql", dir);
+    FILE *f = fopen(file, "w");
+    if (f) {
+        fputs("-- @param a INT\n-- @colour blue\nSELECT :a\n", f);
+        fclose(f);
+    }
+    snprintf(conf, sizeof conf, "[server]\ndefinitions = %s\n", dir);
+    path = tp_test_write_tmp("check-bad.conf", conf);
+    snprintf(cmd, sizeof cmd, "%s --check --config %s 2>&1", tp_test_bin("tidepool-server"), path);
+    out = NULL;
+    CHECK_INT_EQ(tp_test_cmd(cmd, &out), 2);
+    CHECK_CONTAINS(out, "bad.sql:2:");
+    free(out);
+    free(path);
+}
+
 int main(void)
 {
-    const char *dsn = tp_test_dsn();
-    if (!dsn) {
-        tp_test_skip("test_server_api", "no harness Postgres");
+    const char *dsn;
+    if (!harness_setup(&S, "test_server_api", &dsn, 2))
         return tp_test_done();
-    }
-    curl_global_init(CURL_GLOBAL_DEFAULT);
-    if (!harness_db(dsn)) {
-        tp_test_fail(__FILE__, __LINE__, "database set-up failed");
-        return tp_test_done();
-    }
-    harness_write_defs(&S);
-    if (!harness_start(&S, dsn, 2) || !harness_ready(&S)) {
-        tp_test_fail(__FILE__, __LINE__, "server did not start; see %s", S.log);
-        return tp_test_done();
-    }
     TP_RUN(test_healthz);
     TP_RUN(test_readyz);
     TP_RUN(test_dataset_rows);
@@ -439,18 +461,7 @@ int main(void)
     TP_RUN(test_metrics);
     TP_RUN(test_openapi);
     TP_RUN(test_request_log);
-    int st = tp_test_stop(S.pid, 15000);
-    CHECK_MSG(st == 0, "server exit status %d", st);
-    if (tp_test_failed_checks) {
-        char *log = tp_read_file(S.log, NULL);
-        if (log) {
-            size_t n = strlen(log);
-            fprintf(stdout, "# server log tail:\n%s\n", n > 3000 ? log + n - 3000 : log);
-        }
-        free(log);
-    }
-    curl_global_cleanup();
-    free(S.conf);
-    free(S.log);
+    TP_RUN(test_check_flag);
+    harness_finish(&S);
     return tp_test_done();
 }

@@ -144,6 +144,19 @@ static void test_single_flight(void)
     CHECK(took < 3000);
     CHECK_MSG(metric("tidepool_singleflight_joined_total") >= joined0 + 5,
               "identical concurrent misses should share one query");
+    /* Regression: joiners arriving while the leader waits for a stale
+     * sync_state view (more than a second old) once corrupted the waiter
+     * lists and crashed the server. */
+    usleep(1200000);
+    const char *q = "/api/v1/datasets/daily_metrics?user_id=9&until=2025-01-05";
+    const char *qs[8] = {q, q, q, q, q, q, q, q};
+    long st2[8];
+    parallel_get(&S, qs, 8, st2, NULL);
+    for (int i = 0; i < 8; i++)
+        CHECK_INT_EQ(st2[i], 200);
+    resp_t r = get(&S, "/healthz");
+    CHECK_INT_EQ(r.status, 200);
+    resp_free(&r);
 }
 
 static void test_queue_full(void)
@@ -170,8 +183,9 @@ static void test_queue_full(void)
         ok += st[i] == 200;
         refused += st[i] == 503;
     }
-    CHECK_INT_EQ(ok, 5);
-    CHECK_INT_EQ(refused, 3);
+    /* 4 connections + 1 queued; a background sync_state read may hold a slot */
+    CHECK_MSG(ok == 5 || ok == 4, "%d answered, want 4 or 5", ok);
+    CHECK_INT_EQ(ok + refused, 8);
     CHECK_INT_EQ(tp_test_stop(q.pid, 10000), 0);
     free(q.conf);
     free(q.log);
@@ -276,22 +290,10 @@ static void test_postgres_restart(void)
     if (st != 0)
         st = pg_ctl("start");
     CHECK_INT_EQ(st, 0);
-    long code = 0;
-    for (int i = 0; i < 100 && code != 200; i++) {
-        resp_t x = get(&S, "/api/v1/datasets/users?fresh=1");
-        code = x.status;
-        resp_free(&x);
-        if (code != 200)
-            usleep(100000);
-    }
-    CHECK_INT_EQ(code, 200);
-    for (int i = 0; i < 150; i++) {
-        resp_free(&r);
-        r = get(&S, "/readyz");
-        if (r.status == 200)
-            break;
-        usleep(100000);
-    }
+    r = await_status(&S, "/api/v1/datasets/users?fresh=1", 200, 100);
+    CHECK_INT_EQ(r.status, 200);
+    resp_free(&r);
+    r = await_status(&S, "/readyz", 200, 150);
     CHECK_INT_EQ(r.status, 200);
     resp_free(&r);
 }
@@ -367,21 +369,8 @@ static void test_sigterm_drains(void)
 
 int main(void)
 {
-    DSN = tp_test_dsn();
-    if (!DSN) {
-        tp_test_skip("test_server_ops", "no harness Postgres");
+    if (!harness_setup(&S, "test_server_ops", &DSN, 1))
         return tp_test_done();
-    }
-    curl_global_init(CURL_GLOBAL_DEFAULT);
-    if (!harness_db(DSN)) {
-        tp_test_fail(__FILE__, __LINE__, "database set-up failed");
-        return tp_test_done();
-    }
-    harness_write_defs(&S);
-    if (!harness_start(&S, DSN, 1) || !harness_ready(&S)) {
-        tp_test_fail(__FILE__, __LINE__, "server did not start; see %s", S.log);
-        return tp_test_done();
-    }
     TP_RUN(test_cache_hit_and_bypass);
     TP_RUN(test_invalidation_by_notify);
     TP_RUN(test_single_flight);
@@ -390,18 +379,6 @@ int main(void)
     TP_RUN(test_postgres_restart);
     TP_RUN(test_reload);
     TP_RUN(test_sigterm_drains);
-    if (S.pid > 0)
-        tp_test_stop(S.pid, 10000);
-    if (tp_test_failed_checks) {
-        char *log = tp_read_file(S.log, NULL);
-        if (log) {
-            size_t n = strlen(log);
-            fprintf(stdout, "# server log tail:\n%s\n", n > 4000 ? log + n - 4000 : log);
-        }
-        free(log);
-    }
-    curl_global_cleanup();
-    free(S.conf);
-    free(S.log);
+    harness_finish(&S);
     return tp_test_done();
 }
