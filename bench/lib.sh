@@ -125,7 +125,7 @@ mode = none
 rate_per_identity = 0
 rate_per_address = 0
 [log]
-level = warn
+level = ${TPB_LOG_LEVEL:-info}
 EOF
     tpb_spawn "$TPB_DIR/server.log" "$bin" --config "$TPB_DIR/tidepool.conf"
     TPB_SERVER_PID=$TPB_LASTPID
