@@ -5,7 +5,7 @@
 #   tpb_migrate         apply sql/migrations/*.sql in order (0002 created by the caller if absent)
 #   tpb_free_port       print a free TCP port on 127.0.0.1
 #   tpb_spawn LOG CMD.. start CMD in the background (log to LOG), remember its pid ($TPB_LASTPID)
-#   tpb_wait_http URL   wait (20 s) until URL answers 2xx
+#   tpb_wait_http URL [PID]  wait (20 s) until URL answers 2xx (or PID exits)
 #   tpb_server DEFDIR   start bin/tidepool-server (or $TPB_SERVER_BIN) on a free port
 #                       ($TPB_SERVER_URL, $TPB_SERVER_PID)
 #   tpb_wrk NAME URL LUA          wrk -t2 -c32 for $TPB_SECONDS; adds a table row
@@ -98,22 +98,25 @@ tpb_spawn() {
     TPB_PIDS+=("$TPB_LASTPID")
 }
 
-tpb_wait_http() {
-    local url=$1 i
+tpb_wait_http() {  # URL [PID]: gives up early when PID exits
+    local url=$1 pid=${2:-} i
     for i in $(seq 200); do
         curl -fsS -o /dev/null "$url" 2>/dev/null && return 0
+        [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null && return 1
         sleep 0.1
     done
     return 1
 }
 
-# Our server with datasets from DEFDIR, auth off on loopback, rate limits off.
+# Our server with datasets from DEFDIR, auth off on loopback, rate limits off. A port
+# taken between our check and its bind is retried with another.
 tpb_server() {
-    local defs=$1 port
+    local defs=$1 port try
     local bin=${TPB_SERVER_BIN:-$TPB_ROOT/bin/tidepool-server}
     [ -x "$bin" ] || tpb_die "$bin missing: run make"
-    port=$(tpb_free_port)
-    cat >"$TPB_DIR/tidepool.conf" <<EOF
+    for try in 1 2 3 4 5; do
+        port=$(tpb_free_port)
+        cat >"$TPB_DIR/tidepool.conf" <<EOF
 [postgres]
 dsn = host=$PGHOST port=$PGPORT user=$PGUSER dbname=$PGDATABASE
 pool_size = ${TPB_POOL:-4}
@@ -127,11 +130,14 @@ rate_per_address = 0
 [log]
 level = ${TPB_LOG_LEVEL:-info}
 EOF
-    tpb_spawn "$TPB_DIR/server.log" "$bin" --config "$TPB_DIR/tidepool.conf"
-    TPB_SERVER_PID=$TPB_LASTPID
-    TPB_SERVER_URL=http://127.0.0.1:$port
-    tpb_wait_http "$TPB_SERVER_URL/healthz" ||
-        { tail -n 20 "$TPB_DIR/server.log" >&2; tpb_die "tidepool-server did not start"; }
+        tpb_spawn "$TPB_DIR/server.log" "$bin" --config "$TPB_DIR/tidepool.conf"
+        TPB_SERVER_PID=$TPB_LASTPID
+        TPB_SERVER_URL=http://127.0.0.1:$port
+        tpb_wait_http "$TPB_SERVER_URL/healthz" "$TPB_SERVER_PID" && return 0
+        grep -q 'Address already in use' "$TPB_DIR/server.log" || break
+    done
+    tail -n 20 "$TPB_DIR/server.log" >&2
+    tpb_die "tidepool-server did not start"
 }
 
 # Prints a note when our server died during the run (its figures are then not to be trusted).
