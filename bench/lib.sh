@@ -6,7 +6,7 @@
 #   tpb_free_port       print a free TCP port on 127.0.0.1
 #   tpb_spawn LOG CMD.. start CMD in the background (log to LOG), remember its pid ($TPB_LASTPID)
 #   tpb_wait_http URL [PID]  wait (20 s) until URL answers 2xx (or PID exits)
-#   tpb_server DEFDIR   start bin/tidepool-server (or $TPB_SERVER_BIN) on a free port
+#   tpb_server DEFDIR [LEVEL]  start bin/tidepool-server (or $TPB_SERVER_BIN) on a free port
 #                       ($TPB_SERVER_URL, $TPB_SERVER_PID)
 #   tpb_wrk NAME URL LUA          wrk -t2 -c32 for $TPB_SECONDS; adds a table row
 #   tpb_pgbench NAME SCRIPT       pgbench -c32 -j2 for $TPB_SECONDS; adds a table row
@@ -80,7 +80,7 @@ tpb_port_busy() {
 tpb_free_port() {
     local port try
     for try in $(seq 50); do
-        port=$((20000 + RANDOM % 30000))
+        port=$((10000 + RANDOM % 22000))  # below the ephemeral range (32768-60999)
         if ! tpb_port_busy "$port" && ! grep -qx "$port" "$TPB_DIR/ports" 2>/dev/null; then
             echo "$port" >>"$TPB_DIR/ports"
             echo "$port"
@@ -108,15 +108,17 @@ tpb_wait_http() {  # URL [PID]: gives up early when PID exits
     return 1
 }
 
-# Our server with datasets from DEFDIR, auth off on loopback, rate limits off. A port
-# taken between our check and its bind is retried with another.
+# Our server with datasets from DEFDIR, auth off on loopback, rate limits off, log
+# level LEVEL (default $TPB_LOG_LEVEL or warn: no line per request, like the peers, which
+# run without access logs). A port taken between our check and its bind is retried.
 tpb_server() {
-    local defs=$1 port try
+    local defs=$1 level=${2:-${TPB_LOG_LEVEL:-warn}} port try conf
     local bin=${TPB_SERVER_BIN:-$TPB_ROOT/bin/tidepool-server}
     [ -x "$bin" ] || tpb_die "$bin missing: run make"
     for try in 1 2 3 4 5; do
         port=$(tpb_free_port)
-        cat >"$TPB_DIR/tidepool.conf" <<EOF
+        conf=$TPB_DIR/tidepool-$level.conf
+        cat >"$conf" <<EOF
 [postgres]
 dsn = host=$PGHOST port=$PGPORT user=$PGUSER dbname=$PGDATABASE
 pool_size = ${TPB_POOL:-4}
@@ -128,22 +130,22 @@ mode = none
 rate_per_identity = 0
 rate_per_address = 0
 [log]
-level = ${TPB_LOG_LEVEL:-info}
+level = $level
 EOF
-        tpb_spawn "$TPB_DIR/server.log" "$bin" --config "$TPB_DIR/tidepool.conf"
+        tpb_spawn "$TPB_DIR/server-$level.log" "$bin" --config "$conf"
         TPB_SERVER_PID=$TPB_LASTPID
         TPB_SERVER_URL=http://127.0.0.1:$port
         tpb_wait_http "$TPB_SERVER_URL/healthz" "$TPB_SERVER_PID" && return 0
-        grep -q 'Address already in use' "$TPB_DIR/server.log" || break
+        grep -q 'Address already in use' "$TPB_DIR/server-$level.log" || break
     done
-    tail -n 20 "$TPB_DIR/server.log" >&2
+    tail -n 20 "$TPB_DIR/server-$level.log" >&2
     tpb_die "tidepool-server did not start"
 }
 
 # Prints a note when our server died during the run (its figures are then not to be trusted).
 tpb_server_alive() {
     kill -0 "$TPB_SERVER_PID" 2>/dev/null && return 0
-    echo "note: tidepool-server DIED during the run (its log: $TPB_DIR/server.log; TPB_KEEP=1 keeps it)"
+    echo "note: tidepool-server DIED during the run (its log: $TPB_DIR/server-*.log; TPB_KEEP=1 keeps it)"
     return 1
 }
 
