@@ -121,7 +121,7 @@ tpb_server() {
         cat >"$conf" <<EOF
 [postgres]
 dsn = host=$PGHOST port=$PGPORT user=$PGUSER dbname=$PGDATABASE
-pool_size = ${TPB_POOL:-4}
+pool_size = ${TPB_POOL:-16}
 [server]
 listen = 127.0.0.1:$port
 definitions = $defs
