@@ -309,9 +309,19 @@ static char *raw_path(rq_t *r)
 static void h_write(rq_t *r, enum evhttp_cmd_type m, const char *table, const char *pk_raw,
                     const char *raw)
 {
-    if (!rq_authenticate(r))
-        return;
     tp_wb_schema_t *snap = snap_acquire();
+    if (snap && !tp_wb_find(snap, table) && tables_find(r->tables, table)) {
+        /* an exposed (read-only) table: the resource exists, the method does not */
+        tp_wb_schema_unref(snap);
+        rq_header(r, "Allow", "GET, HEAD");
+        rq_problem(r, 405, "method-not-allowed", "this table is exposed for reading only", NULL,
+                   NULL, 0);
+        return;
+    }
+    if (!rq_authenticate(r)) {
+        tp_wb_schema_unref(snap);
+        return;
+    }
     if (!snap) {
         rq_problem(r, 503, "not-ready", "writable tables have not been reflected yet", NULL, NULL,
                    1);
@@ -381,11 +391,13 @@ bool writes_route(rq_t *r, const char *path)
     const char *slash = strchr(rest, '/');
     char *raw = raw_path(r);
     /* the table is the decoded segment; the key stays percent-encoded (',' splits it) */
-    const char *raw_rest = strstr(raw, "/tables/") + strlen("/tables/");
+    bool literal = strncmp(raw, prefix, sizeof prefix - 1) == 0;
+    const char *raw_rest = literal ? raw + sizeof prefix - 1 : raw;
     const char *raw_slash = strchr(raw_rest, '/');
     r->route = RT_WRITE;
     r->route_name = "/api/v1/tables/{table}[/{pk}] (write)";
-    if (slash && (!raw_slash || strchr(raw_slash + 1, '/'))) {
+    if (!literal || (slash && (!raw_slash || strchr(raw_slash + 1, '/')))) {
+        /* an encoded prefix ("/api/v1/%74ables/") or a '/' inside a segment */
         rq_problem(r, 404, "unknown-route", "no route matches this path", NULL, NULL, 0);
     } else if (!slash && m == EVHTTP_REQ_DELETE) {
         rq_header(r, "Allow", "GET, HEAD, POST, PATCH");

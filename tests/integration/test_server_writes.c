@@ -196,6 +196,16 @@ static void test_patch_delete(void)
     r = wr(ALICE, "POST", path, "{}", NULL, NULL);
     CHECK_PROBLEM(r, 405, NULL);
     resp_free(&r);
+    r = wr(ALICE, "POST", "/api/v1/tables/iot.users", "{}", NULL, NULL); /* @expose only */
+    CHECK_PROBLEM(r, 405, NULL);
+    CHECK_STR_EQ(hdr(&r, "Allow"), "GET, HEAD");
+    resp_free(&r);
+    r = wr(ALICE, "POST", "/api/v1/%74ables/app.user_notes", "{}", NULL, NULL);
+    CHECK_PROBLEM(r, 404, NULL);
+    resp_free(&r);
+    r = wr(ALICE, "PATCH", "/api/v1/tables/app.user_notes/1/2", "{}", NULL, NULL);
+    CHECK_PROBLEM(r, 404, NULL);
+    resp_free(&r);
 }
 
 static void test_bulk_patch_and_outbox(void)
