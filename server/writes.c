@@ -73,7 +73,10 @@ static void reflect(PGconn *c)
         tp_logkv(TP_LOG_WARN, kv, "reflecting writable tables failed; keeping the previous ones");
         return;
     }
-    atomic_store(&wb_dirty, false);
+    /* Nothing writable while migrations are not current (or not recorded: applied
+     * by hand): maybe the tables are not there yet, so look again next pass. */
+    if (tp_wb_count(s) > 0 || atomic_load(&g_srv.migrations_ok))
+        atomic_store(&wb_dirty, false);
     pthread_mutex_lock(&wb_mu);
     tp_wb_schema_t *old = wb_snap;
     wb_snap = s;
@@ -129,7 +132,7 @@ static void backlog(PGconn *c)
 
 void writes_status(PGconn *c)
 {
-    if (atomic_load(&wb_dirty) && atomic_load(&g_srv.migrations_ok))
+    if (atomic_load(&wb_dirty))
         reflect(c);
     backlog(c);
 }
