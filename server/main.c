@@ -479,6 +479,7 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     if (sig == SIGHUP) {
         tp_info("SIGHUP: reloading definitions");
         tp_notify_reloading();
+        writes_reload(); /* writable tables too, even if the definitions are broken */
         defgen_t *g = gen_build(false);
         if (!g) {
             tp_warn("reload failed: keeping the previous definitions");
@@ -486,7 +487,6 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
             return;
         }
         gen_swap(g);
-        writes_reload();
         status_wake(true);
         char n[16];
         snprintf(n, sizeof n, "%zu", g->set->n_datasets);
