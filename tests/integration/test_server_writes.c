@@ -649,6 +649,37 @@ static void test_sighup_reflects(void)
     CHECK_INT_EQ(st, 201);
 }
 
+/* Reads on a read-only replica DSN: writes must still go to postgres.dsn (the
+ * read_dsn here refuses writes, so a write sent through the read pool fails). */
+static void test_writes_use_primary_with_read_dsn(void)
+{
+    srv_h_t s2 = {0};
+    snprintf(s2.qdir, sizeof s2.qdir, "%s", S.qdir);
+    char extra[1024];
+    snprintf(extra, sizeof extra,
+             "[postgres]\nread_dsn = %s options='-c default_transaction_read_only=on'\n", DSN);
+    s2.extra_conf = extra;
+    CHECK(harness_start(&s2, DSN, 1));
+    srv_h_t keep = S;
+    S = s2;
+    long st = 0;
+    for (int i = 0; i < 100 && st != 201; i++) {
+        resp_t r = wr(NULL, "POST", "/api/v1/tables/app.targets", "{\"id\": 2, \"steps\": 1}",
+                      NULL, "replica-1");
+        st = r.status;
+        resp_free(&r);
+        if (st != 201)
+            usleep(100000);
+    }
+    CHECK_INT_EQ(st, 201);
+    CHECK_INT_EQ(sql_int("SELECT count(*) FROM app.targets WHERE id = 2"), 1);
+    s2 = S;
+    S = keep;
+    CHECK_INT_EQ(tp_test_stop(s2.pid, 15000), 0);
+    free(s2.conf);
+    free(s2.log);
+}
+
 int main(void)
 {
     char ah[65], bh[65], rh[65], xh[65], conf[1024];
@@ -690,6 +721,7 @@ int main(void)
     TP_RUN(test_openapi);
     TP_RUN(test_purge_expired_keys);
     TP_RUN(test_sighup_reflects);
+    TP_RUN(test_writes_use_primary_with_read_dsn);
     harness_finish(&S);
     return tp_test_done();
 }
