@@ -10,7 +10,7 @@
  * (auth mode token: reader 403, writer allowed); row-level scoping (404 for
  * another author's note); /api/v1/sync and NOTIFY tidepool_trigger;
  * outbox backlog in /metrics; OpenAPI; purge of expired keys; SIGHUP
- * re-reflection. */
+ * re-reflection; writes on postgres.dsn when reads use a read-only read_dsn. */
 #include "server_harness.h"
 
 #include <openssl/sha.h>
