@@ -17,8 +17,8 @@
 
 #include "tidepool/log.h"
 
-static const int status_codes[N_STATUS] = {200, 304, 400, 401, 403, 404, 405, 413,
-                                           415, 422, 429, 431, 500, 501, 503, 0};
+static const int status_codes[N_STATUS] = {200, 304, 400, 401, 403, 404, 405, 413, 415, 422, 429,
+                                           431, 500, 501, 503, 201, 202, 409, 412, 428, 0};
 
 int status_index(int status)
 {
@@ -138,6 +138,11 @@ static const char *reason(int status)
 {
     switch (status) {
     case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 409: return "Conflict";
+    case 412: return "Precondition Failed";
+    case 428: return "Precondition Required";
     case 304: return "Not Modified";
     case 400: return "Bad Request";
     case 403: return "Forbidden";

@@ -211,6 +211,7 @@ static void status_once(void)
     atomic_store(&g_srv.migrations_ok, ok);
     atomic_store(&g_srv.migrations_known, true);
     load_tokens(c);
+    writes_status(c);
     PQfinish(c);
 
     pthread_mutex_lock(&status_mu);
@@ -354,6 +355,7 @@ static void *worker_main(void *arg)
     event_base_dispatch(w->base);
     if (w->inflight == 0) {
         fb_worker_free(w);
+        writes_worker_stop(w);
         evhttp_free(w->http);
         tp_pgpool_free(w->pool);
         cache_free(w->cache);
@@ -432,6 +434,7 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
     w->tick = event_new(w->base, -1, EV_PERSIST, on_tick, w);
     struct timeval sec = {1, 0};
     event_add(w->tick, &sec);
+    writes_worker_start(w);
     return true;
 }
 
@@ -478,6 +481,7 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     if (sig == SIGHUP) {
         tp_info("SIGHUP: reloading definitions");
         tp_notify_reloading();
+        writes_reload(); /* writable tables too, even if the definitions are broken */
         defgen_t *g = gen_build(false);
         if (!g) {
             tp_warn("reload failed: keeping the previous definitions");

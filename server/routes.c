@@ -23,7 +23,8 @@
 
 static const char *const route_names[RT__N] = {
     "/api/v1/datasets", "/api/v1/datasets/{name}", "/api/v1/tables/{table}", "/healthz",
-    "/readyz", "/metrics", "/api/v1/openapi.json", "/api/v1/statements/{id}", "other"};
+    "/readyz", "/metrics", "/api/v1/openapi.json", "other",
+    "/api/v1/tables/{table}[/{pk}] (write)", "/api/v1/sync", "/api/v1/statements/{id}"};
 
 static void not_allowed(rq_t *r, const char *allow)
 {
@@ -169,6 +170,10 @@ void route_request(struct evhttp_request *req, void *arg)
     size_t len = strlen(path);
     if (len > 1 && path[len - 1] == '/')
         path[--len] = '\0';
+    if (writes_route(r, path) || sync_route(r, path)) {
+        free(path);
+        return;
+    }
     int route = RT_OTHER;
     const char *name = NULL;
     if (strcmp(path, "/healthz") == 0)
@@ -331,6 +336,7 @@ void h_metrics(rq_t *r)
         tp_buf_printf(&b, "tidepool_job_generation{job=\"%s\"} %lld\n", name,
                       (long long)js->generation);
     }
+    writes_metrics(&b);
     fb_metrics(&b);
     rq_header(r, "Cache-Control", "no-store");
     rq_reply(r, 200, "text/plain; version=0.0.4; charset=utf-8", b.data, b.len);
@@ -448,6 +454,8 @@ void h_openapi(rq_t *r)
         json_object_set_new(paths, path, json_pack("{s:o}", "get", get));
         free(path);
     }
+    writes_openapi(paths);
+    sync_openapi(paths);
     json_t *doc = json_pack(
         "{s:s,s:{s:s,s:s},s:o,s:{s:{s:{s:s,s:{s:{s:s},s:{s:s},s:{s:s},s:{s:s},s:{s:s},s:{s:s}}}}}}",
         "openapi", "3.1.0", "info", "title", "Tidepool", "version", TP_VERSION, "paths", paths,

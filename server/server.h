@@ -61,8 +61,9 @@ typedef struct defgen {
 
 /* ---- metrics (written by the owning worker, read by any scrape: relaxed atomics) ---- */
 
-enum { RT_DATASETS, RT_DATASET, RT_TABLE, RT_HEALTHZ, RT_READYZ, RT_METRICS, RT_OPENAPI, RT_STATEMENT, RT_OTHER, RT__N };
-#define N_STATUS 16
+enum { RT_DATASETS, RT_DATASET, RT_TABLE, RT_HEALTHZ, RT_READYZ, RT_METRICS, RT_OPENAPI, RT_OTHER,
+       RT_WRITE, RT_SYNC, RT_STATEMENT, RT__N };
+#define N_STATUS 21
 #define N_BUCKETS 13
 
 typedef struct metrics {
@@ -302,6 +303,26 @@ void h_table(rq_t *r, const char *name);
 void route_request(struct evhttp_request *req, void *arg);
 void h_openapi(rq_t *r);
 void h_metrics(rq_t *r);
+
+/* ---- writes.c, syncapi.c: write-back and /api/v1/sync ---- */
+/* Takes POST/PATCH/DELETE on /api/v1/tables/... (true: answered or in flight). */
+bool writes_route(rq_t *r, const char *path);
+/* Status thread (blocking conn): reflects writable tables when asked, refreshes
+ * the outbox backlog for /metrics. */
+void writes_status(PGconn *c);
+/* SIGHUP: re-reflect writable tables on the next status pass. */
+void writes_reload(void);
+/* Worker loop set-up / tear-down (the purge timer runs on worker 0). */
+void writes_worker_start(worker_t *w);
+void writes_worker_stop(worker_t *w);
+/* The pool writes go through (the primary, even when reads use read_dsn). */
+tp_pgpool_t *writes_pool(worker_t *w);
+void writes_metrics(tp_buf_t *b);
+void writes_openapi(void *paths); /* json_t *: adds the writable tables' operations */
+char *writes_mirrored_array(void);
+/* Takes /api/v1/sync and /api/v1/sync/{job}/run (true: answered or in flight). */
+bool sync_route(rq_t *r, const char *path);
+void sync_openapi(void *paths);
 
 /* ---- main.c: definitions generations and jobs ---- */
 defgen_t *gen_acquire(void);
