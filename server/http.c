@@ -270,6 +270,7 @@ bool rq_authenticate(rq_t *r)
     for (struct evkeyval *kv = in->tqh_first; kv; kv = kv->next.tqe_next)
         tp_auth_request_header(&ar, kv->key, kv->value);
     const char *client = tp_auth_client_address(a, &ar);
+    snprintf(r->client, sizeof r->client, "%s", client);
     bool limited = tp_auth_mode(a) != TP_AUTH_MODE_NONE;
     int64_t wait = limited ? tp_ratelimit_take(r->w->rl_addr, client, tp_now_ms()) : 0;
     bool ok = wait <= 0;
@@ -323,8 +324,7 @@ bool rq_authorize(rq_t *r, char *const *roles, size_t n)
     free(req);
     if (ok)
         return true;
-    const char *client = NULL;
-    tp_auth_log_refusal(&denied, client, r->id);
+    tp_auth_log_refusal(&denied, r->client[0] ? r->client : NULL, r->id);
     rq_problem(r, denied.status ? denied.status : 403, denied.code ? denied.code : TP_AUTH_CODE_FORBIDDEN,
                denied.message ? denied.message : "not allowed", NULL, NULL, 0);
     tp_auth_result_clear(&denied);

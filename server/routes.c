@@ -363,7 +363,7 @@ static json_t *problem_responses(void)
     json_t *ref = json_pack("{s:{s:{s:{s:s}}}}", "content", "application/problem+json", "schema",
                             "$ref", "#/components/schemas/Problem");
     json_t *o = json_object();
-    const char *codes[] = {"400", "404", "413", "415", "422", "503"};
+    const char *codes[] = {"400", "401", "403", "404", "413", "415", "422", "429", "503"};
     for (size_t i = 0; i < TP_ARRAY_LEN(codes); i++) {
         json_t *x = json_deep_copy(ref);
         json_object_set_new(x, "description", json_string("problem details"));

@@ -191,6 +191,7 @@ struct rq {
     fmt_t fmt;
     bool bypass;
     tp_auth_result_t auth; /* principal of an authenticated request */
+    char client[64];       /* client address (X-Real-Ip from a trusted proxy, else the peer) */
     /* dataset / table work */
     const tp_defs_dataset_t *ds;
     int ds_idx;
