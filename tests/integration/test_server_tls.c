@@ -226,6 +226,44 @@ static void test_reload_swaps_cert(void)
     free(log);
 }
 
+/* n GETs of /healthz on one libcurl handle; fresh = a new connection (and
+ * TLS handshake) each time. Returns requests per second, 0 on any failure. */
+static double rate(bool tls, bool fresh, int n)
+{
+    CURL *c = curl_easy_init();
+    char url[128];
+    snprintf(url, sizeof url, "%s://127.0.0.1:%d/healthz", tls ? "https" : "http",
+             tls ? TLS_PORT : S.port);
+    tp_buf_t b = {0};
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_CAINFO, CA_FILE);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
+    curl_easy_setopt(c, CURLOPT_FORBID_REUSE, fresh ? 1L : 0L);
+    int64_t t0 = tp_now_us();
+    bool ok = true;
+    for (int i = 0; i < n && ok; i++) {
+        long st = 0;
+        ok = curl_easy_perform(c) == CURLE_OK &&
+             curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &st) == CURLE_OK && st == 200;
+    }
+    int64_t us = tp_now_us() - t0;
+    curl_easy_cleanup(c);
+    tp_buf_free(&b);
+    return ok && us > 0 ? n * 1e6 / (double)us : 0;
+}
+
+/* Figures for the report (printed, not asserted beyond every answer being 200). */
+static void test_measure(void)
+{
+    double http = rate(false, false, 300), https = rate(true, false, 300);
+    double hs = rate(true, true, 100);
+    CHECK(http > 0 && https > 0 && hs > 0);
+    printf("# keep-alive GET /healthz: http %.0f req/s, https %.0f req/s; "
+           "new TLS connection per request: %.0f req/s\n",
+           http, https, hs);
+}
+
 static void test_bad_cert_at_start(void)
 {
     char *bad = tp_test_write_tmp("bad.crt", "garbage\n");
@@ -265,6 +303,7 @@ int main(void)
         TP_RUN(test_tls11_refused);
         TP_RUN(test_reload_swaps_cert);
         TP_RUN(test_bad_cert_at_start);
+        TP_RUN(test_measure);
         harness_finish(&S);
     }
     X509_free(CA_CERT);
