@@ -629,6 +629,7 @@ static void config_reload(void)
         free(g_srv.live);
     }
     g_srv.live = fresh;
+    status_wake(true); /* tokens and table options (table_max_limit) */
     tp_info("configuration reloaded");
 }
 

@@ -336,6 +336,7 @@ static void test_rate_limits_and_reload(void)
     const struct {
         const char *from, *to;
     } edits[] = {{"threads = 1", "threads = 2"}, /* in file order */
+                 {"timeout = 10s\n", "timeout = 10s\ntable_max_limit = 5\n"},
                  {"tokens = ", NULL},
                  {"rate_per_identity = 1", "rate_per_identity = 0"}};
     for (size_t i = 0; i < TP_ARRAY_LEN(edits); i++) {
@@ -361,6 +362,16 @@ static void test_rate_limits_and_reload(void)
     r = as_from(&R, CAROL, "203.0.113.1", "GET", "/api/v1/datasets", NULL);
     CHECK_INT_EQ(r.status, 200);
     resp_free(&r);
+    /* server.table_max_limit is reloadable: the tables are re-reflected with it */
+    long lst = 0;
+    for (int i = 0; i < 50 && lst != 400; i++) {
+        r = as_from(&R, CAROL, "203.0.113.2", "GET", "/api/v1/tables/iot.users?limit=6", NULL);
+        lst = r.status;
+        resp_free(&r);
+        if (lst != 400)
+            usleep(100000);
+    }
+    CHECK_INT_EQ(lst, 400);
     for (int i = 0; i < 5; i++) {
         char ip[32];
         snprintf(ip, sizeof ip, "203.0.113.%d", i + 10);
