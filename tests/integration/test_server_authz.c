@@ -437,13 +437,16 @@ static bool outside_address(char *out, size_t n)
     return found;
 }
 
-static long apps_get(const char *host, int port, const char *path, const char *email)
+static long apps_get_h(const char *host, int port, const char *path, const char *email,
+                       const char *extra)
 {
     CURL *c = curl_easy_init();
     char url[256], h[256];
     snprintf(url, sizeof url, "http://%s:%d%s", host, port, path);
     snprintf(h, sizeof h, "X-Forwarded-Email: %s", email ? email : "");
     struct curl_slist *sl = email ? curl_slist_append(NULL, h) : NULL;
+    if (extra)
+        sl = curl_slist_append(sl, extra);
     curl_easy_setopt(c, CURLOPT_URL, url);
     curl_easy_setopt(c, CURLOPT_HTTPHEADER, sl);
     curl_easy_setopt(c, CURLOPT_TIMEOUT, 10L);
@@ -457,6 +460,11 @@ static long apps_get(const char *host, int port, const char *path, const char *e
     curl_easy_cleanup(c);
     tp_buf_free(&b);
     return st;
+}
+
+static long apps_get(const char *host, int port, const char *path, const char *email)
+{
+    return apps_get_h(host, port, path, email, NULL);
 }
 
 /* Databricks Apps: no config file, only what the runtime injects. */
@@ -501,6 +509,13 @@ static void test_databricks_apps_mode(void)
     CHECK_INT_EQ(st, 200);
     CHECK_INT_EQ(apps_get("127.0.0.1", port, "/api/v1/datasets", NULL), 401);
     CHECK_INT_EQ(apps_get("127.0.0.1", port, "/api/v1/datasets", "alice@example.com"), 200);
+    /* the on-behalf-of token is accepted but never logged; a doubled identity is refused */
+    CHECK_INT_EQ(apps_get_h("127.0.0.1", port, "/api/v1/datasets", "alice@example.com",
+                            "X-Forwarded-Access-Token: obo-user-token-never-logged"),
+                 200);
+    CHECK_INT_EQ(apps_get_h("127.0.0.1", port, "/api/v1/datasets", "alice@example.com",
+                            "X-Forwarded-Email: mallory@example.com"),
+                 401);
     /* the proxy is not on loopback in Databricks Apps: any peer is trusted */
     char outside[64];
     if (outside_address(outside, sizeof outside))
@@ -514,6 +529,8 @@ static void test_databricks_apps_mode(void)
     CHECK_MSG(took < 15000, "stopping took %lld ms", (long long)took);
     char *text = tp_read_file(log, NULL);
     CHECK(text && strstr(text, "app-sp-secret-never-logged") == NULL);
+    CHECK(text && strstr(text, "obo-user-token-never-logged") == NULL);
+    CHECK(text && strstr(text, "authentication refused") != NULL);
     if (tp_test_failed_checks && text)
         printf("# apps log:\n%s\n", text);
     free(text);
