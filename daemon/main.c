@@ -10,6 +10,7 @@
 #include "syncd.h"
 #include "tidepool/config.h"
 #include "tidepool/log.h"
+#include "tidepool/ping.h"
 
 static void usage(FILE *f)
 {
@@ -20,6 +21,8 @@ static void usage(FILE *f)
                "      --once [JOB]   run every job (or JOB) once and exit: 0 ok, 1 a run failed\n"
                "      --check        validate the configuration and the job definitions, then exit\n"
                "      --migrate      apply pending database migrations, then exit\n"
+               "      --ping         check Postgres and the warehouse (credentials, warehouse id,\n"
+               "                     SELECT 1), print what works and what does not; 0 = all ok\n"
                "  -h, --help         show this help\n"
                "  -V, --version      show the version\n");
 }
@@ -31,13 +34,14 @@ int main(int argc, char **argv)
         {"once", optional_argument, NULL, 'o'},
         {"check", no_argument, NULL, 'k'},
         {"migrate", no_argument, NULL, 'm'},
+        {"ping", no_argument, NULL, 'p'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
     tp_syncd_opts_t o = {.migrate = true};
     const char *config_path = NULL;
-    bool check = false, migrate_only = false;
+    bool check = false, migrate_only = false, ping = false;
     int c;
     while ((c = getopt_long(argc, argv, "c:hV", opts, NULL)) != -1) {
         switch (c) {
@@ -48,6 +52,7 @@ int main(int argc, char **argv)
             break;
         case 'k': check = true; break;
         case 'm': migrate_only = true; break;
+        case 'p': ping = true; break;
         case 'h': usage(stdout); return 0;
         case 'V': printf("tidepool-sync %s\n", TP_VERSION); return 0;
         default: usage(stderr); return 2;
@@ -74,7 +79,9 @@ int main(int argc, char **argv)
         tp_log_set_level(level);
     tp_log_set_global("program", "tidepool-sync");
     int status;
-    if (migrate_only) {
+    if (ping) {
+        status = tp_ping_run(&cfg, stdout);
+    } else if (migrate_only) {
         status = tp_syncd_migrate(&cfg) ? 0 : 1;
     } else if (check) {
         tp_config_print(&cfg, stdout);

@@ -27,6 +27,7 @@
 #include "tidepool/notify.h"
 #include "tidepool/pg.h"
 #include "tidepool/wh.h"
+#include "tidepool/wh_settings.h"
 
 #define SLOT_MAGIC 0x736c6f74u
 #define SHUTDOWN_DEADLINE_MS 8000
@@ -557,14 +558,7 @@ static bool make_wh(syncd_t *d)
 {
     tp_wh_config_t wc;
     tp_wh_config_init(&wc);
-    const tp_config_t *c = d->cfg;
-    wc.host = c->warehouse.host && *c->warehouse.host ? c->warehouse.host : NULL;
-    wc.warehouse_id = c->warehouse.warehouse_id && *c->warehouse.warehouse_id ? c->warehouse.warehouse_id : NULL;
-    wc.token = c->warehouse.token && *c->warehouse.token ? c->warehouse.token : NULL;
-    wc.client_id = c->warehouse.client_id && *c->warehouse.client_id ? c->warehouse.client_id : NULL;
-    wc.client_secret =
-        c->warehouse.client_secret && *c->warehouse.client_secret ? c->warehouse.client_secret : NULL;
-    tp_wh_config_from_env(&wc);
+    tp_wh_config_from_settings(&wc, d->cfg);
     char *err = NULL;
     d->wh = tp_wh_new(d->base, &wc, &err);
     if (d->wh == NULL) {

@@ -12,27 +12,7 @@
 #include "tidepool/migrate.h"
 #include "tidepool/pg.h"
 #include "tidepool/util.h"
-
-static const char *nonempty(const char *s)
-{
-    return s && *s ? s : NULL;
-}
-
-void tp_ping_wh_config(tp_wh_config_t *wc, const tp_config_t *cfg)
-{
-    wc->host = nonempty(cfg->warehouse.host);
-    wc->warehouse_id = nonempty(cfg->warehouse.warehouse_id);
-    /* tp_config_load already applied the env fallbacks and the token-wins rule. */
-    if (tp_config_warehouse_auth(cfg) == TP_WH_AUTH_TOKEN) {
-        wc->token = nonempty(cfg->warehouse.token);
-    } else if (tp_config_warehouse_auth(cfg) == TP_WH_AUTH_OAUTH) {
-        wc->client_id = nonempty(cfg->warehouse.client_id);
-        wc->client_secret = nonempty(cfg->warehouse.client_secret);
-    }
-    if (cfg->warehouse.timeout_ms > 0)
-        wc->statement_timeout_ms = cfg->warehouse.timeout_ms;
-    tp_wh_config_from_env(wc);
-}
+#include "tidepool/wh_settings.h"
 
 static void line(FILE *out, const char *what, const char *verdict, const char *detail)
 {
@@ -86,7 +66,7 @@ static bool ping_warehouse(const tp_config_t *cfg, FILE *out)
 {
     tp_wh_config_t wc;
     tp_wh_config_init(&wc);
-    tp_ping_wh_config(&wc, cfg);
+    tp_wh_config_from_settings(&wc, cfg);
     if (wc.host == NULL) {
         line(out, "warehouse", "FAILED", "no host: set [warehouse] host or DATABRICKS_HOST");
         return false;

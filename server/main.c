@@ -761,7 +761,8 @@ int main(int argc, char **argv)
         return 2;
     }
     if (check) {
-        printf("config: ok\ndatasets: %zu\n", g0->set->n_datasets);
+        tp_config_print(&g_srv.cfg, stdout);
+        printf("datasets: %zu\n", g0->set->n_datasets);
         for (size_t i = 0; i < g0->set->n_datasets; i++)
             printf("  dataset %s (%zu params)\n", g0->set->datasets[i].name,
                    g0->set->datasets[i].n_params);

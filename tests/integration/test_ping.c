@@ -130,6 +130,30 @@ static void pending_migrations_are_reported(void)
     free(fresh);
 }
 
+static void the_sync_program_pings(void)
+{
+    char *c = conf(dsn, "warehouse_id = tidepool-local\ntoken = ping-secret-token\n");
+    char *path = tp_test_write_tmp("cli.conf", c);
+    char *cmd = tp_xasprintf("%s --config %s --ping", tp_test_bin("tidepool-sync"), path);
+    char *out = NULL;
+    CHECK_INT_EQ(tp_test_cmd(cmd, &out), 0);
+    CHECK_CONTAINS(out, "warehouse  ok ");
+    free(out);
+    free(cmd);
+    free(path);
+    free(c);
+    c = conf(dsn, "warehouse_id = tidepool-local\ntoken = wrong-cli-token\n");
+    path = tp_test_write_tmp("cli.conf", c);
+    cmd = tp_xasprintf("%s --config %s --ping", tp_test_bin("tidepool-sync"), path);
+    CHECK_INT_EQ(tp_test_cmd(cmd, &out), 1);
+    CHECK_CONTAINS(out, "warehouse  FAILED   authentication");
+    CHECK(strstr(out, "wrong-cli-token") == NULL);
+    free(out);
+    free(cmd);
+    free(path);
+    free(c);
+}
+
 int main(void)
 {
     unsetenv("DATABRICKS_HOST");
@@ -165,6 +189,7 @@ int main(void)
     TP_RUN(missing_settings_are_named);
     TP_RUN(unreachable_postgres_names_host_and_port);
     TP_RUN(pending_migrations_are_reported);
+    TP_RUN(the_sync_program_pings);
     tp_test_stop(pid, 5000);
     return tp_test_done();
 }
