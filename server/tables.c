@@ -429,7 +429,7 @@ void h_table(rq_t *r, const char *name)
     }
     if (ok && t->owner) { /* row-level scoping: in the SQL, bound like any value */
         tp_buf_puts(&where, where.len ? " AND " : " WHERE ");
-        quote_ident(&where, t->owner->name);
+        tp_buf_sql_ident(&where, t->owner->name);
         tp_buf_puts(&where, " = ");
         bind_value(r, &where, r->auth.principal->id);
     }
