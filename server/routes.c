@@ -100,6 +100,17 @@ static bool parse_format(rq_t *r)
     return true;
 }
 
+/* /metrics needs admin, except in auth mode none (the local demo); false
+ * with the 401/403/429 problem sent. */
+static bool metrics_allowed(rq_t *r)
+{
+    tp_auth_t *a = auth_acquire();
+    bool open = tp_auth_mode(a) == TP_AUTH_MODE_NONE;
+    tp_auth_free(a);
+    static const char *const admin[] = {"admin", NULL};
+    return open || (rq_authenticate(r) && rq_require(r, admin));
+}
+
 static void h_healthz(rq_t *r)
 {
     static const char body[] = "{\"status\":\"ok\"}";
@@ -206,7 +217,8 @@ void route_request(struct evhttp_request *req, void *arg)
     } else if (route == RT_READYZ) {
         h_readyz(r);
     } else if (route == RT_METRICS) {
-        h_metrics(r);
+        if (metrics_allowed(r))
+            h_metrics(r);
     } else if (route == RT_OPENAPI) {
         h_openapi(r);
     } else if (!rq_authenticate(r) || !parse_format(r)) {
@@ -357,7 +369,7 @@ static json_t *problem_responses(void)
     json_t *ref = json_pack("{s:{s:{s:{s:s}}}}", "content", "application/problem+json", "schema",
                             "$ref", "#/components/schemas/Problem");
     json_t *o = json_object();
-    const char *codes[] = {"400", "404", "413", "415", "422", "503"};
+    const char *codes[] = {"400", "401", "403", "404", "413", "415", "422", "429", "503"};
     for (size_t i = 0; i < TP_ARRAY_LEN(codes); i++) {
         json_t *x = json_deep_copy(ref);
         json_object_set_new(x, "description", json_string("problem details"));
