@@ -110,6 +110,14 @@ const tp_setting_t tp_settings[] = {
     {.section = "server", .key = "timeout", .type = TP_CFG_DURATION, .default_value = "30s",
      .offset = OFF(server.timeout_ms), .min = 100, .max = MS_H,
      .help = "request read/write timeout"},
+    {.section = "server", .key = "web_root", .type = TP_CFG_STRING, .default_value = "",
+     .offset = OFF(server.web_root),
+     .help = "directory of the demo page served at `/` and `/web/`; empty: `web` in the "
+             "working directory if it has index.html, else the installed share/tidepool/web"},
+    {.section = "server", .key = "web_vendor", .type = TP_CFG_STRING, .default_value = "",
+     .offset = OFF(server.web_vendor),
+     .help = "directory served at `/web/vendor/` (plotly.min.js, fetched by "
+             "scripts/fetch-web-vendor.sh); empty: the vendor folder of web_root"},
 
     {.section = "auth", .key = "mode", .type = TP_CFG_ENUM, .default_value = "none",
      .env = "DATABRICKS_APP_PORT", .env_value = "databricks-apps",

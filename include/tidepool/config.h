@@ -58,6 +58,8 @@ typedef struct tp_config {
         int64_t max_header_bytes;
         int64_t max_connections;
         int64_t timeout_ms;
+        char *web_root;   /* demo page directory; "" = ./web or TP_DATADIR/web */
+        char *web_vendor; /* served at /web/vendor/; "" = web_root/vendor */
     } server;
     struct {
         char *mode; /* none | token | databricks-apps | jwt */
