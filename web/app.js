@@ -88,7 +88,7 @@ function plot(el, traces, layout) {
   const base = { margin: { l: 56, r: 16, t: 8, b: 40 }, legend: { orientation: 'h', y: 1.12 },
                  paper_bgcolor: '#fff', plot_bgcolor: '#fff', hovermode: 'x unified' };
   window.Plotly.react(el, traces, Object.assign(base, layout),
-                      { displaylogo: false, responsive: true });
+                      { displaylogo: false, responsive: true, displayModeBar: 'hover' });
 }
 
 function clearChart(el, text) {
@@ -99,24 +99,27 @@ function clearChart(el, text) {
   el.replaceChildren(p);
 }
 
-function lineChart(el, cols, y, ma, label, color) {
+function lineChart(el, cols, y, ma, label, color, fromZero) {
   if (!hasPlotly()) return renderTable(el, cols, ['day', y, ma]);
   plot(el, [
     { x: cols.day, y: cols[y], name: label, type: 'scatter', mode: 'lines+markers',
       line: { color, width: 1 }, marker: { size: 4 }, opacity: 0.55 },
     { x: cols.day, y: cols[ma], name: label + ' (7-day average)', type: 'scatter', mode: 'lines',
       line: { color, width: 3 } },
-  ], { yaxis: { title: { text: label }, rangemode: 'tozero' }, xaxis: { type: 'date' } });
+  ], { yaxis: { title: { text: label }, rangemode: fromZero ? 'tozero' : 'normal' },
+       xaxis: { type: 'date' } });
 }
 
 function riskChart(el, cols, color) {
   if (!hasPlotly()) return renderTable(el, cols, ['cohort', 'users', 'avg_risk']);
   plot(el, [{
     x: cols.cohort, y: cols.avg_risk, type: 'bar', name: 'average risk',
-    marker: { color }, text: cols.users.map((u) => u + ' users'), textposition: 'auto',
+    marker: { color }, text: cols.users.map((u) => u + (u === 1 ? ' user' : ' users')),
+    textposition: 'outside', textangle: 0, textfont: { size: 10 }, cliponaxis: false,
     hovertemplate: '%{x}: risk %{y}<br>%{text}<extra></extra>',
-  }], { yaxis: { title: { text: 'average risk' }, rangemode: 'tozero' }, hovermode: 'closest',
-        showlegend: false });
+  }], { yaxis: { title: { text: 'average risk' }, range: [0, Math.max(...cols.avg_risk) * 1.18] },
+        xaxis: { automargin: true }, margin: { l: 56, r: 16, t: 30, b: 70 },
+        hovermode: 'closest', showlegend: false });
 }
 
 // ---- freshness ----
@@ -191,8 +194,9 @@ async function loadMetrics() {
     clearChart($('calories-chart'), 'no data in this range');
     return;
   }
-  lineChart($('steps-chart'), c, 'steps', 'steps_ma7', 'steps', '#1f6feb');
-  lineChart($('calories-chart'), c, 'calories', 'calories_ma7', 'calories', '#e36209');
+  lineChart($('steps-chart'), c, 'steps', 'steps_ma7', 'steps', '#1f6feb', true);
+  // Calories hover around a basal ~1,400 a day: from zero the averages look flat.
+  lineChart($('calories-chart'), c, 'calories', 'calories_ma7', 'calories', '#e36209', false);
   setStatus(st, `${n} days for user ${user}`);
 }
 
