@@ -70,12 +70,15 @@ function renderTable(el, cols, names, maxRows = 400) {
   const head = t.createTHead().insertRow();
   for (const c of names) { const th = document.createElement('th'); th.textContent = c; head.appendChild(th); }
   const tb = t.createTBody();
+  // A column with any fraction shows one decimal on every row, so digits line up.
+  const frac = Object.fromEntries(names.map((c) => [c, (cols[c] || []).some(
+    (v) => typeof v === 'number' && !Number.isInteger(v))]));
   for (let i = 0; i < Math.min(n, maxRows); i++) {
     const tr = tb.insertRow();
     for (const c of names) {
       const v = cols[c] ? cols[c][i] : null;
       tr.insertCell().textContent = v === null || v === undefined ? '' :
-        typeof v === 'number' && !Number.isInteger(v) ? v.toFixed(1) : String(v);
+        typeof v === 'number' && frac[c] ? v.toFixed(1) : String(v);
     }
   }
   const wrap = document.createElement('div');
