@@ -168,7 +168,8 @@ void static_load(const tp_config_t *cfg, FILE *out)
     if (!sep_vendor) /* vendor files live in web_root/vendor: cache them like vendor files */
         for (size_t i = 0; i < g_static.n; i++)
             g_static.f[i].vendor = strncmp(g_static.f[i].url, "/web/vendor/", 12) == 0;
-    qsort(g_static.f, g_static.n, sizeof *g_static.f, by_url);
+    if (g_static.n > 0) /* qsort(NULL, 0, ...) is undefined */
+        qsort(g_static.f, g_static.n, sizeof *g_static.f, by_url);
     size_t bytes = 0;
     for (size_t i = 0; i < g_static.n; i++)
         bytes += g_static.f[i].len;
@@ -202,6 +203,8 @@ void static_free(void)
 static const sfile_t *find(const char *url)
 {
     sfile_t key = {.url = (char *)url};
+    if (g_static.n == 0)
+        return NULL;
     return bsearch(&key, g_static.f, g_static.n, sizeof *g_static.f, by_url);
 }
 
