@@ -66,6 +66,8 @@ static const char *ctype_of(const char *name)
 static bool under(const char *real, const char *root_real)
 {
     size_t n = strlen(root_real);
+    if (n == 1) /* the root is "/" */
+        return true;
     return strncmp(real, root_real, n) == 0 && (real[n] == '/' || real[n] == '\0');
 }
 
