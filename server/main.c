@@ -18,6 +18,7 @@
  * Shutdown (SIGTERM/SIGINT): stop listening, let in-flight requests finish
  * within server.drain_timeout (default 10 s), then exit. SIGPIPE is ignored. */
 #include "server.h"
+#include "static.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -767,6 +768,8 @@ int main(int argc, char **argv)
     if (check) {
         tp_config_print(&g_srv.cfg, stdout);
         printf("datasets: %zu\n", g0->set->n_datasets);
+        static_load(&g_srv.cfg, stdout);
+        static_free();
         for (size_t i = 0; i < g0->set->n_datasets; i++)
             printf("  dataset %s (%zu params)\n", g0->set->datasets[i].name,
                    g0->set->datasets[i].n_params);
@@ -776,6 +779,7 @@ int main(int argc, char **argv)
         return 0;
     }
     g_srv.gen = g0;
+    static_load(&g_srv.cfg, NULL);
     g_srv.tables = tp_xcalloc(1, sizeof(tables_t));
     atomic_init(&g_srv.tables->refs, 1);
 
@@ -864,6 +868,7 @@ int main(int argc, char **argv)
         for (int i = 0; i < g_srv.njobs; i++)
             free(g_srv.job_names[i]);
         tp_config_free(&g_srv.cfg);
+        static_free();
     }
     tp_info("tidepool-server stopped");
     return 0;
