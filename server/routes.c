@@ -11,6 +11,7 @@
  * (Prometheus text, summed over workers) and /api/v1/openapi.json (OpenAPI 3.1
  * generated from the current datasets and exposed tables). */
 #include "server.h"
+#include "static.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -98,6 +99,17 @@ static bool parse_format(rq_t *r)
     r->bypass = (fresh && (strcmp(fresh, "1") == 0 || strcmp(fresh, "true") == 0)) ||
                 (cc && (strcasestr(cc, "no-cache") || strcasestr(cc, "no-store")));
     return true;
+}
+
+/* /metrics needs admin, except in auth mode none (the local demo); false
+ * with the 401/403/429 problem sent. */
+static bool metrics_allowed(rq_t *r)
+{
+    tp_auth_t *a = auth_acquire();
+    bool open = tp_auth_mode(a) == TP_AUTH_MODE_NONE;
+    tp_auth_free(a);
+    static const char *const admin[] = {"admin", NULL};
+    return open || (rq_authenticate(r) && rq_require(r, admin));
 }
 
 static void h_healthz(rq_t *r)
@@ -194,7 +206,9 @@ void route_request(struct evhttp_request *req, void *arg)
         route = RT_STATEMENT;
     r->route = route;
     r->route_name = route_names[route];
-    if (route == RT_OTHER) {
+    if (route == RT_OTHER && static_serve(r, path)) {
+        /* the demo page (static.c) */
+    } else if (route == RT_OTHER) {
         tp_buf_t d = {0};
         tp_buf_puts(&d, "no route matches this path");
         rq_problem(r, 404, "unknown-route", d.data, NULL, NULL, 0);
@@ -210,7 +224,8 @@ void route_request(struct evhttp_request *req, void *arg)
     } else if (route == RT_READYZ) {
         h_readyz(r);
     } else if (route == RT_METRICS) {
-        h_metrics(r);
+        if (metrics_allowed(r))
+            h_metrics(r);
     } else if (route == RT_OPENAPI) {
         h_openapi(r);
     } else if (!rq_authenticate(r) || !parse_format(r)) {
@@ -364,7 +379,7 @@ static json_t *problem_responses(void)
     json_t *ref = json_pack("{s:{s:{s:{s:s}}}}", "content", "application/problem+json", "schema",
                             "$ref", "#/components/schemas/Problem");
     json_t *o = json_object();
-    const char *codes[] = {"400", "404", "413", "415", "422", "503"};
+    const char *codes[] = {"400", "401", "403", "404", "413", "415", "422", "429", "503"};
     for (size_t i = 0; i < TP_ARRAY_LEN(codes); i++) {
         json_t *x = json_deep_copy(ref);
         json_object_set_new(x, "description", json_string("problem details"));

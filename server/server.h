@@ -42,6 +42,8 @@ typedef struct ttable {
     tcol_t *cols;
     size_t ncols;
     int64_t max_limit;
+    char **roles;       /* @expose roles=a,b: NULL-terminated read roles; empty = any caller */
+    const tcol_t *owner; /* @expose owner=COL: rows where COL = caller's identity; NULL = all */
 } ttable_t;
 
 typedef struct tables {
@@ -104,6 +106,9 @@ typedef struct worker {
     struct event_base *base;
     struct evhttp *http;
     struct evhttp_bound_socket *bound;
+    struct evhttp *https;                  /* server.tls_listen, NULL when off */
+    struct evhttp_bound_socket *tls_bound;
+    uint64_t rl_gen;                       /* g_srv.rl_gen the limiters were built for */
     struct event *stop_ev;
     struct event *drain_timer;
     struct event *tick; /* publishes pool gauges into metrics once a second */
@@ -147,12 +152,17 @@ typedef struct srv {
     atomic_bool migrations_known;
     atomic_bool tables_ready; /* exposed tables reflected at least once */
     char migrations_why[600]; /* guarded by lock */
-    int64_t drain_ms;
+    atomic_int_fast64_t drain_ms;        /* server.drain_timeout (reloadable) */
     int64_t cache_bytes; /* per worker */
-    int64_t table_max_limit;
+    atomic_int_fast64_t table_max_limit; /* reloadable: read when tables are reflected */
     int pool_queue;
     int64_t started_ms;
-    tp_auth_t *auth; /* built at start; not reloaded yet */
+    tp_auth_t *auth; /* guarded by lock, swapped on SIGHUP: use auth_acquire */
+    char *defs_dir;  /* server.definitions of the config in force (main thread) */
+    tp_config_t *live; /* the last config loaded by SIGHUP (main thread), or NULL */
+    atomic_uint_fast64_t rl_gen; /* bumped when the rate-limit settings change */
+    double rl_rate_addr, rl_burst_addr, rl_rate_ident, rl_burst_ident; /* guarded by lock */
+    size_t rl_keys;
     atomic_bool tokens_dirty; /* NOTIFY tidepool_auth: reload the token table */
 } srv_t;
 
@@ -182,6 +192,7 @@ struct rq {
     fmt_t fmt;
     bool bypass;
     tp_auth_result_t auth; /* principal of an authenticated request */
+    char client[64];       /* client address (X-Real-Ip from a trusted proxy, else the peer) */
     /* dataset / table work */
     const tp_defs_dataset_t *ds;
     int ds_idx;
@@ -240,6 +251,20 @@ bool rq_authenticate(rq_t *r) TP_WUR;
  * authenticated principal); false with a 403 problem sent when denied. */
 bool rq_authorize(rq_t *r, char *const *roles, size_t n) TP_WUR;
 bool rq_allowed(rq_t *r, char *const *roles, size_t n);
+
+/* The principal may use an object needing any of the NULL-terminated roles
+ * (NULL or empty: any authenticated principal); false with a 403 problem
+ * sent. For handlers whose roles are fixed, e.g. `/api/v1/sync` writes:
+ * rq_require(r, (const char *[]){"admin", NULL}). */
+bool rq_require(rq_t *r, const char *const *roles) TP_WUR;
+
+/* ---- tls.c ---- */
+/* Builds a TLS 1.2+ context from PEM files and swaps it in; false with err
+ * (naming the setting and file, never key material) keeps the previous one. */
+bool tls_load(const char *cert, const char *key, char *err, size_t errlen) TP_WUR;
+void tls_free(void);
+/* evhttp_set_bevcb callback (arg: the worker): an OpenSSL bufferevent. */
+struct bufferevent *tls_bevcb(struct event_base *base, void *arg);
 
 /* ---- encode.c ---- */
 void encode_result(const PGresult *res, fmt_t fmt, tp_buf_t *out);
@@ -330,6 +355,10 @@ void gen_release(defgen_t *g);
 /* Registry index of a job name (added if new), or -1 when the registry is full. */
 int job_index(const char *name);
 uint64_t epoch_now(void);
+/* A reference on the verifier in force (release with tp_auth_free). */
+tp_auth_t *auth_acquire(void);
+/* Rebuilds w's rate limiters when the settings changed since they were built. */
+void worker_limits_refresh(worker_t *w);
 /* True if nothing affecting jobs changed since fill_epoch. */
 bool jobs_unchanged(const int *jobs, size_t n, uint64_t fill_epoch);
 

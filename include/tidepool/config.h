@@ -66,6 +66,14 @@ typedef struct tp_config {
         int64_t max_header_bytes;
         int64_t max_connections;
         int64_t timeout_ms;
+        int64_t cache_bytes;      /* all threads together */
+        int64_t pool_queue;       /* per thread */
+        int64_t table_max_limit;
+        int64_t drain_timeout_ms;
+        char *tls_listen;         /* "" = no HTTPS listener */
+        char *tls_cert, *tls_key; /* PEM files; both needed with tls_listen */
+        char *web_root;   /* demo page directory; "" = ./web or TP_DATADIR/web */
+        char *web_vendor; /* served at /web/vendor/; "" = web_root/vendor */
     } server;
     struct {
         char *mode; /* none | token | databricks-apps | jwt */
