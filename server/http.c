@@ -18,7 +18,8 @@
 #include "tidepool/log.h"
 
 static const int status_codes[N_STATUS] = {200, 304, 400, 401, 403, 404, 405, 413, 415, 422, 429,
-                                           431, 500, 501, 503, 201, 202, 409, 412, 428, 0};
+                                           431, 500, 501, 503, 201, 202, 409, 412, 428, 204,
+                                           499, 502, 504, 0};
 
 int status_index(int status)
 {

@@ -65,7 +65,7 @@ typedef struct defgen {
 
 enum { RT_DATASETS, RT_DATASET, RT_TABLE, RT_HEALTHZ, RT_READYZ, RT_METRICS, RT_OPENAPI, RT_OTHER,
        RT_WRITE, RT_SYNC, RT_STATEMENT, RT__N };
-#define N_STATUS 21
+#define N_STATUS 25
 #define N_BUCKETS 13
 
 typedef struct metrics {
