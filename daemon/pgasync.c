@@ -475,6 +475,11 @@ static bool start_op(tp_pgasync_t *c, pg_state_t st, tp_pgasync_done_fn cb, void
     }
     pending = r == 1;
     want(c, true, pending);
+    /* libpq reads input while a send would block (pqSendSome), so the answer
+     * may already sit in its buffer (a COPY that Postgres rejected mid-stream
+     * answers before CopyDone): the socket would never turn readable again.
+     * Look once from the loop instead of waiting for it. */
+    event_active(c->ev_read, EV_READ, 0);
     return true;
 }
 

@@ -289,6 +289,29 @@ static void status_once(void)
     tp_logkv(TP_LOG_INFO, kv, "exposed tables reflected");
 }
 
+/* Whichever program starts first applies pending migrations (under the
+ * migrator's advisory lock, so the others wait and then find nothing to do).
+ * A database newer than this build, or an edited applied migration, stops the
+ * start; an unreachable Postgres does not: /readyz reports it until it is back. */
+static bool migrate_at_start(void)
+{
+    char err[600];
+    PGconn *c = tp_pg_connect(g_srv.dsn, g_srv.cfg.postgres.connect_timeout_ms, err, sizeof err);
+    if (!c) {
+        const char *kv[] = {"error", err, NULL};
+        tp_logkv(TP_LOG_WARN, kv, "postgres unreachable at start; answering 503 until it is back");
+        return true;
+    }
+    int applied = 0;
+    bool ok = tp_migrate_apply(c, tp_migrate_default_dir(), &applied, err, sizeof err);
+    PQfinish(c);
+    if (!ok) {
+        fprintf(stderr, "tidepool-server: migrations: %s\n", err);
+        return false;
+    }
+    return true;
+}
+
 static void *status_main(void *arg)
 {
     (void)arg;
@@ -779,6 +802,12 @@ int main(int argc, char **argv)
         tp_auth_free(g_srv.auth);
         tp_config_free(&g_srv.cfg);
         return 0;
+    }
+    if (!migrate_at_start()) {
+        gen_release(g0);
+        tp_auth_free(g_srv.auth);
+        tp_config_free(&g_srv.cfg);
+        return 1;
     }
     g_srv.gen = g0;
     static_load(&g_srv.cfg, NULL);

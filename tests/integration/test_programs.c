@@ -148,6 +148,34 @@ static void emulator_accepts_the_configured_credentials(void)
     free(path);
 }
 
+static void server_migrates_at_start_and_refuses_a_newer_schema(void)
+{
+    char *dsn = tp_test_new_db("t_programs_srvmig");
+    int port = tp_test_free_port();
+    char *conf = tp_xasprintf("[postgres]\ndsn = %s\n[server]\nlisten = 127.0.0.1:%d\n"
+                              "definitions = sql/queries\n", dsn, port);
+    char *path = tp_test_write_tmp("srvmig.conf", conf);
+    char *argv[] = {(char *)tp_test_bin("tidepool-server"), "--config", path, NULL};
+    pid_t pid = tp_test_spawn(argv, NULL);
+    CHECK(tp_test_wait_port(port, 15000));
+    char *n = tp_test_sql(dsn, "SELECT count(*) FROM tidepool.schema_migrations");
+    CHECK(n != NULL && atoi(n) >= 3);
+    free(n);
+    CHECK_INT_EQ(tp_test_stop(pid, 15000), 0);
+    /* a database migrated by a newer build: this one refuses to start */
+    free(tp_test_sql(dsn, "INSERT INTO tidepool.schema_migrations (version, name, checksum) "
+                          "VALUES (9999, '9999_future.sql', repeat('0', 64))"));
+    char *out;
+    char *cmd = tp_xasprintf("timeout 60 %s --config %s", tp_test_bin("tidepool-server"), path);
+    CHECK_INT_EQ(tp_test_cmd(cmd, &out), 1);
+    CHECK_CONTAINS(out, "9999");
+    free(out);
+    free(cmd);
+    free(path);
+    free(conf);
+    free(dsn);
+}
+
 int main(void)
 {
     unsetenv("DATABRICKS_APP_PORT");
@@ -156,5 +184,6 @@ int main(void)
     TP_RUN(check_prints_settings_with_secrets_masked);
     TP_RUN(unreachable_postgres_exits_1_naming_host_and_port);
     TP_RUN(emulator_accepts_the_configured_credentials);
+    TP_RUN(server_migrates_at_start_and_refuses_a_newer_schema);
     return tp_test_done();
 }
