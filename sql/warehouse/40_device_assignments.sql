@@ -7,6 +7,9 @@ CREATE TABLE iot.device_assignments (
     device_id   integer NOT NULL,
     assigned_at timestamptz NOT NULL,
     note        text,
+    -- the mirror's MERGE writes every column of app.device_assignments
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    version     bigint NOT NULL DEFAULT 1,
     PRIMARY KEY (user_id, device_id)
 );
 
