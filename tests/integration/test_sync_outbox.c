@@ -170,6 +170,13 @@ static void test_outbox_ships(void)
     long long all = fx_num(fx.dsn, "SELECT count(*) FROM tidepool.writeback_outbox");
     CHECK_INT_EQ(shipped_rows(log), all); /* each outbox row shipped exactly once */
     CHECK_INT_EQ(count_in(log, "outbox_ship_failed"), 0);
+    const char *line = strstr(log, "\"outbox_shipped\"");
+    const char *bol = line ? line : log;
+    while (bol > log && bol[-1] != '\n')
+        bol--;
+    const char *eol = strchr(bol, '\n');
+    fprintf(stderr, "# %lld outbox rows in %d batches; e.g. %.*s\n", all, count_in(log, "\"outbox_shipped\""),
+            (int)(eol ? eol - bol : 200), bol);
     CHECK(strstr(log, "tok-sync-test") == NULL); /* no secret in the log */
     free(log);
     free(conf);
