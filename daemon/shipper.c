@@ -20,6 +20,7 @@
 
 #include <libpq-fe.h>
 
+#include "syncd.h"
 #include "tidepool/log.h"
 #include "tidepool/pg.h"
 #include "tidepool/wh.h"
@@ -98,7 +99,10 @@ static bool exec_ok(PGconn *c, const char *sql, char *err, size_t errlen)
 static int connect_locked(tp_shipper_t *sh, PGconn **out, char *err, size_t errlen)
 {
     int64_t to = sh->cfg->postgres.connect_timeout_ms > 0 ? sh->cfg->postgres.connect_timeout_ms : 10000;
-    PGconn *c = tp_pg_connect(sh->cfg->postgres.dsn ? sh->cfg->postgres.dsn : "", to, err, errlen);
+    char *pw = tp_syncd_password(); /* $TIDEPOOL_PGPASSWORD_FILE, as the jobs use */
+    PGconn *c = tp_pg_connect_password(sh->cfg->postgres.dsn ? sh->cfg->postgres.dsn : "", pw, to,
+                                       err, errlen);
+    free(pw);
     if (c == NULL)
         return -1;
     if (!exec_ok(c, "SET statement_timeout = '3s'; SET application_name = 'tidepool-sync shipper'",

@@ -527,6 +527,11 @@ static char *password_from_file(void *arg)
     return s;
 }
 
+char *tp_syncd_password(void)
+{
+    return password_from_file(NULL);
+}
+
 /* ---- entry ---- */
 
 static void quiet_notice(void *arg, const char *msg)
