@@ -216,6 +216,12 @@ static void test_crash_and_sigterm(void)
     waitpid(d, &st, 0);
     CHECK(WIFSIGNALED(st));
     usleep(1800 * 1000); /* the emulator finishes the MERGE the dead daemon sent */
+    /* applied in the warehouse but never marked shipped: the restart ships it again */
+    long long landed = fx_num(fx.wh_dsn, "SELECT count(*) FROM iot.device_assignments WHERE device_id = 17");
+    long long unmarked = fx_num(fx.dsn, "SELECT count(*) FROM tidepool.writeback_outbox WHERE "
+                                        "pk->>'device_id' = '17' AND op = 'insert' AND shipped_at IS NULL");
+    fprintf(stderr, "# after kill -9: device 17 in the warehouse %lld, its insert unmarked %lld\n", landed, unmarked);
+    CHECK_INT_EQ(unmarked, 1);
     CHECK(fx_faults(NULL));
     d = fx_daemon(conf, "outbox3.log");
     CHECK(fx_wait_value(TP_WB_BACKLOG_SQL, "0", 20000));
