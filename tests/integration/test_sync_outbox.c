@@ -4,7 +4,8 @@
  * a lakehouse database holding iot.device_assignments as sql/warehouse creates
  * it, and the real daemon with no sync jobs. Checked: the warehouse converges to
  * exactly the Postgres rows and each outbox row is shipped once (attempts = 1,
- * one "outbox_shipped" log line per row); kill -9 with a MERGE in flight (latency
+ * one "outbox_shipped" log line per row; a second daemon stands by, then takes
+ * over when the first stops); kill -9 with a MERGE in flight (latency
  * fault) then a restart converges with no duplicates and an empty backlog;
  * SIGTERM while shipping exits 0 within 10 s. */
 #include <libpq-fe.h>
@@ -161,14 +162,25 @@ static void test_outbox_ships(void)
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM tidepool.writeback_outbox WHERE shipped_at IS "
                                 "NOT NULL AND attempts = 1 AND statement_id IS NOT NULL"),
                  rows);
-    /* later writes are picked up by the running daemon */
+    /* a second daemon stands by; later writes are picked up by the running one */
+    pid_t d2 = fx_daemon(conf, "outbox1b.log");
+    CHECK(d2 > 0);
     write_changes(13, 16, 2);
     CHECK(fx_wait_value(TP_WB_BACKLOG_SQL, "0", 10000));
     check_converged("later writes");
     CHECK_INT_EQ(tp_test_stop(d, 10000), 0);
+    /* the standby takes over */
+    write_changes(25, 26, 5);
+    CHECK(fx_wait_value(TP_WB_BACKLOG_SQL, "0", 15000));
+    check_converged("standby took over");
+    CHECK_INT_EQ(tp_test_stop(d2, 10000), 0);
     char *log = fx_read_log("outbox1.log");
+    char *log2 = fx_read_log("outbox1b.log");
+    CHECK_CONTAINS(log2, "standing by");
+    CHECK_INT_EQ(shipped_rows(log2), 2 * 3); /* devices 25 and 26: insert + 2 updates */
     long long all = fx_num(fx.dsn, "SELECT count(*) FROM tidepool.writeback_outbox");
-    CHECK_INT_EQ(shipped_rows(log), all); /* each outbox row shipped exactly once */
+    CHECK_INT_EQ(shipped_rows(log) + shipped_rows(log2), all); /* each outbox row shipped once */
+    free(log2);
     CHECK_INT_EQ(count_in(log, "outbox_ship_failed"), 0);
     const char *line = strstr(log, "\"outbox_shipped\"");
     const char *bol = line ? line : log;
