@@ -80,6 +80,32 @@ const tp_setting_t tp_settings[] = {
     {.section = "warehouse", .key = "timeout", .type = TP_CFG_DURATION,
      .default_value = "60s", .reloadable = true, .offset = OFF(warehouse.timeout_ms),
      .min = MS_S, .max = MS_D, .help = "give up on a warehouse statement after this long"},
+    {.section = "warehouse", .key = "max_in_flight", .type = TP_CFG_INT,
+     .default_value = "64", .reloadable = true, .offset = OFF(warehouse.max_in_flight),
+     .min = 1, .max = 100000,
+     .help = "fallback statements running at once (all threads); beyond it reads answer 429"},
+    {.section = "warehouse", .key = "wait", .type = TP_CFG_DURATION, .default_value = "10s",
+     .reloadable = true, .offset = OFF(warehouse.wait_ms), .min = 0, .max = 10 * MS_M,
+     .help = "how long a fallback read waits for its result before answering 202"},
+    {.section = "warehouse", .key = "max_wait", .type = TP_CFG_DURATION,
+     .default_value = "30s", .reloadable = true, .offset = OFF(warehouse.max_wait_ms), .min = 0,
+     .max = 10 * MS_M, .help = "cap of the client's `Prefer: wait=N`"},
+    {.section = "warehouse", .key = "result_cache_bytes", .type = TP_CFG_SIZE,
+     .default_value = "64M", .reloadable = true, .offset = OFF(warehouse.result_cache_bytes),
+     .min = 0, .max = 64 * GIB,
+     .help = "fallback results cached in memory at most (least recently used dropped first)"},
+    {.section = "warehouse", .key = "max_result_bytes", .type = TP_CFG_SIZE,
+     .default_value = "16M", .reloadable = true, .offset = OFF(warehouse.max_result_bytes),
+     .min = KIB, .max = 16 * GIB,
+     .help = "largest fallback result held in memory; bigger ones fail with 413"},
+    {.section = "warehouse", .key = "result_ttl", .type = TP_CFG_DURATION,
+     .default_value = "5m", .reloadable = true, .offset = OFF(warehouse.result_ttl_ms),
+     .min = 0, .max = MS_D,
+     .help = "cached fallback results and finished statement handles are kept this long"},
+    {.section = "warehouse", .key = "abandon_after", .type = TP_CFG_DURATION,
+     .default_value = "60s", .reloadable = true, .offset = OFF(warehouse.abandon_ms),
+     .min = 100, .max = MS_D,
+     .help = "a fallback statement nobody waits for and nobody polled this long is cancelled"},
 
     {.section = "sync", .key = "definitions", .type = TP_CFG_STRING,
      .default_value = "sql/sync", .reloadable = true, .offset = OFF(sync.definitions),
@@ -744,6 +770,12 @@ static bool check_consistency(const tp_config_t *c, char *err, size_t errlen)
         return fail(err, errlen, &w,
                     "warehouse.client_secret is set but warehouse.client_id is not; "
                     "OAuth needs both");
+    }
+    if (c->warehouse.wait_ms > c->warehouse.max_wait_ms) {
+        where_of(c, "warehouse", "wait", &w);
+        return fail(err, errlen, &w,
+                    "warehouse.wait (%lld ms) is longer than warehouse.max_wait (%lld ms)",
+                    (long long)c->warehouse.wait_ms, (long long)c->warehouse.max_wait_ms);
     }
     if (strcmp(c->auth.mode, "none") == 0 && !is_loopback(c->server.listen)) {
         bool listen_from_file = c->origin[find_setting("server", "listen")].source ==

@@ -11,8 +11,9 @@
  * -> the query -> encode once, answer every waiter, store in the cache.
  * Headers: ETag (hash of the body; 304 on If-None-Match), Last-Modified and
  * X-Tidepool-Generation from sync_state of the @requires jobs,
- * X-Tidepool-Source postgres|cache. Warehouse-only datasets, requests reaching
- * past @covers and ?source=warehouse answer 501 until the fallback exists. */
+ * X-Tidepool-Source postgres|cache. Whether a read goes to the warehouse
+ * instead (warehouse-only, ?source=warehouse, @covers, staleness, Postgres
+ * down) is fb_dataset's decision (fallback_routes.c). */
 #include "server.h"
 
 #include <stdio.h>
@@ -325,14 +326,7 @@ void h_dataset(rq_t *r, const char *name)
     if (!rq_authorize(r, ds->roles, ds->n_roles))
         return;
     const char *src = rq_q(r, "source");
-    if (!ds->has_pg || (src && strcmp(src, "warehouse") == 0)) {
-        rq_problem(r, 501, "warehouse-unavailable",
-                   "this request needs the warehouse path (fallback), which this server does not "
-                   "provide yet",
-                   NULL, NULL, 0);
-        return;
-    }
-    if (src && strcmp(src, "postgres") != 0) {
+    if (src && strcmp(src, "postgres") != 0 && strcmp(src, "warehouse") != 0) {
         rq_problem(r, 400, "invalid-parameter", "source must be postgres or warehouse", "source",
                    "must be postgres or warehouse", 0);
         return;
@@ -467,13 +461,6 @@ void h_dataset(rq_t *r, const char *name)
                 tp_buf_puts(&key, tp_defs_value_text(&vals[i], raw[i] ? raw[i] : ""));
         }
     }
-    if (ok && tp_defs_covers_exceeded(ds, vals, tp_wall_ms()) >= 0) {
-        rq_problem(r, 501, "warehouse-unavailable",
-                   "the request reaches past what Postgres holds (@covers); the warehouse path is "
-                   "not available in this server yet",
-                   NULL, NULL, 0);
-        ok = false;
-    }
     if (ok) {
         const tp_defs_body_t *b = &ds->pg;
         r->nvals = (int)b->n_names;
@@ -486,6 +473,8 @@ void h_dataset(rq_t *r, const char *name)
         r->key = tp_buf_steal(&key);
     }
     tp_buf_free(&key);
+    /* Warehouse-only, ?source=, @covers, staleness: fallback_routes.c decides. */
+    bool taken = ok && fb_dataset(r, vals, (const char *const *)raw);
     for (size_t i = 0; i < np; i++)
         free(raw[i]);
     free(raw);
@@ -493,9 +482,13 @@ void h_dataset(rq_t *r, const char *name)
     free(nul);
     free(vals);
     json_decref(root);
-    if (!ok)
-        return;
+    if (ok && !taken)
+        dataset_postgres(r);
+}
 
+void dataset_postgres(rq_t *r)
+{
+    const tp_defs_dataset_t *ds = r->ds;
     worker_t *w = r->w;
     if (!r->bypass) {
         const centry_t *e = cache_get(w->cache, r->key);

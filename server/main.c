@@ -411,6 +411,7 @@ static void *worker_main(void *arg)
     pthread_setname_np(pthread_self(), name);
     event_base_dispatch(w->base);
     if (w->inflight == 0) {
+        fb_worker_free(w);
         writes_worker_stop(w);
         evhttp_free(w->http);
         if (w->https)
@@ -498,6 +499,7 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
     };
     w->pool = tp_pgpool_new(w->base, &po);
     w->cache = cache_new(g_srv.cache_bytes, &w->m);
+    fb_worker_init(w);
     w->stop_ev = event_new(w->base, -1, 0, on_stop, w);
     w->drain_timer = evtimer_new(w->base, on_drain_tick, w);
     worker_limits_refresh(w);
@@ -792,6 +794,7 @@ int main(int argc, char **argv)
 
     signal(SIGPIPE, SIG_IGN);
     evthread_use_pthreads();
+    fb_global_init();
     g_srv.workers = tp_xcalloc((size_t)g_srv.nthreads, sizeof(worker_t));
     for (int i = 0; i < g_srv.nthreads; i++) {
         if (!worker_init(&g_srv.workers[i], i, per, err, sizeof err)) {
@@ -867,6 +870,7 @@ int main(int argc, char **argv)
         }
         for (int i = 0; i < g_srv.njobs; i++)
             free(g_srv.job_names[i]);
+        fb_global_free();
         tp_config_free(&g_srv.cfg);
         static_free();
     }

@@ -25,7 +25,7 @@
 static const char *const route_names[RT__N] = {
     "/api/v1/datasets", "/api/v1/datasets/{name}", "/api/v1/tables/{table}", "/healthz",
     "/readyz", "/metrics", "/api/v1/openapi.json", "other",
-    "/api/v1/tables/{table}[/{pk}] (write)", "/api/v1/sync"};
+    "/api/v1/tables/{table}[/{pk}] (write)", "/api/v1/sync", "/api/v1/statements/{id}"};
 
 static void not_allowed(rq_t *r, const char *allow)
 {
@@ -202,6 +202,8 @@ void route_request(struct evhttp_request *req, void *arg)
         route = RT_DATASET, name = path + strlen(ds_prefix);
     else if (strncmp(path, tb_prefix, strlen(tb_prefix)) == 0 && !strchr(path + strlen(tb_prefix), '/'))
         route = RT_TABLE, name = path + strlen(tb_prefix);
+    else if (fb_statement_path(path, &name))
+        route = RT_STATEMENT;
     r->route = route;
     r->route_name = route_names[route];
     if (route == RT_OTHER && static_serve(r, path)) {
@@ -213,7 +215,9 @@ void route_request(struct evhttp_request *req, void *arg)
         tp_buf_free(&d);
     } else if (route == RT_DATASET && !method_is(r, GET | EVHTTP_REQ_POST)) {
         not_allowed(r, "GET, HEAD, POST");
-    } else if (route != RT_DATASET && !method_is(r, GET)) {
+    } else if (route == RT_STATEMENT && !method_is(r, GET | EVHTTP_REQ_DELETE)) {
+        not_allowed(r, "GET, HEAD, DELETE");
+    } else if (route != RT_DATASET && route != RT_STATEMENT && !method_is(r, GET)) {
         not_allowed(r, "GET, HEAD");
     } else if (route == RT_HEALTHZ) {
         h_healthz(r);
@@ -230,6 +234,8 @@ void route_request(struct evhttp_request *req, void *arg)
         h_datasets(r);
     } else if (route == RT_DATASET) {
         h_dataset(r, name);
+    } else if (route == RT_STATEMENT) {
+        h_statement(r, name);
     } else {
         h_table(r, name);
     }
@@ -346,6 +352,7 @@ void h_metrics(rq_t *r)
                       (long long)js->generation);
     }
     writes_metrics(&b);
+    fb_metrics(&b);
     rq_header(r, "Cache-Control", "no-store");
     rq_reply(r, 200, "text/plain; version=0.0.4; charset=utf-8", b.data, b.len);
     tp_buf_free(&b);
@@ -435,6 +442,7 @@ void h_openapi(rq_t *r)
         json_object_set_new(paths, path, json_pack("{s:o,s:o}", "get", get, "post", post));
         free(path);
     }
+    fb_openapi(paths, s);
     const tables_t *t = r->tables;
     for (size_t i = 0; i < t->n; i++) {
         const ttable_t *tb = &t->t[i];

@@ -64,7 +64,7 @@ typedef struct defgen {
 /* ---- metrics (written by the owning worker, read by any scrape: relaxed atomics) ---- */
 
 enum { RT_DATASETS, RT_DATASET, RT_TABLE, RT_HEALTHZ, RT_READYZ, RT_METRICS, RT_OPENAPI, RT_OTHER,
-       RT_WRITE, RT_SYNC, RT__N };
+       RT_WRITE, RT_SYNC, RT_STATEMENT, RT__N };
 #define N_STATUS 21
 #define N_BUCKETS 13
 
@@ -205,6 +205,7 @@ struct rq {
     rq_t *next;     /* the worker's sync_state waiters */
     rq_t *fnext;    /* the flight's waiters (a leader is on both lists at once) */
     void (*cont)(rq_t *r); /* continuation after sync_state is fresh */
+    struct fbreq *fbr; /* a fallback read or statement poll (fallback_routes.c) */
 };
 
 /* ---- http.c ---- */
@@ -285,6 +286,31 @@ void h_dataset(rq_t *r, const char *name);
 void syncstate_then(rq_t *r, void (*cont)(rq_t *r));
 /* Fills Last-Modified / generation for a dataset's required jobs. */
 void freshness_headers(worker_t *w, const defgen_t *g, int ds_idx, centry_t *meta);
+
+/* Runs a validated dataset request on Postgres (response cache, single flight, query). */
+void dataset_postgres(rq_t *r);
+
+/* ---- fallback_routes.c: reads answered by the warehouse (docs/fallback.md) ---- */
+/* Process-wide set-up from g_srv.cfg (before worker_init) and teardown (after the workers). */
+void fb_global_init(void);
+void fb_global_free(void);
+/* Per worker: the warehouse client and fallback loop on w->base; free from its thread. */
+void fb_worker_init(worker_t *w);
+void fb_worker_free(worker_t *w);
+/* Decides whether a validated dataset request goes to the warehouse (values
+ * per ds->params, defaults applied; raw = their request texts). True when it
+ * took the request (it replies); false: the caller runs it on Postgres. */
+bool fb_dataset(rq_t *r, const tp_defs_value_t *values, const char *const *raw);
+/* True when path is /api/v1/statements/{id}; *id points into path. */
+bool fb_statement_path(const char *path, const char **id);
+/* GET (poll, Prefer: wait) and DELETE (cancel) /api/v1/statements/{id}. */
+void h_statement(rq_t *r, const char *id);
+/* Appends the fallback's Prometheus metrics (tidepool_fallback_*) to b. */
+void fb_metrics(tp_buf_t *b);
+/* Adds /api/v1/statements/{id} to an OpenAPI paths object, and the fallback's
+ * answers (202, 401, 429, 502, 504) to the datasets of set that have a twin. */
+struct json_t;
+void fb_openapi(struct json_t *paths, const tp_defs_set_t *set);
 
 /* ---- tables.c ---- */
 /* Reflects @expose tables with a blocking connection (status thread only).

@@ -45,6 +45,14 @@ typedef struct tp_config {
         char *catalog;
         char *schema;
         int64_t timeout_ms;
+        /* fallback reads (DESIGN §9, docs/fallback.md) */
+        int64_t max_in_flight;      /* fallback statements running at once, all threads */
+        int64_t wait_ms;            /* default wait budget before answering 202 */
+        int64_t max_wait_ms;        /* cap of Prefer: wait=N */
+        int64_t result_cache_bytes; /* result cache bound (bytes, whole process) */
+        int64_t max_result_bytes;   /* one result held in memory at most */
+        int64_t result_ttl_ms;      /* cached results and finished handles live this long */
+        int64_t abandon_ms;         /* unpolled statement nobody waits for: cancelled */
     } warehouse;
     struct {
         char *definitions;

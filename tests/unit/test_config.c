@@ -729,6 +729,43 @@ static char *reference_text(void)
     return text;
 }
 
+static void fallback_settings(void)
+{
+    clear_env();
+    tp_config_t c = {0};
+    char err[512] = "";
+    CHECK(tp_config_load(&c, NULL, err, sizeof err));
+    CHECK_INT_EQ(c.warehouse.max_in_flight, 64);
+    CHECK_INT_EQ(c.warehouse.wait_ms, 10000);
+    CHECK_INT_EQ(c.warehouse.max_wait_ms, 30000);
+    CHECK_INT_EQ(c.warehouse.result_cache_bytes, 64LL << 20);
+    CHECK_INT_EQ(c.warehouse.max_result_bytes, 16LL << 20);
+    CHECK_INT_EQ(c.warehouse.result_ttl_ms, 300000);
+    CHECK_INT_EQ(c.warehouse.abandon_ms, 60000);
+    tp_config_free(&c);
+    CHECK_MSG(load_text(&c,
+                        "[warehouse]\nmax_in_flight = 3\nwait = 0\nmax_wait = 2m\n"
+                        "result_cache_bytes = 0\nmax_result_bytes = 1M\nresult_ttl = 0\n"
+                        "abandon_after = 250ms\n",
+                        err, sizeof err),
+              "%s", err);
+    CHECK_INT_EQ(c.warehouse.max_in_flight, 3);
+    CHECK_INT_EQ(c.warehouse.wait_ms, 0);
+    CHECK_INT_EQ(c.warehouse.max_wait_ms, 120000);
+    CHECK_INT_EQ(c.warehouse.result_cache_bytes, 0);
+    CHECK_INT_EQ(c.warehouse.max_result_bytes, 1LL << 20);
+    CHECK_INT_EQ(c.warehouse.abandon_ms, 250);
+    tp_config_free(&c);
+    EXPECT_ERR("[warehouse]\nmax_in_flight = 0\n", 2,
+               "invalid value \"0\" for warehouse.max_in_flight: expected an integer from 1 to "
+               "100000");
+    EXPECT_ERR("[warehouse]\nmax_wait = 5s\nwait = 20s\n", 3,
+               "warehouse.wait (20000 ms) is longer than warehouse.max_wait (5000 ms)");
+    EXPECT_ERR("[warehouse]\nmax_result_bytes = 10\n", 2,
+               "invalid value \"10\" for warehouse.max_result_bytes: expected a size from 1k to "
+               "16G (like 64k, 16M)");
+}
+
 static void reference_lists_every_setting(void)
 {
     char *ref = reference_text();
@@ -925,6 +962,7 @@ int main(void)
     TP_RUN(dsn_masking);
     TP_RUN(errors_never_show_secrets);
     TP_RUN(auth_settings);
+    TP_RUN(fallback_settings);
     TP_RUN(reference_lists_every_setting);
     TP_RUN(reload_reports_restart_needed);
     TP_RUN(mutated_files_fail_cleanly);
