@@ -24,6 +24,7 @@
 #include "tidepool/defs.h"
 #include "tidepool/log.h"
 #include "tidepool/migrate.h"
+#include "shipper.h"
 #include "tidepool/notify.h"
 #include "tidepool/pg.h"
 #include "tidepool/wh.h"
@@ -75,6 +76,7 @@ typedef struct syncd {
     int once_failed;
     /* shutdown */
     bool stopping;
+    tp_shipper_t *shipper; /* outbox shipper thread (daemon mode only) */
     struct event *ev_term, *ev_int, *ev_hup, *ev_progress, *ev_listen_check, *ev_deadline;
     tp_pgasync_t *listen;
     tp_notify_wd_t *wd;
@@ -440,6 +442,7 @@ static void begin_shutdown(syncd_t *d, const char *why)
         return;
     d->stopping = true;
     tp_notify_stopping();
+    tp_shipper_request_stop(d->shipper);
     tp_info("shutting down (%s): cancelling %d run(s) in flight", why, d->running);
     for (size_t i = 0; i < d->n_slots; i++) {
         evtimer_del(d->slots[i]->timer);
@@ -522,6 +525,11 @@ static char *password_from_file(void *arg)
     while (len > 0 && (s[len - 1] == '\n' || s[len - 1] == '\r' || s[len - 1] == ' '))
         s[--len] = '\0';
     return s;
+}
+
+char *tp_syncd_password(void)
+{
+    return password_from_file(NULL);
 }
 
 /* ---- entry ---- */
@@ -650,6 +658,7 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
         }
     } else {
         install(&d, set, true);
+        d.shipper = tp_shipper_start(cfg);
         tp_info("tidepool-sync running %zu job(s), at most %d at once", d.n_slots, d.max_running);
         listen_start(&d);
         d.ev_listen_check = event_new(d.base, -1, EV_PERSIST, on_listen_check, &d);
@@ -663,6 +672,7 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
     if (!(opts->once && d.once_pending == 0))
         event_base_dispatch(d.base);
 
+    tp_shipper_stop(d.shipper); /* after at most the batch in flight (~5 s) */
     if (d.progress_shown)
         fprintf(stderr, "\n");
     int status = 0;

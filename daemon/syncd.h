@@ -25,6 +25,10 @@ bool tp_syncd_check(const char *dir, FILE *out, FILE *err) TP_WUR;
  * the count applied, or the error naming the file; returns success. */
 bool tp_syncd_migrate(const tp_config_t *cfg) TP_WUR;
 
+/* A fresh Postgres password from $TIDEPOOL_PGPASSWORD_FILE (owned), or NULL when
+ * unset or unreadable (warned): read again for every new connection. */
+char *tp_syncd_password(void);
+
 /* Runs the daemon (or the --once pass) with cfg (borrowed for the whole run).
  * Returns the process exit status: 0 ok, 1 a run failed (--once) or a runtime
  * failure, 2 configuration error (bad definitions at start-up, unknown job). */

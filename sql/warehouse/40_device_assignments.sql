@@ -1,12 +1,15 @@
 -- Demo lakehouse, step 4: device_assignments, which watch a user wears. The
 -- Postgres table app.device_assignments is written by the demo form and
--- mirrored here by the write-back shipper (MERGE INTO on user_id, device_id).
+-- mirrored here by the write-back shipper (MERGE INTO on device_id).
 -- Seeded with each user's watches as silver_sensors uses them (20_sensors.sql).
 CREATE TABLE iot.device_assignments (
     user_id     integer NOT NULL,
     device_id   integer NOT NULL,
     assigned_at timestamptz NOT NULL,
     note        text,
+    -- the mirror's MERGE writes every column of app.device_assignments
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    version     bigint NOT NULL DEFAULT 1,
     PRIMARY KEY (user_id, device_id)
 );
 

@@ -1,0 +1,270 @@
+/* tidepool-sync ships the write-back outbox: the harness Postgres with the
+ * migrations applied, rows written to app.device_assignments through the
+ * write-back plans (insert, several updates per key, deletes), the emulator over
+ * a lakehouse database holding iot.device_assignments as sql/warehouse creates
+ * it, and the real daemon with no sync jobs. Checked: the warehouse converges to
+ * exactly the Postgres rows and each outbox row is shipped once (attempts = 1,
+ * one "outbox_shipped" log line per row; a second daemon stands by, then takes
+ * over when the first stops); kill -9 with a MERGE in flight (latency
+ * fault) then a restart converges with no duplicates and an empty backlog;
+ * SIGTERM while shipping exits 0 within 10 s. */
+#include <libpq-fe.h>
+
+#include "sync_fixture.h"
+#include "tidepool/migrate.h"
+#include "tidepool/util.h"
+#include "tidepool/writeback.h"
+
+static tp_wb_schema_t *schema;
+static PGconn *conn;
+
+/* CREATE SCHEMA iot + the CREATE TABLE of sql/warehouse/40_device_assignments.sql. */
+static char *lake_ddl(void)
+{
+    const char *root = getenv("TP_ROOT");
+    char *path = fx_printf("%s/sql/warehouse/40_device_assignments.sql", root ? root : ".");
+    char *text = tp_read_file(path, NULL);
+    free(path);
+    if (text == NULL)
+        return NULL;
+    char *start = strstr(text, "CREATE TABLE iot.device_assignments");
+    char *end = start ? strstr(start, ");\n") : NULL;
+    char *ddl = end ? fx_printf("CREATE SCHEMA iot; %.*s);", (int)(end - start), start) : NULL;
+    free(text);
+    return ddl;
+}
+
+/* One write through the write-back plan (resent as tp_wb_finish asks); returns the status. */
+static int wb(tp_wb_op_t op, const char *pk, const char *body, const char *if_match)
+{
+    static const char *methods[] = {"POST", "PATCH", "DELETE"};
+    const tp_wb_table_t *t = tp_wb_find(schema, "app.device_assignments");
+    if (t == NULL)
+        return -1;
+    char path[128];
+    snprintf(path, sizeof path, "/api/v1/tables/app.device_assignments%s%s", pk ? "/" : "",
+             pk ? pk : "");
+    tp_wb_request_t r = {.op = op, .method = methods[op], .path = path, .pk = pk, .body = body,
+                         .body_len = body ? strlen(body) : 0, .if_match = if_match,
+                         .actor = "alice", .request_id = "req-outbox", .key_ttl_s = 3600};
+    tp_wb_answer_t ans;
+    tp_wb_call_t *call;
+    if (!tp_wb_prepare(t, &r, &call, &ans)) {
+        int st = ans.status;
+        fprintf(stderr, "# prepare: %s\n", ans.body ? ans.body : "");
+        tp_wb_answer_free(&ans);
+        return st;
+    }
+    for (;;) {
+        PGresult *res = PQexecParams(conn, call->sql, call->nparams, NULL, call->params, NULL, NULL, 0);
+        tp_wb_next_t next = tp_wb_finish(call, res, PQstatus(conn) == CONNECTION_OK ? NULL : "lost", &ans);
+        PQclear(res);
+        if (next == TP_WB_ANSWER)
+            break;
+    }
+    tp_wb_call_free(call);
+    int st = ans.status;
+    tp_wb_answer_free(&ans);
+    return st;
+}
+
+/* Devices first..last: insert, two updates, and every fourth one deleted. */
+static void write_changes(int first, int last, int round)
+{
+    for (int d = first; d <= last; d++) {
+        char pk[16], body[160];
+        snprintf(pk, sizeof pk, "%d", d);
+        snprintf(body, sizeof body, "{\"device_id\":%d,\"user_id\":%d,\"note\":\"r%d it's \\\"new\\\"\"}",
+                 d, d % 5 + 1, round);
+        CHECK_INT_EQ(wb(TP_WB_INSERT, NULL, body, NULL), 201);
+        snprintf(body, sizeof body, "{\"note\":\"r%d first edit\"}", round);
+        CHECK_INT_EQ(wb(TP_WB_UPDATE, pk, body, "\"1\""), 200);
+        snprintf(body, sizeof body, "{\"user_id\":%d,\"note\":null}", d % 7 + 1);
+        CHECK_INT_EQ(wb(TP_WB_UPDATE, pk, body, "\"2\""), 200);
+        if (d % 4 == 0)
+            CHECK_INT_EQ(wb(TP_WB_DELETE, pk, NULL, "\"3\""), 200);
+    }
+}
+
+#define ROWS_SQL                                                                                   \
+    "SELECT coalesce(string_agg(d::text, E'\\n' ORDER BY device_id), '') FROM (SELECT device_id, " \
+    "user_id, assigned_at, note, updated_at, version FROM %s) d"
+
+/* The warehouse table equals app.device_assignments, with one row per device. */
+static void check_converged(const char *what)
+{
+    char *a = fx_printf(ROWS_SQL, "iot.device_assignments");
+    char *b = fx_printf(ROWS_SQL, "app.device_assignments");
+    char *got = fx_sql(fx.wh_dsn, a), *want = fx_sql(fx.dsn, b);
+    CHECK_MSG(got && want && strcmp(got, want) == 0, "%s: warehouse differs:\n%s\nwant:\n%s", what,
+              got ? got : "(err)", want ? want : "(err)");
+    CHECK_INT_EQ(fx_num(fx.wh_dsn, "SELECT count(*) - count(DISTINCT device_id) FROM iot.device_assignments"), 0);
+    CHECK(fx_num(fx.dsn, "SELECT count(*) FROM app.device_assignments") > 0);
+    free(a);
+    free(b);
+    free(got);
+    free(want);
+}
+
+static int count_in(const char *text, const char *needle)
+{
+    int n = 0;
+    for (const char *p = text; (p = strstr(p, needle)) != NULL; p += strlen(needle))
+        n++;
+    return n;
+}
+
+/* Sum of the "rows" of the outbox_shipped lines of a daemon log. */
+static long long shipped_rows(const char *log)
+{
+    long long sum = 0;
+    for (const char *p = log; (p = strstr(p, "\"outbox_shipped\"")) != NULL; p++) {
+        const char *eol = strchr(p, '\n');
+        const char *r = strstr(p, "\"rows\":\"");
+        if (r && (!eol || r < eol))
+            sum += atoll(r + 8);
+    }
+    return sum;
+}
+
+static bool setup(void)
+{
+    char *ddl = lake_ddl();
+    CHECK_MSG(ddl != NULL, "no CREATE TABLE iot.device_assignments in sql/warehouse");
+    if (ddl == NULL || !fx_setup("test_sync_outbox", ddl, NULL)) {
+        free(ddl);
+        return false;
+    }
+    free(ddl);
+    CHECK_INT_EQ(fx_num(fx.wh_dsn, "SELECT count(*) FROM iot.device_assignments"), 0);
+    conn = PQconnectdb(fx.dsn);
+    char err[512] = "";
+    int applied = 0;
+    bool ok = PQstatus(conn) == CONNECTION_OK &&
+              tp_migrate_apply(conn, tp_migrate_default_dir(), &applied, err, sizeof err);
+    CHECK_MSG(ok, "migrations: %s%s", err, PQerrorMessage(conn));
+    schema = ok ? tp_wb_reflect(conn, err, sizeof err) : NULL;
+    CHECK_MSG(schema != NULL, "reflect: %s", err);
+    return schema != NULL;
+}
+
+static void test_outbox_ships(void)
+{
+    write_changes(1, 12, 1);
+    long long rows = fx_num(fx.dsn, "SELECT count(*) FROM tidepool.writeback_outbox");
+    CHECK_INT_EQ(rows, 12 * 3 + 3);
+    char *dir = fx_jobs_dir("nojobs");
+    char *conf = fx_config("outbox", dir, 2);
+    pid_t d = fx_daemon(conf, "outbox1.log");
+    CHECK(d > 0);
+    CHECK(fx_wait_value(TP_WB_BACKLOG_SQL, "0", 20000));
+    check_converged("first daemon");
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM tidepool.writeback_outbox WHERE shipped_at IS "
+                                "NOT NULL AND attempts = 1 AND statement_id IS NOT NULL"),
+                 rows);
+    /* a second daemon stands by; later writes are picked up by the running one */
+    pid_t d2 = fx_daemon(conf, "outbox1b.log");
+    CHECK(d2 > 0);
+    write_changes(13, 16, 2);
+    CHECK(fx_wait_value(TP_WB_BACKLOG_SQL, "0", 10000));
+    check_converged("later writes");
+    CHECK_INT_EQ(tp_test_stop(d, 10000), 0);
+    /* the standby takes over */
+    write_changes(25, 26, 5);
+    CHECK(fx_wait_value(TP_WB_BACKLOG_SQL, "0", 15000));
+    check_converged("standby took over");
+    CHECK_INT_EQ(tp_test_stop(d2, 10000), 0);
+    char *log = fx_read_log("outbox1.log");
+    char *log2 = fx_read_log("outbox1b.log");
+    CHECK_CONTAINS(log2, "standing by");
+    CHECK_INT_EQ(shipped_rows(log2), 2 * 3); /* devices 25 and 26: insert + 2 updates */
+    long long all = fx_num(fx.dsn, "SELECT count(*) FROM tidepool.writeback_outbox");
+    CHECK_INT_EQ(shipped_rows(log) + shipped_rows(log2), all); /* each outbox row shipped once */
+    free(log2);
+    CHECK_INT_EQ(count_in(log, "outbox_ship_failed"), 0);
+    const char *line = strstr(log, "\"outbox_shipped\"");
+    const char *bol = line ? line : log;
+    while (bol > log && bol[-1] != '\n')
+        bol--;
+    const char *eol = strchr(bol, '\n');
+    fprintf(stderr, "# %lld outbox rows in %d batches; e.g. %.*s\n", all, count_in(log, "\"outbox_shipped\""),
+            (int)(eol ? eol - bol : 200), bol);
+    CHECK(strstr(log, "tok-sync-test") == NULL); /* no secret in the log */
+    free(log);
+    free(conf);
+    free(dir);
+}
+
+/* Starts the daemon with a slow warehouse and waits until a MERGE is in flight. */
+static pid_t daemon_mid_shipment(const char *conf, const char *log)
+{
+    CHECK(fx_faults("latency=1500@execute"));
+    pid_t d = fx_daemon(conf, log);
+    CHECK(d > 0);
+    CHECK(fx_wait_value("SELECT count(*)::text FROM pg_stat_activity WHERE application_name = "
+                        "'tidepool-sync shipper'",
+                        "1", 10000));
+    usleep(800 * 1000); /* lock, reflect, read the batch, POST waiting in the fault */
+    return d;
+}
+
+static void test_crash_and_sigterm(void)
+{
+    char *dir = fx_jobs_dir("nojobs2");
+    char *conf = fx_config("outbox2", dir, 2);
+    /* updates of shipped rows, and new ones */
+    for (int dev = 1; dev <= 16; dev++) {
+        if (dev % 4 == 0)
+            continue;
+        char pk[16];
+        snprintf(pk, sizeof pk, "%d", dev);
+        CHECK_INT_EQ(wb(TP_WB_UPDATE, pk, "{\"note\":\"after crash\"}", "\"3\""), 200);
+    }
+    write_changes(17, 20, 3);
+    CHECK(fx_num(fx.dsn, TP_WB_BACKLOG_SQL) > 0);
+    pid_t d = daemon_mid_shipment(conf, "outbox2.log");
+    kill(d, SIGKILL);
+    int st;
+    waitpid(d, &st, 0);
+    CHECK(WIFSIGNALED(st));
+    usleep(1800 * 1000); /* the emulator finishes the MERGE the dead daemon sent */
+    /* applied in the warehouse but never marked shipped: the restart ships it again */
+    long long landed = fx_num(fx.wh_dsn, "SELECT count(*) FROM iot.device_assignments WHERE device_id = 17");
+    long long unmarked = fx_num(fx.dsn, "SELECT count(*) FROM tidepool.writeback_outbox WHERE "
+                                        "pk->>'device_id' = '17' AND op = 'insert' AND shipped_at IS NULL");
+    fprintf(stderr, "# after kill -9: device 17 in the warehouse %lld, its insert unmarked %lld\n", landed, unmarked);
+    CHECK_INT_EQ(unmarked, 1);
+    CHECK(fx_faults(NULL));
+    d = fx_daemon(conf, "outbox3.log");
+    CHECK(fx_wait_value(TP_WB_BACKLOG_SQL, "0", 20000));
+    check_converged("after kill -9");
+    CHECK_INT_EQ(tp_test_stop(d, 10000), 0);
+
+    /* SIGTERM with a MERGE in flight: exits 0 within the 10 s budget */
+    write_changes(21, 24, 4);
+    d = daemon_mid_shipment(conf, "outbox4.log");
+    long long t0 = fx_ms();
+    CHECK_INT_EQ(tp_test_stop(d, 10000), 0);
+    long long took = fx_ms() - t0;
+    CHECK_MSG(took < 10000, "SIGTERM took %lld ms", took);
+    fprintf(stderr, "# SIGTERM with a MERGE in flight: exited in %lld ms\n", took);
+    CHECK(fx_faults(NULL));
+    d = fx_daemon(conf, "outbox5.log");
+    CHECK(fx_wait_value(TP_WB_BACKLOG_SQL, "0", 20000));
+    check_converged("after SIGTERM");
+    CHECK_INT_EQ(tp_test_stop(d, 10000), 0);
+    free(conf);
+    free(dir);
+}
+
+int main(void)
+{
+    if (!setup())
+        return tp_test_done();
+    TP_RUN(test_outbox_ships);
+    TP_RUN(test_crash_and_sigterm);
+    tp_wb_schema_unref(schema);
+    PQfinish(conn);
+    fx_stop_emulator();
+    return tp_test_done();
+}
