@@ -522,8 +522,12 @@ static void conn_start(conn_t *c)
         conn_connect(c);
         return;
     }
-    char *refused = c->refused ? c->password : NULL;
-    c->password = NULL;
+    char *refused = NULL;
+    if (c->refused) { /* handed to the provider, then burnt below */
+        refused = c->password;
+        c->password = NULL;
+    }
+    forget_password(c);
     c->refused = false;
     c->st = C_PASSWORD;
     timer_in(c, c->connect_timeout_ms);

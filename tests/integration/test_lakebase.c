@@ -362,6 +362,13 @@ static void spy_cancel(void *h)
     SPY.inner.cancel(h);
 }
 
+static void on_note(const char *channel, const char *payload, void *arg)
+{
+    (void)channel;
+    (void)payload;
+    (*(int *)arg)++;
+}
+
 static bool pool_query(tp_pgpool_t *pool, const char *sql, qdone_t *d, int timeout_ms)
 {
     int64_t end = tp_now_ms() + timeout_ms;
@@ -440,12 +447,11 @@ static void pool_reconnects_with_fresh_token(void)
 
     /* a LISTEN connection takes its password from the provider too */
     int notes = 0;
-    tp_pglisten_t *lsn = tp_pglisten_new_pw(BASE, LB_DSN, "lb_test", 5000, &pw, NULL, NULL);
-    (void)notes;
-    int64_t end = tp_now_ms() + 10000;
-    while (!tp_pglisten_up(lsn) && tp_now_ms() < end)
-        run_until(&zero, 1, 20);
+    tp_pglisten_t *lsn = tp_pglisten_new_pw(BASE, LB_DSN, "lb_test", 5000, &pw, on_note, &notes);
+    CHECK(run_until(&notes, 1, 10000)); /* the resync call after connecting */
     CHECK(tp_pglisten_up(lsn));
+    free(tp_test_sql(DSN, "NOTIFY lb_test, 'hello'"));
+    CHECK(run_until(&notes, 2, 5000));
 
     tp_pglisten_free(lsn);
     tp_pgpool_free(pool);
