@@ -45,7 +45,8 @@ struct tp_lakebase {
     uint32_t magic;
     struct event_base *base;
     tp_wh_t *wh;
-    bool blocking; /* owns base and wh */
+    bool blocking; /* owns base (and wh) */
+    bool own_wh;
     char *instance;
     char *endpoint;
     int64_t refresh_before_ms;
@@ -325,6 +326,29 @@ tp_lakebase_t *tp_lakebase_new(struct event_base *base, tp_wh_t *wh, const tp_la
     return make(base, wh, cfg, err);
 }
 
+static const char *nonempty(const char *s)
+{
+    return s != NULL && *s != '\0' ? s : NULL;
+}
+
+tp_lakebase_t *tp_lakebase_new_on(struct event_base *base, const tp_wh_config_t *whcfg,
+                                  const tp_lakebase_config_t *cfg, char **err)
+{
+    tp_wh_config_t c = *whcfg;
+    if (c.warehouse_id == NULL || c.warehouse_id[0] == '\0')
+        c.warehouse_id = "-"; /* only workspace API calls are made */
+    tp_wh_t *wh = tp_wh_new(base, &c, err);
+    if (wh == NULL)
+        return NULL;
+    tp_lakebase_t *lb = make(base, wh, cfg, err);
+    if (lb == NULL) {
+        tp_wh_free(wh);
+        return NULL;
+    }
+    lb->own_wh = true;
+    return lb;
+}
+
 tp_lakebase_t *tp_lakebase_new_blocking(const tp_wh_config_t *whcfg, const tp_lakebase_config_t *cfg,
                                         char **err)
 {
@@ -334,22 +358,33 @@ tp_lakebase_t *tp_lakebase_new_blocking(const tp_wh_config_t *whcfg, const tp_la
         *err = tp_xstrdup("Lakebase: cannot create an event loop");
         return NULL;
     }
-    tp_wh_config_t c = *whcfg;
-    if (c.warehouse_id == NULL || c.warehouse_id[0] == '\0')
-        c.warehouse_id = "-"; /* only workspace API calls are made */
-    tp_wh_t *wh = tp_wh_new(base, &c, err);
-    if (wh == NULL) {
-        event_base_free(base);
-        return NULL;
-    }
-    tp_lakebase_t *lb = make(base, wh, cfg, err);
+    tp_lakebase_t *lb = tp_lakebase_new_on(base, whcfg, cfg, err);
     if (lb == NULL) {
-        tp_wh_free(wh);
         event_base_free(base);
         return NULL;
     }
     lb->blocking = true;
     return lb;
+}
+
+bool tp_lakebase_from_config(const tp_config_t *c, tp_lakebase_config_t *lc, tp_wh_config_t *wc)
+{
+    tp_lakebase_config_init(lc);
+    tp_wh_config_init(wc);
+    if (c->postgres.password_source == NULL || strcmp(c->postgres.password_source, "lakebase") != 0)
+        return false;
+    lc->instance = nonempty(c->postgres.lakebase_instance);
+    lc->endpoint = nonempty(c->postgres.lakebase_endpoint);
+    if (c->postgres.lakebase_refresh_before_ms > 0)
+        lc->refresh_before_ms = c->postgres.lakebase_refresh_before_ms;
+    wc->host = c->warehouse.host;
+    wc->warehouse_id = nonempty(c->warehouse.warehouse_id);
+    wc->token = nonempty(c->warehouse.token);
+    if (wc->token == NULL) {
+        wc->client_id = nonempty(c->warehouse.client_id);
+        wc->client_secret = nonempty(c->warehouse.client_secret);
+    }
+    return true;
 }
 
 void tp_lakebase_free(tp_lakebase_t *lb)
@@ -368,10 +403,10 @@ void tp_lakebase_free(tp_lakebase_t *lb)
     drop_token(lb);
     free(lb->instance);
     free(lb->endpoint);
-    if (lb->blocking) {
+    if (lb->own_wh)
         tp_wh_free(lb->wh);
+    if (lb->blocking)
         event_base_free(lb->base);
-    }
     lb->magic = 0;
     free(lb);
 }

@@ -24,6 +24,7 @@
 
 #include <libpq-fe.h>
 
+#include "tidepool/config.h"
 #include "tidepool/pgasync.h"
 #include "tidepool/util.h"
 #include "tidepool/wh.h"
@@ -49,6 +50,10 @@ void tp_lakebase_config_init(tp_lakebase_config_t *c);
  * otherwise NULL with *err (heap, caller frees). */
 tp_lakebase_t *tp_lakebase_new(struct event_base *base, tp_wh_t *wh, const tp_lakebase_config_t *cfg,
                                char **err) TP_WUR;
+/* Same, with a warehouse client of its own on base, built from whcfg (its
+ * warehouse_id may be empty): one call per event loop for a server thread. */
+tp_lakebase_t *tp_lakebase_new_on(struct event_base *base, const tp_wh_config_t *whcfg,
+                                  const tp_lakebase_config_t *cfg, char **err) TP_WUR;
 /* Creates a blocking provider with its own event_base and warehouse client
  * built from whcfg (its warehouse_id may be empty: only workspace API calls are
  * made). For start-up, command-line tools and threads without a loop. */
@@ -57,6 +62,12 @@ tp_lakebase_t *tp_lakebase_new_blocking(const tp_wh_config_t *whcfg, const tp_la
 /* Frees the provider; pending waiters are dropped without their callback.
  * Never from inside one of its callbacks. NULL is a no-op. */
 void tp_lakebase_free(tp_lakebase_t *lb);
+
+/* Reads a loaded configuration: false when postgres.password_source is not
+ * "lakebase"; else fills *lc (instance, endpoint, refresh_before) and *wc (a
+ * tp_wh_config_init'd client config with [warehouse] host, token, client id and
+ * secret); strings are borrowed from c. */
+bool tp_lakebase_from_config(const tp_config_t *c, tp_lakebase_config_t *lc, tp_wh_config_t *wc);
 
 /* Answer to tp_lakebase_get: token borrowed for the call, NULL with err on failure. */
 typedef void (*tp_lakebase_cb)(const char *token, const char *err, void *arg);

@@ -17,6 +17,7 @@
 
 #include <event2/event.h>
 
+#include "tidepool/config.h"
 #include "tidepool/lakebase.h"
 #include "tidepool/log.h"
 #include "tidepool/pg.h"
@@ -386,20 +387,28 @@ static bool pool_query(tp_pgpool_t *pool, const char *sql, qdone_t *d, int timeo
 static void pool_reconnects_with_fresh_token(void)
 {
     BASE = event_base_new();
-    tp_wh_config_t wc;
-    wh_cfg(&wc, true);
-    char *err = NULL;
-    tp_wh_t *wh = tp_wh_new(BASE, &wc, &err);
-    CHECK_MSG(wh != NULL, "wh: %s", err ? err : "?");
-    free(err);
+    /* configured the way the server is: [warehouse] OAuth client + [postgres] lakebase */
+    char *text = tp_xasprintf("[warehouse]\nhost = %s\nclient_id = " CLIENT_ID "\n"
+                              "client_secret = " CLIENT_SECRET "\n[postgres]\n"
+                              "password_source = lakebase\nlakebase_instance = tidepool-instance\n",
+                              URL);
+    char *path = tp_test_write_tmp("tidepool.conf", text);
+    tp_config_t cfg = {0};
+    char cerr[512];
+    CHECK_MSG(tp_config_load(&cfg, path, cerr, sizeof cerr), "config: %s", cerr);
+    free(text);
+    free(path);
     tp_lakebase_config_t lc;
-    tp_lakebase_config_init(&lc);
-    lc.instance = "tidepool-instance";
-    tp_lakebase_t *lb = wh ? tp_lakebase_new(BASE, wh, &lc, &err) : NULL;
+    tp_wh_config_t wc;
+    CHECK(tp_lakebase_from_config(&cfg, &lc, &wc));
+    CHECK_STR_EQ(lc.instance, "tidepool-instance");
+    CHECK(wc.token == NULL && wc.client_id != NULL);
+    char *err = NULL;
+    tp_lakebase_t *lb = tp_lakebase_new_on(BASE, &wc, &lc, &err);
     CHECK_MSG(lb != NULL, "provider: %s", err ? err : "?");
     free(err);
+    tp_config_free(&cfg);
     if (lb == NULL) {
-        tp_wh_free(wh);
         event_base_free(BASE);
         return;
     }
@@ -456,7 +465,6 @@ static void pool_reconnects_with_fresh_token(void)
     tp_pglisten_free(lsn);
     tp_pgpool_free(pool);
     tp_lakebase_free(lb);
-    tp_wh_free(wh);
     event_base_free(BASE);
 }
 
