@@ -293,6 +293,52 @@ static void bad_configuration_and_refused_credentials(void)
     tp_lakebase_free(lb);
 }
 
+/* POST /admin/faults on the emulator (test plumbing). */
+static bool faults(const char *spec)
+{
+    char *cmd = tp_xasprintf("curl -sf -o /dev/null -H 'Authorization: Bearer " PAT "' "
+                             "-X %s -d '{\"spec\":\"%s\"}' %s/admin/faults",
+                             spec ? "POST" : "DELETE", spec ? spec : "", URL);
+    char *out = NULL;
+    int rc = tp_test_cmd(cmd, &out);
+    free(cmd);
+    free(out);
+    return rc == 0;
+}
+
+static void credential_endpoint_faults(void)
+{
+    tp_lakebase_t *lb = blocking_provider(false, "tidepool-instance", NULL);
+    if (lb == NULL)
+        return;
+    /* a 503 with Retry-After is retried by the workspace client */
+    CHECK(faults("status=503x1@lakebase,retry_after=1"));
+    char *err = NULL;
+    int64_t t0 = tp_now_ms();
+    char *tok = tp_lakebase_token(lb, NULL, &err);
+    CHECK_MSG(tok != NULL, "token after a 503: %s", err ? err : "?");
+    CHECK(tp_now_ms() - t0 >= 900);
+    if (tok)
+        seen(tok);
+    free(tok);
+    free(err);
+    err = NULL;
+    tp_lakebase_free(lb);
+    /* a failing endpoint: retried within the budget (3 s here), then a precise error */
+    lb = blocking_provider(false, "tidepool-instance", NULL);
+    CHECK(faults("status=500x100@lakebase"));
+    tok = lb ? tp_lakebase_token(lb, NULL, &err) : NULL;
+    CHECK(faults(NULL));
+    CHECK(tok == NULL);
+    CHECK_CONTAINS(err, "POST /api/2.0/database/credentials: HTTP 500: INTERNAL_ERROR");
+    free(err);
+    tp_lakebase_stats_t st;
+    tp_lakebase_stats(lb, &st);
+    CHECK_INT_EQ(st.mint_failures, 1);
+    CHECK_INT_EQ(st.mints, 0);
+    tp_lakebase_free(lb);
+}
+
 /* ---- async provider and the pool ---- */
 
 static struct event_base *BASE;
@@ -562,6 +608,7 @@ int main(void)
     TP_RUN(expired_token_old_session_lives_new_login_refreshes);
     TP_RUN(rotated_password_remints_once);
     TP_RUN(bad_configuration_and_refused_credentials);
+    TP_RUN(credential_endpoint_faults);
     TP_RUN(pool_reconnects_with_fresh_token);
     TP_RUN(free_with_request_in_flight);
     TP_RUN(no_token_in_any_log);
