@@ -13,6 +13,7 @@
  * tp_pg_error_transient (lib/pg.c). */
 #include "tidepool/lakebase.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +48,7 @@ struct tp_lakebase {
     tp_wh_t *wh;
     bool blocking; /* owns base (and wh) */
     bool own_wh;
+    pthread_mutex_t mu; /* blocking providers: one caller at a time drives the loop */
     char *instance;
     char *endpoint;
     int64_t refresh_before_ms;
@@ -364,6 +366,7 @@ tp_lakebase_t *tp_lakebase_new_blocking(const tp_wh_config_t *whcfg, const tp_la
         return NULL;
     }
     lb->blocking = true;
+    pthread_mutex_init(&lb->mu, NULL);
     return lb;
 }
 
@@ -405,8 +408,10 @@ void tp_lakebase_free(tp_lakebase_t *lb)
     free(lb->endpoint);
     if (lb->own_wh)
         tp_wh_free(lb->wh);
-    if (lb->blocking)
+    if (lb->blocking) {
         event_base_free(lb->base);
+        pthread_mutex_destroy(&lb->mu);
+    }
     lb->magic = 0;
     free(lb);
 }
@@ -467,12 +472,15 @@ char *tp_lakebase_token(tp_lakebase_t *lb, const char *refused, char **err)
     if (lb == NULL || lb->magic != LB_MAGIC || !lb->blocking)
         abort();
     sync_answer_t a = {0};
-    (void)tp_lakebase_get(lb, refused, on_sync_answer, &a);
+    pthread_mutex_lock(&lb->mu);
+    tp_lakebase_wait_t *w = tp_lakebase_get(lb, refused, on_sync_answer, &a);
     while (!a.done)
         if (event_base_loop(lb->base, EVLOOP_ONCE) < 0) {
-            *err = tp_xstrdup("Lakebase: event loop failed");
-            return NULL; /* unreachable in practice; the waiter stays until free */
+            tp_lakebase_cancel(w);
+            a.done = true;
+            a.err = tp_xstrdup("Lakebase: event loop failed");
         }
+    pthread_mutex_unlock(&lb->mu);
     if (a.token == NULL)
         *err = a.err ? a.err : tp_xstrdup("Lakebase: no credential");
     else

@@ -30,7 +30,7 @@ static char *opt_value(const char *comment, const char *key)
 
 tables_t *tables_reflect(const char *dsn, char *err, size_t errlen)
 {
-    PGconn *c = tp_pg_connect(dsn, 3000, err, errlen);
+    PGconn *c = srv_pg_connect(dsn, 3000, err, errlen);
     if (!c)
         return NULL;
     static const char *q =

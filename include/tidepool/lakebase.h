@@ -13,8 +13,9 @@
  * the cached token (28P01). The token is never logged nor put in an error.
  *
  * Threading: an asynchronous provider belongs to one event_base thread; a
- * blocking one (tp_lakebase_new_blocking) runs its own private loop and must
- * be used by one thread at a time. */
+ * blocking one (tp_lakebase_new_blocking) runs its own private loop under a
+ * mutex, so tp_lakebase_token / tp_lakebase_connect may be called from any
+ * thread (one mint at a time). */
 #ifndef TIDEPOOL_LAKEBASE_H
 #define TIDEPOOL_LAKEBASE_H
 
