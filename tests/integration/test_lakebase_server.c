@@ -1,0 +1,115 @@
+/* tidepool-server with postgres.password_source = lakebase, end to end: the
+ * server logs in to the harness Postgres as lb_srv, a role whose only password
+ * is the short-lived token tidepool-warehouse mints (--lakebase-ttl 3). The
+ * read pools, the LISTEN connections and the blocking start-up connects all
+ * get their password from the provider; after the token expired and the
+ * backends were terminated, the server reconnects with fresh tokens and keeps
+ * answering. No token appears in the server's log. */
+#include "../tp_test.h"
+
+#include "server_harness.h"
+
+#include "tidepool/log.h"
+#include "tidepool/pg.h"
+#include "tidepool/util.h"
+
+#define PAT "dapi-lakebase-server-pat"
+#define ROLE "lb_srv"
+
+static srv_h_t S;
+
+static int count_in(const char *path, const char *needle)
+{
+    char *text = tp_read_file(path, NULL);
+    int n = 0;
+    for (const char *p = text; p && (p = strstr(p, needle)) != NULL; p++)
+        n++;
+    free(text);
+    return n;
+}
+
+static char *sql1(const char *dsn, const char *sql)
+{
+    return tp_test_sql(dsn, sql);
+}
+
+static void server_runs_on_lakebase_tokens(void)
+{
+    (void)harness_setup; /* the harness's other helpers are not needed here */
+    (void)problem_field;
+    (void)hdr;
+    const char *dsn = tp_test_dsn();
+    if (dsn == NULL) {
+        tp_test_skip("test_lakebase_server", "no harness Postgres");
+        return;
+    }
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+    if (!harness_db(dsn)) {
+        tp_test_fail(__FILE__, __LINE__, "database set-up failed");
+        return;
+    }
+    free(sql1(tp_test_admin_dsn(), "DROP ROLE IF EXISTS " ROLE));
+    free(sql1(tp_test_admin_dsn(), "CREATE ROLE " ROLE " LOGIN IN ROLE tp_password_login"));
+    free(sql1(dsn, "GRANT USAGE ON SCHEMA iot, tidepool TO " ROLE ";"
+                   "GRANT SELECT ON ALL TABLES IN SCHEMA iot, tidepool TO " ROLE));
+
+    int eport = tp_test_free_port();
+    char listen[64], url[64], elog[512];
+    snprintf(listen, sizeof listen, "127.0.0.1:%d", eport);
+    snprintf(url, sizeof url, "http://127.0.0.1:%d", eport);
+    snprintf(elog, sizeof elog, "%s/emulator.log", tp_test_tmpdir());
+    const char *eargv[] = {tp_test_bin("tidepool-warehouse"), "--listen", listen, "--dsn", dsn,
+                           "--token", PAT, "--lakebase-role", ROLE, "--lakebase-ttl", "3", NULL};
+    pid_t epid = tp_test_spawn((char *const *)eargv, elog);
+    CHECK(epid > 0 && tp_test_wait_port(eport, 10000));
+
+    const char *port = getenv("PGPORT");
+    const char *db = strstr(dsn, "dbname=");
+    char lbdsn[512];
+    snprintf(lbdsn, sizeof lbdsn, "host=127.0.0.1 port=%s user=" ROLE " %s", port ? port : "5432",
+             db ? db : "");
+    char *extra = tp_xasprintf("[warehouse]\nhost = %s\ntoken = " PAT "\n"
+                               "[postgres]\npassword_source = lakebase\n"
+                               "lakebase_instance = tidepool-instance\n",
+                               url);
+    S.extra_conf = extra;
+    harness_write_defs(&S);
+    bool up = harness_start(&S, lbdsn, 2) && harness_ready(&S);
+    CHECK_MSG(up, "server did not get ready; see %s", S.log);
+    resp_t r = get(&S, "/api/v1/datasets/daily_metrics?user_id=1&until=2025-01-03");
+    CHECK_INT_EQ(r.status, 200);
+    resp_free(&r);
+    char *n = sql1(dsn, "SELECT count(*) FROM pg_stat_activity WHERE usename = '" ROLE "'");
+    CHECK_MSG(n && atoi(n) >= 3, "lb_srv sessions: %s", n ? n : "?"); /* pools + LISTEN */
+    free(n);
+    int mints = count_in(elog, "lakebase credential minted");
+    CHECK(mints >= 2); /* blocking start-up provider + loop providers */
+
+    /* the tokens expire; the backends die; the server comes back by itself */
+    usleep(3700 * 1000);
+    free(sql1(dsn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                   "WHERE usename = '" ROLE "'"));
+    usleep(300 * 1000);
+    r = await_status(&S, "/api/v1/datasets/users?prefix=user%201", 200, 100);
+    CHECK_INT_EQ(r.status, 200);
+    resp_free(&r);
+    CHECK(harness_ready(&S));
+    CHECK(count_in(elog, "lakebase credential minted") > mints);
+    n = sql1(dsn, "SELECT count(*) FROM pg_stat_activity WHERE usename = '" ROLE "'");
+    CHECK_MSG(n && atoi(n) >= 2, "lb_srv sessions after terminate: %s", n ? n : "?");
+    free(n);
+
+    harness_finish(&S);
+    CHECK_INT_EQ(tp_test_stop(epid, 5000), 0);
+    CHECK_INT_EQ(count_in(S.log ? S.log : "", "lbt-"), 0);
+    CHECK_INT_EQ(count_in(elog, "lbt-"), 0);
+    free(sql1(dsn, "DROP OWNED BY " ROLE));
+    free(sql1(tp_test_admin_dsn(), "DROP ROLE IF EXISTS " ROLE));
+    free(extra);
+}
+
+int main(void)
+{
+    TP_RUN(server_runs_on_lakebase_tokens);
+    return tp_test_done();
+}
