@@ -42,7 +42,7 @@ PROGRAMS := $(BINDIR)/tidepool-sync $(BINDIR)/tidepool-server $(BINDIR)/tidepool
 TESTBINS := $(patsubst tests/%.c,$(BUILDDIR)/tests/%,$(UNIT_SRCS))
 FUZZBINS := $(patsubst tests/%.c,$(BUILDDIR)/tests/%,$(FUZZ_SRCS))
 
-.PHONY: all check tests run install uninstall clean distclean deps bench fuzz
+.PHONY: all check tests run install uninstall clean distclean deps bench fuzz docs
 .SECONDARY:
 all: $(PROGRAMS)
 
@@ -105,6 +105,14 @@ run:
 
 deps:
 	scripts/install-deps.sh
+
+# Documentation generated from code (the settings reference).
+$(BUILDDIR)/tools/%: $(BUILDDIR)/tools/%.o $(LIBTP)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+docs: $(BUILDDIR)/tools/config_reference
+	@scripts/gen-docs.sh $<
 
 bench: all
 	@for b in bench/*; do [ -x "$$b" ] && [ -f "$$b" ] && echo "== $$b" && "$$b"; done; true

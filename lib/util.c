@@ -141,6 +141,28 @@ void tp_buf_printf(tp_buf_t *b, const char *fmt, ...)
     b->len += (size_t)n;
 }
 
+void tp_buf_sql_ident(tp_buf_t *b, const char *s)
+{
+    tp_buf_putc(b, '"');
+    for (; *s; s++) {
+        if (*s == '"')
+            tp_buf_putc(b, '"');
+        tp_buf_putc(b, *s);
+    }
+    tp_buf_putc(b, '"');
+}
+
+int tp_hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
 void tp_buf_json_str(tp_buf_t *b, const char *s)
 {
     static const char hex[] = "0123456789abcdef";

@@ -449,17 +449,6 @@ static bool string_end(tp_whjson_t *p, size_t at)
     return true;
 }
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* Consumes string bytes from data[*i]; returns false on error. */
 static bool string_bytes(tp_whjson_t *p, const char *data, size_t len, size_t *i)
 {
@@ -521,7 +510,7 @@ static bool string_bytes(tp_whjson_t *p, const char *data, size_t len, size_t *i
             break;
         }
         case E_U: {
-            int h = hexval(c);
+            int h = tp_hexval(c);
             if (h < 0)
                 return fail(p, at, "invalid \\u escape digit %s", shown(c, sh));
             p->ucode = (p->ucode << 4) | (uint32_t)h;

@@ -385,17 +385,6 @@ void tp_wb_json_schema(const tp_wb_table_t *t, tp_buf_t *out)
 
 /* ---- SQL text helpers ---- */
 
-static void put_ident(tp_buf_t *b, const char *s)
-{
-    tp_buf_putc(b, '"');
-    for (; *s; s++) {
-        if (*s == '"')
-            tp_buf_putc(b, '"');
-        tp_buf_putc(b, *s);
-    }
-    tp_buf_putc(b, '"');
-}
-
 static void put_literal(tp_buf_t *b, const char *s)
 {
     tp_buf_putc(b, '\'');
@@ -409,9 +398,9 @@ static void put_literal(tp_buf_t *b, const char *s)
 
 static void put_table(tp_buf_t *b, const tp_wb_table_t *t)
 {
-    put_ident(b, t->schema);
+    tp_buf_sql_ident(b, t->schema);
     tp_buf_putc(b, '.');
-    put_ident(b, t->name);
+    tp_buf_sql_ident(b, t->name);
 }
 
 /* The value of column c taken from the jsonb expression src (cast to its type). */
@@ -439,7 +428,7 @@ static void put_pk_object(tp_buf_t *b, const tp_wb_table_t *t, const char *alias
             tp_buf_puts(b, ", ");
         put_literal(b, c->name);
         tp_buf_printf(b, ", %s.", alias);
-        put_ident(b, c->name);
+        tp_buf_sql_ident(b, c->name);
     }
     tp_buf_putc(b, ')');
 }
@@ -491,7 +480,7 @@ static void put_owner_check(tp_buf_t *b, const tp_wb_table_t *t, const char *ali
     if (t->owner_col < 0)
         return;
     tp_buf_printf(b, " AND %s.", alias);
-    put_ident(b, t->cols[t->owner_col].name);
+    tp_buf_sql_ident(b, t->cols[t->owner_col].name);
     tp_buf_puts(b, " = $1::text");
 }
 
@@ -501,7 +490,7 @@ static void put_owner_check(tp_buf_t *b, const tp_wb_table_t *t, const char *ali
 static void put_cur(tp_buf_t *b, const tp_wb_table_t *t)
 {
     tp_buf_puts(b, "cur AS (SELECT s.ord, s.c, s.im, to_jsonb(t) AS before, t.");
-    put_ident(b, t->cols[t->version_col].name);
+    tp_buf_sql_ident(b, t->cols[t->version_col].name);
     tp_buf_puts(b, " AS ver");
     for (int i = 0; i < t->npk; i++)
         tp_buf_printf(b, ", s.k%d", i + 1);
@@ -512,7 +501,7 @@ static void put_cur(tp_buf_t *b, const tp_wb_table_t *t)
         if (i)
             tp_buf_puts(b, " AND ");
         tp_buf_puts(b, "t.");
-        put_ident(b, t->cols[t->pk[i]].name);
+        tp_buf_sql_ident(b, t->cols[t->pk[i]].name);
         tp_buf_printf(b, " = s.k%d", i + 1);
     }
     tp_buf_puts(b, " WHERE true");
@@ -522,7 +511,7 @@ static void put_cur(tp_buf_t *b, const tp_wb_table_t *t)
         if (i)
             tp_buf_puts(b, ", ");
         tp_buf_puts(b, "t.");
-        put_ident(b, t->cols[t->pk[i]].name);
+        tp_buf_sql_ident(b, t->cols[t->pk[i]].name);
     }
     tp_buf_puts(b, " FOR UPDATE OF t),\n"
                    "bad AS (SELECT s.ord, c.before, c.ver, c.ord IS NULL AS missing FROM src s "
@@ -534,7 +523,7 @@ static void put_join_cur(tp_buf_t *b, const tp_wb_table_t *t)
 {
     for (int i = 0; i < t->npk; i++) {
         tp_buf_puts(b, " AND t.");
-        put_ident(b, t->cols[t->pk[i]].name);
+        tp_buf_sql_ident(b, t->cols[t->pk[i]].name);
         tp_buf_printf(b, " = c.k%d", i + 1);
     }
 }
@@ -545,7 +534,7 @@ static void put_returning(tp_buf_t *b, const tp_wb_table_t *t, bool keyed, bool 
     tp_buf_puts(b, keyed ? "c.ord, c.before, " : "NULL::bigint AS ord, NULL::jsonb AS before, ");
     tp_buf_puts(b, after ? "to_jsonb(t) AS after, " : "NULL::jsonb AS after, ");
     tp_buf_puts(b, "t.");
-    put_ident(b, t->cols[t->version_col].name);
+    tp_buf_sql_ident(b, t->cols[t->version_col].name);
     tp_buf_puts(b, " AS ver, ");
     put_pk_object(b, t, "t");
     tp_buf_puts(b, " AS pk),\n");
@@ -633,7 +622,7 @@ static char *build_insert(const tp_wb_table_t *t)
         if (pass) {
             if (n++)
                 tp_buf_puts(&b, ", ");
-            put_ident(&b, c->name);
+            tp_buf_sql_ident(&b, c->name);
         }
     }
     tp_buf_puts(&b, ") SELECT ");
@@ -700,10 +689,10 @@ static char *build_update(const tp_wb_table_t *t)
             continue;
         if (n++)
             tp_buf_puts(&b, ", ");
-        put_ident(&b, c->name);
+        tp_buf_sql_ident(&b, c->name);
         if (i == t->version_col) {
             tp_buf_puts(&b, " = t.");
-            put_ident(&b, c->name);
+            tp_buf_sql_ident(&b, c->name);
             tp_buf_puts(&b, " + 1");
         } else if (i == t->touch_col) {
             tp_buf_puts(&b, " = now()");
@@ -713,7 +702,7 @@ static char *build_update(const tp_wb_table_t *t)
             tp_buf_puts(&b, " THEN ");
             put_json_value(&b, c, "c.c");
             tp_buf_puts(&b, " ELSE t.");
-            put_ident(&b, c->name);
+            tp_buf_sql_ident(&b, c->name);
             tp_buf_puts(&b, " END");
         }
     }

@@ -360,14 +360,6 @@ static void check_object(const tp_wb_table_t *t, json_t *obj, bool insert, const
 
 /* ---- URL key and headers ---- */
 
-static int hexval(char c)
-{
-    return isdigit((unsigned char)c) ? c - '0'
-           : (c >= 'a' && c <= 'f')  ? c - 'a' + 10
-           : (c >= 'A' && c <= 'F')  ? c - 'A' + 10
-                                     : -1;
-}
-
 bool tp_wb_split_pk(const char *seg, int npk, char ***out)
 {
     *out = NULL;
@@ -383,8 +375,8 @@ bool tp_wb_split_pk(const char *seg, int npk, char ***out)
         tp_buf_reserve(&b, len + 1);
         for (size_t i = 0; i < len; i++) {
             if (p[i] == '%') {
-                int hi = i + 2 < len ? hexval(p[i + 1]) : -1;
-                int lo = i + 2 < len ? hexval(p[i + 2]) : -1;
+                int hi = i + 2 < len ? tp_hexval(p[i + 1]) : -1;
+                int lo = i + 2 < len ? tp_hexval(p[i + 2]) : -1;
                 if (hi < 0 || lo < 0 || (hi == 0 && lo == 0)) {
                     tp_buf_free(&b);
                     goto fail;

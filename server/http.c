@@ -364,17 +364,6 @@ bool utf8_valid(const char *s, size_t n)
     return true;
 }
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* Percent-decodes s[0..n) ('+' is a space when plus). NULL with *why on a bad
  * escape, a NUL or invalid UTF-8. */
 char *pct_decode(const char *s, size_t n, bool plus, const char **why)
@@ -391,7 +380,7 @@ char *pct_decode(const char *s, size_t n, bool plus, const char **why)
                 *why = "has an incomplete percent-escape";
                 return NULL;
             }
-            int a = hexval(s[i + 1]), b = hexval(s[i + 2]);
+            int a = tp_hexval(s[i + 1]), b = tp_hexval(s[i + 2]);
             if (a < 0 || b < 0) {
                 free(out);
                 *why = "has an invalid percent-escape";

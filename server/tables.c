@@ -131,17 +131,6 @@ static tp_defs_type_t col_vtype(const tcol_t *c)
     }
 }
 
-static void quote_ident(tp_buf_t *b, const char *s)
-{
-    tp_buf_putc(b, '"');
-    for (; *s; s++) {
-        if (*s == '"')
-            tp_buf_putc(b, '"');
-        tp_buf_putc(b, *s);
-    }
-    tp_buf_putc(b, '"');
-}
-
 static void bind_value(rq_t *r, tp_buf_t *sql, const char *v)
 {
     r->vals = tp_xrealloc(r->vals, (size_t)(r->nvals + 1) * sizeof *r->vals);
@@ -246,7 +235,7 @@ static bool add_filter(rq_t *r, const ttable_t *t, const char *field, const char
         tp_defs_value_t tmp;
         if (!check_value(r, c, field, arg, &canon, &tmp))
             return false;
-        quote_ident(where, c->name);
+        tp_buf_sql_ident(where, c->name);
         tp_buf_printf(where, " %s ", ops[i].sql);
         bind_value(r, where, canon);
         return true;
@@ -257,7 +246,7 @@ static bool add_filter(rq_t *r, const ttable_t *t, const char *field, const char
             tp_buf_free(&arr);
             return false;
         }
-        quote_ident(where, c->name);
+        tp_buf_sql_ident(where, c->name);
         tp_buf_puts(where, " = ANY(");
         bind_value(r, where, arr.data);
         tp_buf_putc(where, ')');
@@ -269,7 +258,7 @@ static bool add_filter(rq_t *r, const ttable_t *t, const char *field, const char
         for (char *s = pat; *s; s++)
             if (*s == '*')
                 *s = '%';
-        quote_ident(where, c->name);
+        tp_buf_sql_ident(where, c->name);
         tp_buf_puts(where, "::text LIKE ");
         bind_value(r, where, pat);
         free(pat);
@@ -282,7 +271,7 @@ static bool add_filter(rq_t *r, const ttable_t *t, const char *field, const char
                    {"false", " IS FALSE"}, {"unknown", " IS UNKNOWN"}};
         for (size_t i = 0; i < TP_ARRAY_LEN(iss); i++)
             if (strcmp(arg, iss[i].v) == 0) {
-                quote_ident(where, c->name);
+                tp_buf_sql_ident(where, c->name);
                 tp_buf_puts(where, iss[i].sql);
                 return true;
             }
@@ -331,7 +320,7 @@ static bool col_list(rq_t *r, const ttable_t *t, const char *field, const char *
         }
         if (n++)
             tp_buf_puts(out, ", ");
-        quote_ident(out, c->name);
+        tp_buf_sql_ident(out, c->name);
         tp_buf_puts(out, dir);
         if (!comma)
             return true;
@@ -385,13 +374,13 @@ void h_table(rq_t *r, const char *name)
             for (size_t i = 0; i < t->ncols; i++) {
                 if (i)
                     tp_buf_puts(&sql, ", ");
-                quote_ident(&sql, t->cols[i].name);
+                tp_buf_sql_ident(&sql, t->cols[i].name);
             }
         }
         tp_buf_puts(&sql, " FROM ");
-        quote_ident(&sql, t->schema);
+        tp_buf_sql_ident(&sql, t->schema);
         tp_buf_putc(&sql, '.');
-        quote_ident(&sql, t->table);
+        tp_buf_sql_ident(&sql, t->table);
         if (where.len)
             tp_buf_append(&sql, where.data, where.len);
         if (order.len) {

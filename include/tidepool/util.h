@@ -35,6 +35,9 @@ void tp_buf_append(tp_buf_t *b, const void *data, size_t n);
 void tp_buf_puts(tp_buf_t *b, const char *s);
 void tp_buf_putc(tp_buf_t *b, char c);
 void tp_buf_printf(tp_buf_t *b, const char *fmt, ...) TP_PRINTF(2, 3);
+/* Appends s as a double-quoted SQL identifier ("a""b"); for reflected names,
+ * never for user input that has not been checked against the catalog. */
+void tp_buf_sql_ident(tp_buf_t *b, const char *s);
 /* Appends s as a JSON string literal (quotes included), escaping as RFC 8259 asks. */
 void tp_buf_json_str(tp_buf_t *b, const char *s);
 /* Hands the buffer's memory to the caller (who frees it) and resets b. */
@@ -54,6 +57,8 @@ bool tp_parse_int64(const char *s, int64_t min, int64_t max, int64_t *out) TP_WU
 /* "true/false/yes/no/on/off/1/0" (case-insensitive). */
 bool tp_parse_bool(const char *s, bool *out) TP_WUR;
 
+/* Value of one hexadecimal digit, or -1. */
+int tp_hexval(char c);
 /* Trims ASCII whitespace at both ends in place; returns s advanced. */
 char *tp_strtrim(char *s);
 /* Reads a whole file into a NUL-terminated heap string; NULL and errno on failure. */

@@ -767,16 +767,18 @@ static void reference_lists_every_setting(void)
     }
     CHECK_CONTAINS(ref, "| `warehouse.token` | string | (empty) | `DATABRICKS_TOKEN` | yes | yes |");
     CHECK_CONTAINS(ref, "`DATABRICKS_APP_PORT` (as `0.0.0.0:%s`)");
-    /* docs/configuration.md carries the same table (regenerate it when the table changes) */
+    /* README.md and docs/configuration.md carry the same table: `make docs` regenerates it */
     const char *root = getenv("TP_ROOT");
-    char *path = tp_xasprintf("%s/docs/configuration.md", root ? root : ".");
-    char *doc = tp_read_file(path, NULL);
-    CHECK_MSG(doc != NULL, "cannot read %s", path);
-    if (doc && ref)
-        CHECK_MSG(strstr(doc, ref) != NULL,
-                  "%s is out of date: paste tp_config_print_reference() output", path);
-    free(doc);
-    free(path);
+    static const char *const docs[] = {"docs/configuration.md", "README.md"};
+    for (size_t i = 0; i < TP_ARRAY_LEN(docs); i++) {
+        char *path = tp_xasprintf("%s/%s", root ? root : ".", docs[i]);
+        char *doc = tp_read_file(path, NULL);
+        CHECK_MSG(doc != NULL, "cannot read %s", path);
+        if (doc && ref)
+            CHECK_MSG(strstr(doc, ref) != NULL, "%s is out of date: run make docs", path);
+        free(doc);
+        free(path);
+    }
     free(ref);
 }
 
