@@ -26,6 +26,7 @@
 
 #include "tidepool/log.h"
 #include "tidepool/pg.h"
+#include "tidepool/wh_settings.h"
 
 #define LB_MAGIC 0x4c4b4250u   /* "LKBP" */
 #define WAIT_MAGIC 0x4c4b5754u /* "LKWT" */
@@ -380,14 +381,27 @@ bool tp_lakebase_from_config(const tp_config_t *c, tp_lakebase_config_t *lc, tp_
     lc->endpoint = nonempty(c->postgres.lakebase_endpoint);
     if (c->postgres.lakebase_refresh_before_ms > 0)
         lc->refresh_before_ms = c->postgres.lakebase_refresh_before_ms;
-    wc->host = c->warehouse.host;
-    wc->warehouse_id = nonempty(c->warehouse.warehouse_id);
-    wc->token = nonempty(c->warehouse.token);
-    if (wc->token == NULL) {
-        wc->client_id = nonempty(c->warehouse.client_id);
-        wc->client_secret = nonempty(c->warehouse.client_secret);
-    }
+    tp_wh_config_from_settings(wc, c);
     return true;
+}
+
+PGconn *tp_lakebase_connect_settings(const tp_config_t *c, const char *dsn, int64_t timeout_ms,
+                                     char *err, size_t errlen)
+{
+    tp_lakebase_config_t lc;
+    tp_wh_config_t wc;
+    if (!tp_lakebase_from_config(c, &lc, &wc))
+        return tp_pg_connect(dsn, timeout_ms, err, errlen);
+    char *e = NULL;
+    tp_lakebase_t *lb = tp_lakebase_new_blocking(&wc, &lc, &e);
+    if (lb == NULL) {
+        snprintf(err, errlen, "%s", e ? e : "Lakebase: cannot create the credential provider");
+        free(e);
+        return NULL;
+    }
+    PGconn *conn = tp_lakebase_connect(lb, dsn, timeout_ms, err, errlen);
+    tp_lakebase_free(lb);
+    return conn;
 }
 
 void tp_lakebase_free(tp_lakebase_t *lb)

@@ -67,8 +67,15 @@ void tp_lakebase_free(tp_lakebase_t *lb);
 /* Reads a loaded configuration: false when postgres.password_source is not
  * "lakebase"; else fills *lc (instance, endpoint, refresh_before) and *wc (a
  * tp_wh_config_init'd client config with [warehouse] host, token, client id and
- * secret); strings are borrowed from c. */
+ * secret, as tp_wh_config_from_settings); strings are borrowed from c. */
 bool tp_lakebase_from_config(const tp_config_t *c, tp_lakebase_config_t *lc, tp_wh_config_t *wc);
+
+/* Blocking connect for start-up and command-line paths (migrations, --ping):
+ * tp_pg_connect(dsn) unless cfg says password_source = lakebase, then through a
+ * blocking provider made for this one call (one mint) with tp_lakebase_connect's
+ * retry rules. NULL with err set on failure. */
+PGconn *tp_lakebase_connect_settings(const tp_config_t *cfg, const char *dsn, int64_t timeout_ms,
+                                     char *err, size_t errlen) TP_WUR;
 
 /* Answer to tp_lakebase_get: token borrowed for the call, NULL with err on failure. */
 typedef void (*tp_lakebase_cb)(const char *token, const char *err, void *arg);

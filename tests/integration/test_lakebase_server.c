@@ -99,6 +99,35 @@ static void server_runs_on_lakebase_tokens(void)
     CHECK_MSG(n && atoi(n) >= 2, "lb_srv sessions after terminate: %s", n ? n : "?");
     free(n);
 
+    /* tidepool-sync's start-up paths (--migrate, --ping) mint their own credential */
+    char *sconf_text = tp_xasprintf("[postgres]\ndsn = %s\npassword_source = lakebase\n"
+                                    "lakebase_instance = tidepool-instance\n"
+                                    "[warehouse]\nhost = %s\ntoken = " PAT "\n"
+                                    "warehouse_id = tidepool-local\n",
+                                    lbdsn, url);
+    char *sconf = tp_test_write_tmp("sync.conf", sconf_text);
+    char *cmd = tp_xasprintf("%s --config %s --ping 2>&1", tp_test_bin("tidepool-sync"), sconf);
+    char *out = NULL;
+    int rc = tp_test_cmd(cmd, &out);
+    CHECK_MSG(rc == 0, "tidepool-sync --ping: %s", out ? out : "?");
+    CHECK_CONTAINS(out, "as " ROLE);
+    CHECK(out == NULL || strstr(out, "lbt-") == NULL);
+    free(out);
+    free(cmd);
+    /* a configuration without credentials is refused before anything runs */
+    free(sconf);
+    free(sconf_text);
+    sconf_text = tp_xasprintf("[postgres]\ndsn = %s\npassword_source = lakebase\n", lbdsn);
+    sconf = tp_test_write_tmp("sync-bad.conf", sconf_text);
+    cmd = tp_xasprintf("%s --config %s --ping 2>&1", tp_test_bin("tidepool-sync"), sconf);
+    rc = tp_test_cmd(cmd, &out);
+    CHECK(rc != 0);
+    CHECK_CONTAINS(out, "postgres.password_source = lakebase needs");
+    free(out);
+    free(cmd);
+    free(sconf);
+    free(sconf_text);
+
     if (S.pid > 0)
         CHECK_INT_EQ(tp_test_stop(S.pid, 15000), 0);
     S.pid = -1;
