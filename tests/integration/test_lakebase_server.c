@@ -9,6 +9,8 @@
 
 #include "server_harness.h"
 
+#include <sys/stat.h>
+
 #include "tidepool/log.h"
 #include "tidepool/pg.h"
 #include "tidepool/util.h"
@@ -114,6 +116,38 @@ static void server_runs_on_lakebase_tokens(void)
     CHECK(out == NULL || strstr(out, "lbt-") == NULL);
     free(out);
     free(cmd);
+    /* tidepool-sync --once: migrations, run bookkeeping and the COPY into the
+     * target all log in as lb_srv with minted tokens (the daemon's password hook) */
+    free(sql1(dsn, "CREATE SCHEMA src; CREATE TABLE src.items AS SELECT i AS id, i * 2 AS v "
+                   "FROM generate_series(1, 100) i; GRANT tidepool TO " ROLE));
+    char *jobs = tp_xasprintf("%s/jobs", tp_test_tmpdir());
+    mkdir(jobs, 0755);
+    free(tp_test_write_tmp("jobs/items.sql", "-- @target sink.items\n-- @mode snapshot\n-- @key id\n"
+                                             "-- @every 1h\nSELECT id, v FROM src.items\n"));
+    free(sconf);
+    free(sconf_text);
+    sconf_text = tp_xasprintf("[postgres]\ndsn = %s\npassword_source = lakebase\n"
+                              "lakebase_instance = tidepool-instance\n"
+                              "[warehouse]\nhost = %s\ntoken = " PAT "\nwarehouse_id = tidepool-local\n"
+                              "[sync]\ndefinitions = %s\n",
+                              lbdsn, url, jobs);
+    sconf = tp_test_write_tmp("sync-once.conf", sconf_text);
+    int before = count_in(elog, "lakebase credential minted");
+    cmd = tp_xasprintf("%s --config %s --once items 2>&1", tp_test_bin("tidepool-sync"), sconf);
+    rc = tp_test_cmd(cmd, &out);
+    CHECK_MSG(rc == 0, "tidepool-sync --once: %s", out ? out : "?");
+    CHECK(out == NULL || strstr(out, "lbt-") == NULL);
+    free(out);
+    free(cmd);
+    n = sql1(dsn, "SELECT count(*) || ':' || sum(v) FROM sink.items");
+    CHECK_STR_EQ(n, "100:10100");
+    free(n);
+    n = sql1(dsn, "SELECT tableowner FROM pg_tables WHERE schemaname = 'sink' AND tablename = 'items'");
+    CHECK_STR_EQ(n, ROLE); /* created by the daemon's own (lb_srv) session */
+    free(n);
+    CHECK(count_in(elog, "lakebase credential minted") > before);
+    free(jobs);
+
     /* a configuration without credentials is refused before anything runs */
     free(sconf);
     free(sconf_text);
