@@ -60,8 +60,9 @@ tp_lakebase_t *tp_lakebase_new_on(struct event_base *base, const tp_wh_config_t 
  * made). For start-up, command-line tools and threads without a loop. */
 tp_lakebase_t *tp_lakebase_new_blocking(const tp_wh_config_t *whcfg, const tp_lakebase_config_t *cfg,
                                         char **err) TP_WUR;
-/* Frees the provider; pending waiters are dropped without their callback.
- * Never from inside one of its callbacks. NULL is a no-op. */
+/* Frees the provider; pending waiters are dropped without their callback, so
+ * free every pool and LISTEN connection using it first. Never from inside one
+ * of its callbacks. NULL is a no-op. */
 void tp_lakebase_free(tp_lakebase_t *lb);
 
 /* Reads a loaded configuration: false when postgres.password_source is not
