@@ -528,10 +528,25 @@ static char *password_from_file(void *arg)
 
 /* Lakebase: each new connection's password is the provider's current token.
  * Blocking, on the loop: only when a mint is due (about once an hour). */
+static bool lakebase_refused; /* a login was refused since the last token handed out */
+
+static void lakebase_on_refused(void *arg)
+{
+    (void)arg;
+    lakebase_refused = true;
+}
+
 static char *password_from_lakebase(void *arg)
 {
     char *err = NULL;
     char *tok = tp_lakebase_token(arg, NULL, &err);
+    if (tok != NULL && lakebase_refused) { /* drop the cached token (if it is the one), mint anew */
+        lakebase_refused = false;
+        char *fresh = tp_lakebase_token(arg, tok, &err);
+        explicit_bzero(tok, strlen(tok));
+        free(tok);
+        tok = fresh;
+    }
     if (tok == NULL)
         tp_error("%s", err ? err : "Lakebase: no credential");
     free(err);
@@ -630,6 +645,7 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
             return 2;
         }
         tp_pgasync_set_password_hook(password_from_lakebase, d.lb);
+        tp_pgasync_set_refused_hook(lakebase_on_refused, NULL);
     }
     d.base = event_base_new();
     if (d.base == NULL || !make_wh(&d)) {

@@ -165,6 +165,62 @@ static void server_runs_on_lakebase_tokens(void)
     if (S.pid > 0)
         CHECK_INT_EQ(tp_test_stop(S.pid, 15000), 0);
     S.pid = -1;
+    /* the daemon, with hour-long tokens: a password rotated behind its back is
+     * refused at the next run's login, and the next run gets a new token */
+    int e2port = tp_test_free_port();
+    char listen2[64], url2[64], elog2[512];
+    snprintf(listen2, sizeof listen2, "127.0.0.1:%d", e2port);
+    snprintf(url2, sizeof url2, "http://127.0.0.1:%d", e2port);
+    snprintf(elog2, sizeof elog2, "%s/emulator2.log", tp_test_tmpdir());
+    const char *e2argv[] = {tp_test_bin("tidepool-warehouse"), "--listen", listen2, "--dsn", dsn,
+                            "--token", PAT, "--lakebase-role", ROLE, "--lakebase-ttl", "3600", NULL};
+    pid_t e2pid = tp_test_spawn((char *const *)e2argv, elog2);
+    CHECK(e2pid > 0 && tp_test_wait_port(e2port, 10000));
+    char *jobs2 = tp_xasprintf("%s/jobs2", tp_test_tmpdir());
+    mkdir(jobs2, 0755);
+    free(tp_test_write_tmp("jobs2/items2.sql", "-- @target sink.items2\n-- @mode snapshot\n-- @key id\n"
+                                               "-- @every 1s\nSELECT id, v FROM src.items\n"));
+    char *dconf_text = tp_xasprintf("[postgres]\ndsn = %s\npassword_source = lakebase\n"
+                                    "lakebase_instance = tidepool-instance\n"
+                                    "[warehouse]\nhost = %s\ntoken = " PAT "\n"
+                                    "warehouse_id = tidepool-local\n[sync]\ndefinitions = %s\n",
+                                    lbdsn, url2, jobs2);
+    char *dconf = tp_test_write_tmp("sync-daemon.conf", dconf_text);
+    char dlog[512];
+    snprintf(dlog, sizeof dlog, "%s/daemon.log", tp_test_tmpdir());
+    char *dargv[] = {(char *)tp_test_bin("tidepool-sync"), "--config", dconf, NULL};
+    pid_t dpid = tp_test_spawn(dargv, dlog);
+    static const char runs_sql[] = "SELECT count(*) FROM tidepool.sync_runs WHERE job = 'items2' "
+                                   "AND status = 'succeeded'";
+    int runs = 0;
+    for (int i = 0; i < 150 && runs < 1; i++) {
+        usleep(100 * 1000);
+        char *v = sql1(dsn, runs_sql);
+        runs = v ? atoi(v) : 0;
+        free(v);
+    }
+    CHECK_MSG(runs >= 1, "no successful run; see %s", dlog);
+    int mints2 = count_in(elog2, "lakebase credential minted");
+    free(sql1(dsn, "ALTER ROLE " ROLE " PASSWORD 'rotated-behind-the-daemon'"));
+    int after = runs;
+    for (int i = 0; i < 150 && after <= runs + 1; i++) {
+        usleep(100 * 1000);
+        char *v = sql1(dsn, runs_sql);
+        after = v ? atoi(v) : 0;
+        free(v);
+    }
+    CHECK_MSG(after > runs + 1, "runs did not recover after the rotation (%d -> %d); see %s", runs,
+              after, dlog);
+    CHECK(count_in(elog2, "lakebase credential minted") > mints2);
+    CHECK_INT_EQ(tp_test_stop(dpid, 10000), 0);
+    CHECK_INT_EQ(tp_test_stop(e2pid, 5000), 0);
+    CHECK(count_in(dlog, "\"level\"") > 0);
+    CHECK_INT_EQ(count_in(dlog, "lbt-"), 0);
+    CHECK_INT_EQ(count_in(elog2, "lbt-"), 0);
+    free(jobs2);
+    free(dconf);
+    free(dconf_text);
+
     CHECK_INT_EQ(tp_test_stop(epid, 5000), 0);
     CHECK(count_in(S.log, "\"level\"") > 0); /* the log is there and has lines */
     CHECK_INT_EQ(count_in(S.log, "lbt-"), 0);   /* but no token */
