@@ -15,7 +15,9 @@
 
 #include <event2/thread.h>
 
+#include "tidepool/config.h"
 #include "tidepool/log.h"
+#include "tidepool/pg.h"
 
 emu_global_t g;
 
@@ -44,6 +46,10 @@ static void usage(FILE *f)
             "                           ROLE's password on --dsn to a fresh token\n"
             "  --lakebase-ttl SECONDS   Lakebase token lifetime (default 3600)\n"
             "  --log-level LEVEL        debug, info, warn, error (default info)\n"
+            "  --config FILE            also accept the [warehouse] token, client_id:client_secret\n"
+            "                           and warehouse_id of a Tidepool config file, so one file\n"
+            "                           drives the daemon, the server and this emulator\n"
+            "  --check                  validate the options, print what was found, and exit\n"
             "  -h, --help               show this help\n"
             "  -V, --version            show the version\n");
 }
@@ -154,8 +160,71 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
 enum {
     OPT_LISTEN = 256, OPT_DSN, OPT_TOKEN, OPT_CLIENT, OPT_WAREHOUSE, OPT_FAULTS, OPT_TOKEN_TTL,
     OPT_LINK_TTL, OPT_RESULT_TTL, OPT_FORGET_TTL, OPT_CHUNK_ROWS, OPT_CHUNK_BYTES, OPT_LOG_LEVEL,
-    OPT_LB_ROLE, OPT_LB_TTL,
+    OPT_CONFIG, OPT_CHECK, OPT_LB_ROLE, OPT_LB_TTL,
 };
+
+static bool g_check;
+
+/* --config: accept the credentials and warehouse id the Tidepool programs are
+ * configured with (after env fallbacks), so a local system needs one file. */
+static int load_config(const char *path)
+{
+    tp_config_t cfg = {0};
+    char err[512];
+    if (!tp_config_load(&cfg, path, err, sizeof err)) {
+        fprintf(stderr, "%s\n", err);
+        return 2;
+    }
+    if (tp_config_warehouse_auth(&cfg) == TP_WH_AUTH_TOKEN)
+        add_str(&g.pats, &g.npats, cfg.warehouse.token);
+    if (cfg.warehouse.client_id && *cfg.warehouse.client_id && cfg.warehouse.client_secret &&
+        *cfg.warehouse.client_secret) {
+        char *spec = tp_xasprintf("%s:%s", cfg.warehouse.client_id, cfg.warehouse.client_secret);
+        (void)add_client(spec);
+        free(spec);
+    }
+    if (cfg.warehouse.warehouse_id && *cfg.warehouse.warehouse_id)
+        add_str(&g.warehouses, &g.nwarehouses, cfg.warehouse.warehouse_id);
+    tp_log_level_t lvl;
+    if (cfg.log.level && tp_log_parse_level(cfg.log.level, &lvl))
+        tp_log_set_level(lvl);
+    tp_config_free(&cfg);
+    return -1;
+}
+
+/* --check: everything parsed; say what this emulator would serve. Secrets are
+ * counted, never printed; the DSN is masked. */
+static int check_options(void)
+{
+    char err[512];
+    if (*g.dsn && !tp_pg_conninfo_check(g.dsn, err, sizeof err)) {
+        fprintf(stderr, "tidepool-warehouse: --dsn: %s\n", err);
+        return 2;
+    }
+    char *dsn = tp_config_mask_dsn(g.dsn);
+    printf("listen = %s:%d\n", g.listen_addr, g.listen_port);
+    printf("dsn = %s\n", *dsn ? dsn : "(libpq environment)");
+    printf("personal access tokens = %d\n", g.npats);
+    printf("oauth clients = %d", g.nclients);
+    for (int i = 0; i < g.nclients; i++)
+        printf("%s%s", i ? ", " : " (", g.client_ids[i]);
+    printf("%s\n", g.nclients ? ")" : "");
+    printf("warehouse ids =");
+    for (int i = 0; i < g.nwarehouses; i++)
+        printf(" %s", g.warehouses[i]);
+    printf("\nchunks = %lld rows, %lld bytes; links live %llds; results %llds\n",
+           (long long)g.chunk_rows, (long long)g.chunk_bytes, (long long)g.link_ttl_s,
+           (long long)g.result_ttl_s);
+    if (g.lakebase_role)
+        printf("lakebase credentials: role %s, tokens live %llds\n", g.lakebase_role,
+               (long long)g.lakebase_ttl_s);
+    else
+        printf("lakebase credentials: off (no --lakebase-role)\n");
+    if (g.npats == 0 && g.nclients == 0)
+        printf("warning: no --token or --client: every API request will be refused\n");
+    free(dsn);
+    return 0;
+}
 
 /* Parses argv into g; returns -1 to go on, else the exit status. */
 static int parse_args(int argc, char **argv)
@@ -174,6 +243,8 @@ static int parse_args(int argc, char **argv)
         {"chunk-rows", required_argument, NULL, OPT_CHUNK_ROWS},
         {"chunk-bytes", required_argument, NULL, OPT_CHUNK_BYTES},
         {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
+        {"config", required_argument, NULL, OPT_CONFIG},
+        {"check", no_argument, NULL, OPT_CHECK},
         {"lakebase-role", required_argument, NULL, OPT_LB_ROLE},
         {"lakebase-ttl", required_argument, NULL, OPT_LB_TTL},
         {"help", no_argument, NULL, 'h'},
@@ -211,6 +282,13 @@ static int parse_args(int argc, char **argv)
             ok = tp_parse_size(optarg, &g.chunk_bytes) && g.chunk_bytes >= 64 &&
                  g.chunk_bytes <= (int64_t)1 << 30;
             break;
+        case OPT_CONFIG: {
+            int rc = load_config(optarg);
+            if (rc >= 0)
+                return rc;
+            break;
+        }
+        case OPT_CHECK: g_check = true; break;
         case OPT_LOG_LEVEL:
             ok = tp_log_parse_level(optarg, &lvl);
             if (ok)
@@ -269,6 +347,11 @@ int main(int argc, char **argv)
                                                             : "");
     if (g.nwarehouses == 0)
         add_str(&g.warehouses, &g.nwarehouses, "tidepool-local");
+    if (g_check) {
+        rc = check_options();
+        free_options();
+        return rc;
+    }
     if (g.npats == 0 && g.nclients == 0)
         tp_warn("no --token or --client given: every API request will be refused");
 

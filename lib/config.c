@@ -128,6 +128,29 @@ const tp_setting_t tp_settings[] = {
     {.section = "server", .key = "timeout", .type = TP_CFG_DURATION, .default_value = "30s",
      .offset = OFF(server.timeout_ms), .min = 100, .max = MS_H,
      .help = "request read/write timeout"},
+    {.section = "server", .key = "cache_bytes", .type = TP_CFG_SIZE, .default_value = "64M",
+     .offset = OFF(server.cache_bytes), .min = 0, .max = (int64_t)64 * GIB,
+     .help = "response cache size, shared out evenly between the threads; 0 turns it off"},
+    {.section = "server", .key = "pool_queue", .type = TP_CFG_INT, .default_value = "256",
+     .offset = OFF(server.pool_queue), .min = 0, .max = 1000000,
+     .help = "requests per thread waiting for a Postgres connection before 503"},
+    {.section = "server", .key = "table_max_limit", .type = TP_CFG_INT,
+     .default_value = "1000", .reloadable = true, .offset = OFF(server.table_max_limit),
+     .min = 1, .max = 1000000,
+     .help = "table reads: default and largest `limit` unless the table's @expose sets max_limit"},
+    {.section = "server", .key = "drain_timeout", .type = TP_CFG_DURATION,
+     .default_value = "10s", .reloadable = true, .offset = OFF(server.drain_timeout_ms),
+     .min = 0, .max = 10 * MS_M,
+     .help = "on SIGTERM, wait this long for in-flight requests before exiting"},
+    {.section = "server", .key = "tls_listen", .type = TP_CFG_LISTEN, .default_value = "",
+     .offset = OFF(server.tls_listen),
+     .help = "optional HTTPS listen address ADDR:PORT (TLS 1.2+); empty = no HTTPS listener"},
+    {.section = "server", .key = "tls_cert", .type = TP_CFG_STRING, .default_value = "",
+     .reloadable = true, .offset = OFF(server.tls_cert),
+     .help = "PEM certificate chain for tls_listen (re-read on SIGHUP)"},
+    {.section = "server", .key = "tls_key", .type = TP_CFG_STRING, .default_value = "",
+     .reloadable = true, .offset = OFF(server.tls_key),
+     .help = "PEM private key for tls_cert (re-read on SIGHUP)"},
 
     {.section = "auth", .key = "mode", .type = TP_CFG_ENUM, .default_value = "none",
      .env = "DATABRICKS_APP_PORT", .env_value = "databricks-apps",
@@ -147,9 +170,10 @@ const tp_setting_t tp_settings[] = {
      .reloadable = true, .offset = OFF(auth.token_table),
      .help = "mode token: also accept tokens from the tidepool.api_tokens table"},
     {.section = "auth", .key = "trusted_proxies", .type = TP_CFG_STRING,
-     .default_value = "127.0.0.1/32, ::1/128", .reloadable = true,
-     .offset = OFF(auth.trusted_proxies),
-     .help = "addresses or CIDRs whose X-Forwarded-* and X-Real-Ip headers are believed"},
+     .default_value = "127.0.0.1/32, ::1/128", .env = "DATABRICKS_APP_NAME",
+     .env_value = "0.0.0.0/0, ::/0", .reloadable = true, .offset = OFF(auth.trusted_proxies),
+     .help = "addresses or CIDRs whose X-Forwarded-* and X-Real-Ip headers are believed; "
+             "inside Databricks Apps every peer (only the Apps proxy can reach the app)"},
     {.section = "auth", .key = "roles", .type = TP_CFG_STRING, .default_value = "",
      .reloadable = true, .offset = OFF(auth.roles),
      .help = "modes databricks-apps and jwt: `user:role+role`, `group:NAME:role`, `*:role` "
@@ -410,7 +434,9 @@ static bool convert(tp_config_t *c, const tp_setting_t *s, const char *v)
             return false;
         break;
     case TP_CFG_LISTEN:
-        if (!valid_listen(v))
+        /* a listener whose default is empty is optional: "" turns it off */
+        if (!(*v == '\0' && (s->default_value == NULL || *s->default_value == '\0')) &&
+            !valid_listen(v))
             return false;
         break;
     case TP_CFG_BOOL:
@@ -764,6 +790,20 @@ static bool check_consistency(const tp_config_t *c, char *err, size_t errlen)
                     "auth.mode = none is only allowed on a loopback server.listen (not %s); "
                     "set auth.mode to token, databricks-apps or jwt",
                     c->server.listen);
+    }
+    if (*c->server.tls_listen != '\0') {
+        const char *missing = *c->server.tls_cert == '\0' ? "tls_cert"
+                              : *c->server.tls_key == '\0' ? "tls_key"
+                                                            : NULL;
+        where_of(c, "server", "tls_listen", &w);
+        if (missing != NULL)
+            return fail(err, errlen, &w, "server.tls_listen is set but server.%s is not; "
+                        "HTTPS needs a certificate and its key", missing);
+        if (strcmp(c->auth.mode, "none") == 0 && !is_loopback(c->server.tls_listen))
+            return fail(err, errlen, &w,
+                        "auth.mode = none is only allowed on a loopback server.tls_listen "
+                        "(not %s); set auth.mode to token, databricks-apps or jwt",
+                        c->server.tls_listen);
     }
     return true;
 }

@@ -18,8 +18,11 @@ die() { echo "databricks-app: $*" >&2; exit 1; }
 command -v objdump >/dev/null 2>&1 || die "objdump missing (Debian/Ubuntu package binutils)"
 
 # \$$ survives make (-> \$) and the recipe's shell (-> $), reaching the linker as $ORIGIN.
+# A bundle is never a sanitizer build: drop SANITIZE=1 inherited through MAKEFLAGS
+# (make check SANITIZE=1 runs this), or ASan objects would land in $build.
+unset MAKEFLAGS MAKELEVEL MFLAGS
 LDFLAGS='-Wl,--disable-new-dtags,-rpath,\$$ORIGIN/../lib' \
-    make --no-print-directory BUILDDIR="$build/obj" BINDIR="$build/bin" \
+    make --no-print-directory SANITIZE= BUILDDIR="$build/obj" BINDIR="$build/bin" \
     "$build/bin/tidepool-server" "$build/bin/tidepool-sync" >&2
 
 rm -rf "$out"

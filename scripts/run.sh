@@ -130,7 +130,7 @@ start_all() {
     load_lakehouse
     write_config
     start_component warehouse "$WH_PORT" "$BIN/tidepool-warehouse" --listen "127.0.0.1:$WH_PORT" \
-        --dsn "host=$PGHOST port=$PGPORT user=tidepool dbname=lakehouse"
+        --dsn "host=$PGHOST port=$PGPORT user=tidepool dbname=lakehouse" --config "$RUN/tidepool.conf"
     if "$BIN/tidepool-sync" --config "$RUN/tidepool.conf" --migrate >>"$RUN/logs/sync.log" 2>&1; then
         say "migrations applied"
     else

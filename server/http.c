@@ -17,8 +17,8 @@
 
 #include "tidepool/log.h"
 
-static const int status_codes[N_STATUS] = {200, 304, 400, 401, 403, 404, 405, 413,
-                                           415, 422, 429, 431, 500, 501, 503, 0};
+static const int status_codes[N_STATUS] = {200, 304, 400, 401, 403, 404, 405, 413, 415, 422, 429,
+                                           431, 500, 501, 503, 201, 202, 409, 412, 428, 0};
 
 int status_index(int status)
 {
@@ -138,6 +138,11 @@ static const char *reason(int status)
 {
     switch (status) {
     case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 409: return "Conflict";
+    case 412: return "Precondition Failed";
+    case 428: return "Precondition Required";
     case 304: return "Not Modified";
     case 400: return "Bad Request";
     case 403: return "Forbidden";
@@ -255,7 +260,8 @@ void rq_problem(rq_t *r, int status, const char *code, const char *detail, const
 
 bool rq_authenticate(rq_t *r)
 {
-    tp_auth_t *a = g_srv.auth;
+    worker_limits_refresh(r->w);
+    tp_auth_t *a = auth_acquire();
     tp_auth_request_t ar;
     memset(&ar, 0, sizeof ar);
     char *addr = NULL;
@@ -269,27 +275,33 @@ bool rq_authenticate(rq_t *r)
     for (struct evkeyval *kv = in->tqh_first; kv; kv = kv->next.tqe_next)
         tp_auth_request_header(&ar, kv->key, kv->value);
     const char *client = tp_auth_client_address(a, &ar);
+    snprintf(r->client, sizeof r->client, "%s", client);
     bool limited = tp_auth_mode(a) != TP_AUTH_MODE_NONE;
     int64_t wait = limited ? tp_ratelimit_take(r->w->rl_addr, client, tp_now_ms()) : 0;
-    if (wait > 0) {
+    bool ok = wait <= 0;
+    if (!ok) {
         rq_problem(r, 429, TP_AUTH_CODE_RATE_LIMITED, "too many requests from this address",
                    NULL, NULL, (int)wait);
-        return false;
-    }
-    if (!tp_auth_check(a, &ar, &r->auth)) {
+    } else if (!tp_auth_check(a, &ar, &r->auth)) {
+        ok = false;
         tp_auth_log_refusal(&r->auth, client, r->id);
         if (r->auth.www_authenticate)
             rq_header(r, "WWW-Authenticate", r->auth.www_authenticate);
         rq_problem(r, r->auth.status, r->auth.code, r->auth.message, NULL, NULL, 0);
-        return false;
-    }
-    wait = limited ? tp_ratelimit_take(r->w->rl_ident, r->auth.principal->id, tp_now_ms()) : 0;
-    if (wait > 0) {
+    } else if (limited && (wait = tp_ratelimit_take(r->w->rl_ident, r->auth.principal->id,
+                                                    tp_now_ms())) > 0) {
+        ok = false;
         rq_problem(r, 429, TP_AUTH_CODE_RATE_LIMITED, "too many requests for this identity",
                    NULL, NULL, (int)wait);
-        return false;
     }
-    return true;
+    tp_auth_free(a); /* client points into ar, not into a */
+    return ok;
+}
+
+bool rq_require(rq_t *r, const char *const *roles)
+{
+    size_t n = roles ? tp_auth_strv_len(roles) : 0;
+    return rq_authorize(r, (char *const *)roles, n);
 }
 
 static const char **roles_list(char *const *roles, size_t n)
@@ -317,8 +329,7 @@ bool rq_authorize(rq_t *r, char *const *roles, size_t n)
     free(req);
     if (ok)
         return true;
-    const char *client = NULL;
-    tp_auth_log_refusal(&denied, client, r->id);
+    tp_auth_log_refusal(&denied, r->client[0] ? r->client : NULL, r->id);
     rq_problem(r, denied.status ? denied.status : 403, denied.code ? denied.code : TP_AUTH_CODE_FORBIDDEN,
                denied.message ? denied.message : "not allowed", NULL, NULL, 0);
     tp_auth_result_clear(&denied);

@@ -8,11 +8,15 @@
  * read); a status thread does the blocking work that must stay off every
  * loop: migration status for /readyz and reflecting @expose tables (retried
  * until Postgres answers).
- * Definitions: parsed into a new generation and swapped in whole (SIGHUP); a
- * broken file keeps the old generation and logs why. Requests hold a
- * reference on the generation they started with.
+ * SIGHUP: the config file is re-read; when it loads and its [auth] builds, the
+ * reloadable settings take effect (a new verifier swapped in, rate limits,
+ * log level, drain timeout, table limit, TLS certificate and key) and the
+ * settings that need a restart are logged; a broken file keeps everything
+ * and logs file:line. Then the definitions are parsed into a new generation
+ * and swapped in whole (a broken one keeps the old generation and logs why).
+ * Requests hold a reference on the generation and verifier they started with.
  * Shutdown (SIGTERM/SIGINT): stop listening, let in-flight requests finish
- * within TIDEPOOL_DRAIN_MS (default 10 s), then exit. SIGPIPE is ignored. */
+ * within server.drain_timeout (default 10 s), then exit. SIGPIPE is ignored. */
 #include "server.h"
 
 #include <errno.h>
@@ -104,6 +108,51 @@ int job_index(const char *name)
     return idx;
 }
 
+tp_auth_t *auth_acquire(void)
+{
+    pthread_mutex_lock(&g_srv.lock);
+    tp_auth_t *a = tp_auth_ref(g_srv.auth);
+    pthread_mutex_unlock(&g_srv.lock);
+    return a;
+}
+
+/* Publishes the rate-limit settings of c; workers rebuild their limiters on
+ * their next request (a rebuilt limiter starts every key with a full bucket). */
+static void limits_publish(const tp_config_t *c)
+{
+    double n = (double)g_srv.nthreads;
+    pthread_mutex_lock(&g_srv.lock);
+    bool same = g_srv.rl_keys == (size_t)c->auth.rate_limit_keys &&
+                g_srv.rl_rate_addr == (double)c->auth.rate_per_address / n &&
+                g_srv.rl_burst_addr == (double)c->auth.burst_per_address / n + 1 &&
+                g_srv.rl_rate_ident == (double)c->auth.rate_per_identity / n &&
+                g_srv.rl_burst_ident == (double)c->auth.burst_per_identity / n + 1;
+    g_srv.rl_rate_addr = (double)c->auth.rate_per_address / n;
+    g_srv.rl_burst_addr = (double)c->auth.burst_per_address / n + 1;
+    g_srv.rl_rate_ident = (double)c->auth.rate_per_identity / n;
+    g_srv.rl_burst_ident = (double)c->auth.burst_per_identity / n + 1;
+    g_srv.rl_keys = (size_t)c->auth.rate_limit_keys;
+    pthread_mutex_unlock(&g_srv.lock);
+    if (!same)
+        atomic_fetch_add(&g_srv.rl_gen, 1);
+}
+
+void worker_limits_refresh(worker_t *w)
+{
+    uint64_t gen = atomic_load_explicit(&g_srv.rl_gen, memory_order_acquire);
+    if (w->rl_addr && w->rl_gen == gen)
+        return;
+    pthread_mutex_lock(&g_srv.lock);
+    tp_ratelimit_t *addr = tp_ratelimit_new(g_srv.rl_rate_addr, g_srv.rl_burst_addr, g_srv.rl_keys);
+    tp_ratelimit_t *ident = tp_ratelimit_new(g_srv.rl_rate_ident, g_srv.rl_burst_ident, g_srv.rl_keys);
+    pthread_mutex_unlock(&g_srv.lock);
+    tp_ratelimit_free(w->rl_addr);
+    tp_ratelimit_free(w->rl_ident);
+    w->rl_addr = addr;
+    w->rl_ident = ident;
+    w->rl_gen = gen;
+}
+
 uint64_t epoch_now(void)
 {
     return atomic_load(&g_srv.epoch);
@@ -125,7 +174,7 @@ bool jobs_unchanged(const int *jobs, size_t n, uint64_t fill_epoch)
 static defgen_t *gen_build(bool print)
 {
     tp_defs_set_t *set = tp_defs_set_new();
-    const char *dir = g_srv.cfg.server.definitions;
+    const char *dir = g_srv.defs_dir;
     if (dir && *dir) {
         tp_defs_diag_t diag = {0};
         if (!tp_defs_load_datasets(set, dir, &diag)) {
@@ -171,20 +220,23 @@ static void gen_swap(defgen_t *g)
 static void load_tokens(PGconn *c)
 {
     static int64_t last_ms;
-    if (!tp_auth_wants_token_table(g_srv.auth))
-        return;
+    tp_auth_t *a = auth_acquire();
     bool dirty = atomic_exchange(&g_srv.tokens_dirty, false);
-    if (!dirty && last_ms && tp_now_ms() - last_ms < 60000)
+    if (!tp_auth_wants_token_table(a) || (!dirty && last_ms && tp_now_ms() - last_ms < 60000)) {
+        tp_auth_free(a);
         return;
+    }
     char err[512];
     tp_auth_tokens_t *t = tp_auth_tokens_load(c, err, sizeof err);
     if (!t) {
         const char *kv[] = {"error", err, NULL};
         tp_logkv(TP_LOG_WARN, kv, "loading tidepool.api_tokens failed; keeping the previous tokens");
+        tp_auth_free(a);
         return;
     }
     last_ms = tp_now_ms();
-    tp_auth_set_tokens(g_srv.auth, t);
+    tp_auth_set_tokens(a, t);
+    tp_auth_free(a);
 }
 
 static pthread_mutex_t lb_sync_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -232,6 +284,7 @@ static void status_once(void)
     atomic_store(&g_srv.migrations_ok, ok);
     atomic_store(&g_srv.migrations_known, true);
     load_tokens(c);
+    writes_status(c);
     PQfinish(c);
 
     pthread_mutex_lock(&status_mu);
@@ -346,8 +399,12 @@ static void on_stop(evutil_socket_t fd, short what, void *arg)
         evhttp_del_accept_socket(w->http, w->bound);
         w->bound = NULL;
     }
+    if (w->tls_bound) {
+        evhttp_del_accept_socket(w->https, w->tls_bound);
+        w->tls_bound = NULL;
+    }
     event_del(w->tick);
-    w->drain_deadline_ms = tp_now_ms() + g_srv.drain_ms;
+    w->drain_deadline_ms = tp_now_ms() + atomic_load(&g_srv.drain_ms);
     on_drain_tick(-1, 0, w);
 }
 
@@ -374,7 +431,10 @@ static void *worker_main(void *arg)
     pthread_setname_np(pthread_self(), name);
     event_base_dispatch(w->base);
     if (w->inflight == 0) {
+        writes_worker_stop(w);
         evhttp_free(w->http);
+        if (w->https)
+            evhttp_free(w->https);
         tp_pgpool_free(w->pool);
         tp_lakebase_free(w->lb);
         cache_free(w->cache);
@@ -386,6 +446,38 @@ static void *worker_main(void *arg)
         tp_ratelimit_free(w->rl_ident);
     }
     return NULL;
+}
+
+/* An evhttp on w's loop listening on addr (*bound: its socket), or NULL with err. */
+static struct evhttp *http_new(worker_t *w, const char *addr, struct evhttp_bound_socket **bound,
+                               char *err, size_t errlen)
+{
+    struct evhttp *h = evhttp_new(w->base);
+    const tp_config_t *c = &g_srv.cfg;
+    /* evhttp's own limits are hard ceilings above ours, so that the common
+     * oversize cases get our problem+json 413/431 instead of a bare close. */
+    evhttp_set_max_body_size(h, c->server.max_body_bytes * 4 + 65536);
+    evhttp_set_max_headers_size(h, c->server.max_header_bytes * 4 + 8192);
+    struct timeval tv = {.tv_sec = c->server.timeout_ms / 1000,
+                         .tv_usec = (c->server.timeout_ms % 1000) * 1000};
+    evhttp_set_timeout_tv(h, &tv);
+    evhttp_set_allowed_methods(h, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD |
+                                      EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS |
+                                      EVHTTP_REQ_PATCH);
+    evhttp_set_gencb(h, route_request, w);
+    int fd = open_listener(addr, err, errlen);
+    if (fd < 0) {
+        evhttp_free(h);
+        return NULL;
+    }
+    *bound = evhttp_accept_socket_with_handle(h, fd);
+    if (!*bound) {
+        snprintf(err, errlen, "evhttp_accept_socket failed on %s", addr);
+        close(fd);
+        evhttp_free(h);
+        return NULL;
+    }
+    return h;
 }
 
 static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t errlen)
@@ -403,27 +495,15 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
         snprintf(err, errlen, "event_base_new failed");
         return false;
     }
-    w->http = evhttp_new(w->base);
     const tp_config_t *c = &g_srv.cfg;
-    /* evhttp's own limits are hard ceilings above ours, so that the common
-     * oversize cases get our problem+json 413/431 instead of a bare close. */
-    evhttp_set_max_body_size(w->http, c->server.max_body_bytes * 4 + 65536);
-    evhttp_set_max_headers_size(w->http, c->server.max_header_bytes * 4 + 8192);
-    struct timeval tv = {.tv_sec = c->server.timeout_ms / 1000,
-                         .tv_usec = (c->server.timeout_ms % 1000) * 1000};
-    evhttp_set_timeout_tv(w->http, &tv);
-    evhttp_set_allowed_methods(w->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD |
-                                            EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE |
-                                            EVHTTP_REQ_OPTIONS | EVHTTP_REQ_PATCH);
-    evhttp_set_gencb(w->http, route_request, w);
-    int fd = open_listener(c->server.listen, err, errlen);
-    if (fd < 0)
+    w->http = http_new(w, c->server.listen, &w->bound, err, errlen);
+    if (!w->http)
         return false;
-    w->bound = evhttp_accept_socket_with_handle(w->http, fd);
-    if (!w->bound) {
-        snprintf(err, errlen, "evhttp_accept_socket failed on %s", c->server.listen);
-        close(fd);
-        return false;
+    if (*c->server.tls_listen) {
+        w->https = http_new(w, c->server.tls_listen, &w->tls_bound, err, errlen);
+        if (!w->https)
+            return false;
+        evhttp_set_bevcb(w->https, tls_bevcb, w);
     }
     int64_t maxc = c->server.max_connections > 0 ? c->server.max_connections : 1024;
     w->max_inflight = (int)(maxc / g_srv.nthreads);
@@ -452,17 +532,11 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
     w->cache = cache_new(g_srv.cache_bytes, &w->m);
     w->stop_ev = event_new(w->base, -1, 0, on_stop, w);
     w->drain_timer = evtimer_new(w->base, on_drain_tick, w);
-    const tp_config_t *cf = &g_srv.cfg;
-    double n = (double)g_srv.nthreads;
-    w->rl_addr = tp_ratelimit_new((double)cf->auth.rate_per_address / n,
-                                  (double)cf->auth.burst_per_address / n + 1,
-                                  (size_t)(cf->auth.rate_limit_keys > 0 ? cf->auth.rate_limit_keys : 10000));
-    w->rl_ident = tp_ratelimit_new((double)cf->auth.rate_per_identity / n,
-                                   (double)cf->auth.burst_per_identity / n + 1,
-                                   (size_t)(cf->auth.rate_limit_keys > 0 ? cf->auth.rate_limit_keys : 10000));
+    worker_limits_refresh(w);
     w->tick = event_new(w->base, -1, EV_PERSIST, on_tick, w);
     struct timeval sec = {1, 0};
     event_add(w->tick, &sec);
+    writes_worker_start(w);
     return true;
 }
 
@@ -502,13 +576,108 @@ static void on_auth_notify(const char *channel, const char *payload, void *arg)
 
 static struct event_base *g_main_base;
 
+/* Size of a setting's field, for copying one value between configs. */
+static size_t setting_size(const tp_setting_t *st)
+{
+    switch (st->type) {
+    case TP_CFG_BOOL: return sizeof(bool);
+    case TP_CFG_INT:
+    case TP_CFG_DURATION:
+    case TP_CFG_SIZE: return sizeof(int64_t);
+    default: return sizeof(char *);
+    }
+}
+
+/* Applies the settings of c that take effect without a restart (the verifier
+ * is already built from c). */
+static void settings_apply(const tp_config_t *c)
+{
+    tp_log_level_t lvl;
+    if (c->log.level && tp_log_parse_level(c->log.level, &lvl))
+        tp_log_set_level(lvl);
+    atomic_store(&g_srv.drain_ms, c->server.drain_timeout_ms);
+    atomic_store(&g_srv.table_max_limit, c->server.table_max_limit);
+    g_srv.defs_dir = c->server.definitions;
+    limits_publish(c);
+}
+
+/* SIGHUP, part one: re-reads the config file. A file that does not load or
+ * whose [auth] does not build keeps every setting (the log says file:line);
+ * otherwise the reloadable settings are swapped in, each changed setting that
+ * needs a restart is logged and keeps its running value, and the TLS
+ * certificate and key are re-read (a bad pair keeps the previous one). */
+static void config_reload(void)
+{
+    const char *path = g_srv.cfg.path;
+    if (!path) {
+        tp_info("SIGHUP: no config file; settings unchanged");
+        return;
+    }
+    tp_config_t *fresh = tp_xcalloc(1, sizeof *fresh);
+    char err[512];
+    if (!tp_config_load(fresh, path, err, sizeof err)) {
+        const char *kv[] = {"error", err, NULL};
+        tp_logkv(TP_LOG_ERROR, kv, "config reload failed: keeping the previous settings");
+        free(fresh);
+        return;
+    }
+    /* eff: fresh with every setting that needs a restart at its running value */
+    tp_config_t eff = *fresh;
+    for (size_t i = 0; i < tp_settings_count; i++) {
+        const tp_setting_t *st = tp_config_restart_needed(&g_srv.cfg, &eff);
+        if (!st)
+            break;
+        char name[96];
+        snprintf(name, sizeof name, "%s.%s", st->section, st->key);
+        const char *kv[] = {"setting", name, NULL};
+        tp_logkv(TP_LOG_WARN, kv, "config reload: this setting changed but needs a restart; "
+                                  "the running value stays");
+        memcpy((char *)&eff + st->offset, (const char *)&g_srv.cfg + st->offset, setting_size(st));
+    }
+    tp_auth_t *a = tp_auth_new(&eff, err, sizeof err);
+    if (!a) {
+        const char *kv[] = {"error", err, NULL};
+        tp_logkv(TP_LOG_ERROR, kv, "config reload failed: keeping the previous settings");
+        tp_config_free(fresh);
+        free(fresh);
+        return;
+    }
+    pthread_mutex_lock(&g_srv.lock);
+    tp_auth_t *old = g_srv.auth;
+    pthread_mutex_unlock(&g_srv.lock);
+    tp_auth_set_tokens(a, tp_auth_get_tokens(old));
+    pthread_mutex_lock(&g_srv.lock);
+    g_srv.auth = a;
+    pthread_mutex_unlock(&g_srv.lock);
+    tp_auth_free(old);
+    atomic_store(&g_srv.tokens_dirty, true);
+    settings_apply(&eff);
+    if (*g_srv.cfg.server.tls_listen) {
+        if (tls_load(eff.server.tls_cert, eff.server.tls_key, err, sizeof err)) {
+            tp_info("TLS certificate and key reloaded");
+        } else {
+            const char *kv[] = {"error", err, NULL};
+            tp_logkv(TP_LOG_ERROR, kv, "TLS reload failed: keeping the previous certificate");
+        }
+    }
+    if (g_srv.live) {
+        tp_config_free(g_srv.live);
+        free(g_srv.live);
+    }
+    g_srv.live = fresh;
+    status_wake(true); /* tokens and table options (table_max_limit) */
+    tp_info("configuration reloaded");
+}
+
 static void on_signal(evutil_socket_t sig, short what, void *arg)
 {
     (void)what;
     (void)arg;
     if (sig == SIGHUP) {
-        tp_info("SIGHUP: reloading definitions");
+        tp_info("SIGHUP: reloading configuration and definitions");
         tp_notify_reloading();
+        config_reload();
+        writes_reload(); /* writable tables too, even if the definitions are broken */
         defgen_t *g = gen_build(false);
         if (!g) {
             tp_warn("reload failed: keeping the previous definitions");
@@ -544,18 +713,6 @@ static void usage(FILE *f)
                "  -h, --help         show this help\n"
                "  -V, --version      show the version\n",
             TP_CONFIG_DEFAULT_PATH);
-}
-
-static int64_t env_i64(const char *name, int64_t dflt, bool size)
-{
-    const char *v = getenv(name);
-    int64_t out;
-    if (!v || !*v)
-        return dflt;
-    if (size ? tp_parse_size(v, &out) : tp_parse_int64(v, 0, INT64_MAX, &out))
-        return out;
-    fprintf(stderr, "tidepool-server: ignoring %s=%s (not a valid value)\n", name, v);
-    return dflt;
 }
 
 int main(int argc, char **argv)
@@ -617,17 +774,23 @@ int main(int argc, char **argv)
         tp_config_free(&g_srv.cfg);
         return 2;
     }
-    tp_log_level_t lvl;
-    if (g_srv.cfg.log.level && tp_log_parse_level(g_srv.cfg.log.level, &lvl))
-        tp_log_set_level(lvl);
     g_srv.dsn = g_srv.cfg.postgres.dsn ? g_srv.cfg.postgres.dsn : "";
     g_srv.read_dsn = g_srv.cfg.postgres.read_dsn && *g_srv.cfg.postgres.read_dsn
                          ? g_srv.cfg.postgres.read_dsn
                          : g_srv.dsn;
-    g_srv.drain_ms = env_i64("TIDEPOOL_DRAIN_MS", 10000, false);
-    g_srv.table_max_limit = env_i64("TIDEPOOL_TABLE_MAX_LIMIT", 1000, false);
-    g_srv.pool_queue = (int)env_i64("TIDEPOOL_POOL_QUEUE", 256, false);
+    g_srv.pool_queue = (int)g_srv.cfg.server.pool_queue;
     pthread_mutex_init(&g_srv.lock, NULL);
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    g_srv.nthreads = g_srv.cfg.server.threads > 0 ? (int)g_srv.cfg.server.threads
+                                                  : (int)(cores > 0 ? cores : 1);
+    settings_apply(&g_srv.cfg);
+    if (*g_srv.cfg.server.tls_listen && !tls_load(g_srv.cfg.server.tls_cert,
+                                                  g_srv.cfg.server.tls_key, err, sizeof err)) {
+        fprintf(stderr, "tidepool-server: %s\n", err);
+        tp_auth_free(g_srv.auth);
+        tp_config_free(&g_srv.cfg);
+        return 2;
+    }
 
     defgen_t *g0 = gen_build(true);
     if (!g0) {
@@ -636,7 +799,8 @@ int main(int argc, char **argv)
         return 2;
     }
     if (check) {
-        printf("config: ok\ndatasets: %zu\n", g0->set->n_datasets);
+        tp_config_print(&g_srv.cfg, stdout);
+        printf("datasets: %zu\n", g0->set->n_datasets);
         for (size_t i = 0; i < g0->set->n_datasets; i++)
             printf("  dataset %s (%zu params)\n", g0->set->datasets[i].name,
                    g0->set->datasets[i].n_params);
@@ -649,11 +813,7 @@ int main(int argc, char **argv)
     g_srv.tables = tp_xcalloc(1, sizeof(tables_t));
     atomic_init(&g_srv.tables->refs, 1);
 
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    g_srv.nthreads = g_srv.cfg.server.threads > 0 ? (int)g_srv.cfg.server.threads
-                                                  : (int)(cores > 0 ? cores : 1);
-    int64_t total_cache = env_i64("TIDEPOOL_CACHE_BYTES", 64 << 20, true);
-    g_srv.cache_bytes = total_cache / g_srv.nthreads;
+    g_srv.cache_bytes = g_srv.cfg.server.cache_bytes / g_srv.nthreads;
     int pool_total = g_srv.cfg.postgres.pool_size > 0 ? (int)g_srv.cfg.postgres.pool_size : 8;
     int per = pool_total / g_srv.nthreads;
     if (per < 1)
@@ -704,8 +864,9 @@ int main(int argc, char **argv)
     char nth[16], pool[16];
     snprintf(nth, sizeof nth, "%d", g_srv.nthreads);
     snprintf(pool, sizeof pool, "%d", per);
-    const char *kv[] = {"listen", g_srv.cfg.server.listen, "threads", nth, "pool_per_thread", pool,
-                        NULL};
+    const char *kv[] = {"listen", g_srv.cfg.server.listen, "tls_listen",
+                        *g_srv.cfg.server.tls_listen ? g_srv.cfg.server.tls_listen : NULL,
+                        "threads", nth, "pool_per_thread", pool, NULL};
     tp_logkv(TP_LOG_INFO, kv, "tidepool-server listening");
     tp_notify_wd_t *wd = NULL;
     if (!tp_notify_wd_start(g_main_base, &wd))
@@ -744,6 +905,11 @@ int main(int argc, char **argv)
         gen_release(g_srv.gen);
         tables_release(g_srv.tables);
         tp_auth_free(g_srv.auth);
+        tls_free();
+        if (g_srv.live) {
+            tp_config_free(g_srv.live);
+            free(g_srv.live);
+        }
         for (int i = 0; i < g_srv.njobs; i++)
             free(g_srv.job_names[i]);
         tp_lakebase_free(g_srv.lb_sync);

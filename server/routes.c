@@ -23,7 +23,8 @@
 
 static const char *const route_names[RT__N] = {
     "/api/v1/datasets", "/api/v1/datasets/{name}", "/api/v1/tables/{table}", "/healthz",
-    "/readyz", "/metrics", "/api/v1/openapi.json", "other"};
+    "/readyz", "/metrics", "/api/v1/openapi.json", "other",
+    "/api/v1/tables/{table}[/{pk}] (write)", "/api/v1/sync"};
 
 static void not_allowed(rq_t *r, const char *allow)
 {
@@ -99,6 +100,17 @@ static bool parse_format(rq_t *r)
     return true;
 }
 
+/* /metrics needs admin, except in auth mode none (the local demo); false
+ * with the 401/403/429 problem sent. */
+static bool metrics_allowed(rq_t *r)
+{
+    tp_auth_t *a = auth_acquire();
+    bool open = tp_auth_mode(a) == TP_AUTH_MODE_NONE;
+    tp_auth_free(a);
+    static const char *const admin[] = {"admin", NULL};
+    return open || (rq_authenticate(r) && rq_require(r, admin));
+}
+
 static void h_healthz(rq_t *r)
 {
     static const char body[] = "{\"status\":\"ok\"}";
@@ -169,6 +181,10 @@ void route_request(struct evhttp_request *req, void *arg)
     size_t len = strlen(path);
     if (len > 1 && path[len - 1] == '/')
         path[--len] = '\0';
+    if (writes_route(r, path) || sync_route(r, path)) {
+        free(path);
+        return;
+    }
     int route = RT_OTHER;
     const char *name = NULL;
     if (strcmp(path, "/healthz") == 0)
@@ -201,7 +217,8 @@ void route_request(struct evhttp_request *req, void *arg)
     } else if (route == RT_READYZ) {
         h_readyz(r);
     } else if (route == RT_METRICS) {
-        h_metrics(r);
+        if (metrics_allowed(r))
+            h_metrics(r);
     } else if (route == RT_OPENAPI) {
         h_openapi(r);
     } else if (!rq_authenticate(r) || !parse_format(r)) {
@@ -325,6 +342,7 @@ void h_metrics(rq_t *r)
         tp_buf_printf(&b, "tidepool_job_generation{job=\"%s\"} %lld\n", name,
                       (long long)js->generation);
     }
+    writes_metrics(&b);
     rq_header(r, "Cache-Control", "no-store");
     rq_reply(r, 200, "text/plain; version=0.0.4; charset=utf-8", b.data, b.len);
     tp_buf_free(&b);
@@ -351,7 +369,7 @@ static json_t *problem_responses(void)
     json_t *ref = json_pack("{s:{s:{s:{s:s}}}}", "content", "application/problem+json", "schema",
                             "$ref", "#/components/schemas/Problem");
     json_t *o = json_object();
-    const char *codes[] = {"400", "404", "413", "415", "422", "503"};
+    const char *codes[] = {"400", "401", "403", "404", "413", "415", "422", "429", "503"};
     for (size_t i = 0; i < TP_ARRAY_LEN(codes); i++) {
         json_t *x = json_deep_copy(ref);
         json_object_set_new(x, "description", json_string("problem details"));
@@ -440,6 +458,8 @@ void h_openapi(rq_t *r)
         json_object_set_new(paths, path, json_pack("{s:o}", "get", get));
         free(path);
     }
+    writes_openapi(paths);
+    sync_openapi(paths);
     json_t *doc = json_pack(
         "{s:s,s:{s:s,s:s},s:o,s:{s:{s:{s:s,s:{s:{s:s},s:{s:s},s:{s:s},s:{s:s},s:{s:s},s:{s:s}}}}}}",
         "openapi", "3.1.0", "info", "title", "Tidepool", "version", TP_VERSION, "paths", paths,

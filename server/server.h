@@ -43,6 +43,8 @@ typedef struct ttable {
     tcol_t *cols;
     size_t ncols;
     int64_t max_limit;
+    char **roles;       /* @expose roles=a,b: NULL-terminated read roles; empty = any caller */
+    const tcol_t *owner; /* @expose owner=COL: rows where COL = caller's identity; NULL = all */
 } ttable_t;
 
 typedef struct tables {
@@ -62,8 +64,9 @@ typedef struct defgen {
 
 /* ---- metrics (written by the owning worker, read by any scrape: relaxed atomics) ---- */
 
-enum { RT_DATASETS, RT_DATASET, RT_TABLE, RT_HEALTHZ, RT_READYZ, RT_METRICS, RT_OPENAPI, RT_OTHER, RT__N };
-#define N_STATUS 16
+enum { RT_DATASETS, RT_DATASET, RT_TABLE, RT_HEALTHZ, RT_READYZ, RT_METRICS, RT_OPENAPI, RT_OTHER,
+       RT_WRITE, RT_SYNC, RT__N };
+#define N_STATUS 21
 #define N_BUCKETS 13
 
 typedef struct metrics {
@@ -104,6 +107,9 @@ typedef struct worker {
     struct event_base *base;
     struct evhttp *http;
     struct evhttp_bound_socket *bound;
+    struct evhttp *https;                  /* server.tls_listen, NULL when off */
+    struct evhttp_bound_socket *tls_bound;
+    uint64_t rl_gen;                       /* g_srv.rl_gen the limiters were built for */
     struct event *stop_ev;
     struct event *drain_timer;
     struct event *tick; /* publishes pool gauges into metrics once a second */
@@ -149,12 +155,17 @@ typedef struct srv {
     atomic_bool migrations_known;
     atomic_bool tables_ready; /* exposed tables reflected at least once */
     char migrations_why[600]; /* guarded by lock */
-    int64_t drain_ms;
+    atomic_int_fast64_t drain_ms;        /* server.drain_timeout (reloadable) */
     int64_t cache_bytes; /* per worker */
-    int64_t table_max_limit;
+    atomic_int_fast64_t table_max_limit; /* reloadable: read when tables are reflected */
     int pool_queue;
     int64_t started_ms;
-    tp_auth_t *auth; /* built at start; not reloaded yet */
+    tp_auth_t *auth; /* guarded by lock, swapped on SIGHUP: use auth_acquire */
+    char *defs_dir;  /* server.definitions of the config in force (main thread) */
+    tp_config_t *live; /* the last config loaded by SIGHUP (main thread), or NULL */
+    atomic_uint_fast64_t rl_gen; /* bumped when the rate-limit settings change */
+    double rl_rate_addr, rl_burst_addr, rl_rate_ident, rl_burst_ident; /* guarded by lock */
+    size_t rl_keys;
     atomic_bool tokens_dirty; /* NOTIFY tidepool_auth: reload the token table */
     bool lakebase; /* postgres.password_source = lakebase (docs/lakebase.md) */
     tp_lakebase_config_t lb_cfg;
@@ -193,6 +204,7 @@ struct rq {
     fmt_t fmt;
     bool bypass;
     tp_auth_result_t auth; /* principal of an authenticated request */
+    char client[64];       /* client address (X-Real-Ip from a trusted proxy, else the peer) */
     /* dataset / table work */
     const tp_defs_dataset_t *ds;
     int ds_idx;
@@ -251,6 +263,20 @@ bool rq_authenticate(rq_t *r) TP_WUR;
 bool rq_authorize(rq_t *r, char *const *roles, size_t n) TP_WUR;
 bool rq_allowed(rq_t *r, char *const *roles, size_t n);
 
+/* The principal may use an object needing any of the NULL-terminated roles
+ * (NULL or empty: any authenticated principal); false with a 403 problem
+ * sent. For handlers whose roles are fixed, e.g. `/api/v1/sync` writes:
+ * rq_require(r, (const char *[]){"admin", NULL}). */
+bool rq_require(rq_t *r, const char *const *roles) TP_WUR;
+
+/* ---- tls.c ---- */
+/* Builds a TLS 1.2+ context from PEM files and swaps it in; false with err
+ * (naming the setting and file, never key material) keeps the previous one. */
+bool tls_load(const char *cert, const char *key, char *err, size_t errlen) TP_WUR;
+void tls_free(void);
+/* evhttp_set_bevcb callback (arg: the worker): an OpenSSL bufferevent. */
+struct bufferevent *tls_bevcb(struct event_base *base, void *arg);
+
 /* ---- encode.c ---- */
 void encode_result(const PGresult *res, fmt_t fmt, tp_buf_t *out);
 const char *fmt_ctype(fmt_t fmt);
@@ -289,12 +315,36 @@ void route_request(struct evhttp_request *req, void *arg);
 void h_openapi(rq_t *r);
 void h_metrics(rq_t *r);
 
+/* ---- writes.c, syncapi.c: write-back and /api/v1/sync ---- */
+/* Takes POST/PATCH/DELETE on /api/v1/tables/... (true: answered or in flight). */
+bool writes_route(rq_t *r, const char *path);
+/* Status thread (blocking conn): reflects writable tables when asked, refreshes
+ * the outbox backlog for /metrics. */
+void writes_status(PGconn *c);
+/* SIGHUP: re-reflect writable tables on the next status pass. */
+void writes_reload(void);
+/* Worker loop set-up / tear-down (the purge timer runs on worker 0). */
+void writes_worker_start(worker_t *w);
+void writes_worker_stop(worker_t *w);
+/* The pool writes go through (the primary, even when reads use read_dsn). */
+tp_pgpool_t *writes_pool(worker_t *w);
+void writes_metrics(tp_buf_t *b);
+void writes_openapi(void *paths); /* json_t *: adds the writable tables' operations */
+char *writes_mirrored_array(void);
+/* Takes /api/v1/sync and /api/v1/sync/{job}/run (true: answered or in flight). */
+bool sync_route(rq_t *r, const char *path);
+void sync_openapi(void *paths);
+
 /* ---- main.c: definitions generations and jobs ---- */
 defgen_t *gen_acquire(void);
 void gen_release(defgen_t *g);
 /* Registry index of a job name (added if new), or -1 when the registry is full. */
 int job_index(const char *name);
 uint64_t epoch_now(void);
+/* A reference on the verifier in force (release with tp_auth_free). */
+tp_auth_t *auth_acquire(void);
+/* Rebuilds w's rate limiters when the settings changed since they were built. */
+void worker_limits_refresh(worker_t *w);
 /* True if nothing affecting jobs changed since fill_epoch. */
 bool jobs_unchanged(const int *jobs, size_t n, uint64_t fill_epoch);
 

@@ -1,12 +1,17 @@
 /* Table reads: GET /api/v1/tables/{schema.table}.
  *
  * Exposure: a table (or view) is readable when its Postgres COMMENT contains
- * "@expose" (optionally "@expose max_limit=N"); the status thread reflects
- * such tables and their columns from pg_catalog with a blocking connection
- * (never on a loop) at start and after SIGHUP. Requests use the PostgREST-like
- * grammar of DESIGN §8: col=op.value (eq neq gt gte lt lte in like is),
- * select=, order=col[.asc|.desc], limit (default and maximum: max_limit, else
- * TIDEPOOL_TABLE_MAX_LIMIT, default 1000), offset. Every column and operator
+ * "@expose", optionally followed by KEY=VALUE options (no spaces in a value):
+ * max_limit=N, roles=R[,R] (the read roles: any one of them; none = any
+ * authenticated caller) and owner=COLUMN (row-level scoping: only rows whose
+ * text COLUMN equals the caller's identity, as an extra bound WHERE term).
+ * An option that does not parse keeps the table unexposed (logged), so a typo
+ * never widens access. The status thread reflects such tables and their
+ * columns from pg_catalog with a blocking connection (never on a loop) at
+ * start and after SIGHUP. Requests use the PostgREST-like grammar of DESIGN
+ * §8: col=op.value (eq neq gt gte lt lte in like is), select=,
+ * order=col[.asc|.desc], limit (default and maximum: max_limit, else
+ * server.table_max_limit, default 1000), offset. Every column and operator
  * is checked against the reflected schema, values are checked against the
  * column's type and bound as $n; identifiers are quoted; nothing a client
  * sends reaches SQL text. */
@@ -18,14 +23,59 @@
 #include "tidepool/log.h"
 #include "tidepool/pg.h"
 
-static char *opt_value(const char *comment, const char *key)
+static const tcol_t *col_find(const ttable_t *t, const char *name, size_t n);
+static void table_free(ttable_t *x);
+
+/* Parses the options after "@expose" in comment into t (whose columns are
+ * all reflected). False with why (for the log) on anything it does not know. */
+static bool expose_options(ttable_t *t, const char *comment, char *why, size_t whylen)
 {
-    const char *p = strstr(comment, key);
-    if (!p)
-        return NULL;
-    p += strlen(key);
-    size_t n = strspn(p, "0123456789");
-    return n ? tp_xstrndup(p, n) : NULL;
+    const char *p = strstr(comment, "@expose");
+    p += strlen("@expose");
+    t->max_limit = atomic_load(&g_srv.table_max_limit);
+    while (true) {
+        p += strspn(p, " \t\r\n");
+        size_t n = strcspn(p, " \t\r\n");
+        const char *eq = memchr(p, '=', n);
+        if (n == 0 || !eq)
+            return true; /* the options end at the first word without '=' */
+        size_t klen = (size_t)(eq - p);
+        char *val = tp_xstrndup(eq + 1, n - klen - 1);
+        bool ok = true;
+        int64_t v;
+        if (klen == 9 && strncmp(p, "max_limit", 9) == 0) {
+            ok = tp_parse_int64(val, 1, 1000000, &v);
+            if (ok)
+                t->max_limit = v;
+            else
+                snprintf(why, whylen, "max_limit=%.40s is not an integer from 1 to 1000000", val);
+        } else if (klen == 5 && strncmp(p, "roles", 5) == 0) {
+            char rerr[160];
+            tp_auth_strv_free(t->roles);
+            t->roles = NULL;
+            ok = tp_auth_roles_parse(val, &t->roles, rerr, sizeof rerr);
+            if (!ok)
+                snprintf(why, whylen, "roles=: %s", rerr);
+        } else if (klen == 5 && strncmp(p, "owner", 5) == 0) {
+            t->owner = col_find(t, val, strlen(val));
+            static const char *const text_types[] = {"text", "character varying", "character",
+                                                     "citext", "name"};
+            bool texty = false;
+            for (size_t i = 0; t->owner && i < TP_ARRAY_LEN(text_types); i++)
+                texty |= strncmp(t->owner->type, text_types[i], strlen(text_types[i])) == 0;
+            ok = t->owner && texty;
+            if (!ok)
+                snprintf(why, whylen, "owner=%.64s is not a text column of the table", val);
+        } else {
+            ok = false;
+            snprintf(why, whylen, "unknown option %.*s (max_limit, roles, owner)",
+                     (int)(klen > 40 ? 40 : klen), p);
+        }
+        free(val);
+        if (!ok)
+            return false;
+        p += n;
+    }
 }
 
 tables_t *tables_reflect(const char *dsn, char *err, size_t errlen)
@@ -59,36 +109,45 @@ tables_t *tables_reflect(const char *dsn, char *err, size_t errlen)
             cur->schema = tp_xstrdup(sch);
             cur->table = tp_xstrdup(rel);
             cur->name = tp_xasprintf("%s.%s", sch, rel);
-            char *lim = opt_value(PQgetvalue(res, i, 2), "max_limit=");
-            int64_t v = 0;
-            cur->max_limit = lim && tp_parse_int64(lim, 1, 1000000, &v) ? v : g_srv.table_max_limit;
-            free(lim);
         }
         cur->cols = tp_xrealloc(cur->cols, (cur->ncols + 1) * sizeof *cur->cols);
         tcol_t *col = &cur->cols[cur->ncols++];
         col->name = tp_xstrdup(PQgetvalue(res, i, 3));
         col->type = tp_xstrdup(PQgetvalue(res, i, 4));
         col->oid = (unsigned)strtoul(PQgetvalue(res, i, 5), NULL, 10);
+        bool last = i + 1 == n || strcmp(PQgetvalue(res, i + 1, 0), sch) != 0 ||
+                    strcmp(PQgetvalue(res, i + 1, 1), rel) != 0;
+        char why[200] = "";
+        if (last && !expose_options(cur, PQgetvalue(res, i, 2), why, sizeof why)) {
+            const char *kv[] = {"table", cur->name, "problem", why, NULL};
+            tp_logkv(TP_LOG_ERROR, kv, "@expose comment rejected: the table stays unexposed");
+            table_free(cur);
+            t->n--;
+        }
     }
     PQclear(res);
     return t;
+}
+
+static void table_free(ttable_t *x)
+{
+    for (size_t j = 0; j < x->ncols; j++) {
+        free(x->cols[j].name);
+        free(x->cols[j].type);
+    }
+    free(x->cols);
+    free(x->name);
+    free(x->schema);
+    free(x->table);
+    tp_auth_strv_free(x->roles);
 }
 
 void tables_release(tables_t *t)
 {
     if (!t || atomic_fetch_sub(&t->refs, 1) != 1)
         return;
-    for (size_t i = 0; i < t->n; i++) {
-        ttable_t *x = &t->t[i];
-        for (size_t j = 0; j < x->ncols; j++) {
-            free(x->cols[j].name);
-            free(x->cols[j].type);
-        }
-        free(x->cols);
-        free(x->name);
-        free(x->schema);
-        free(x->table);
-    }
+    for (size_t i = 0; i < t->n; i++)
+        table_free(&t->t[i]);
     free(t->t);
     free(t);
 }
@@ -341,6 +400,8 @@ void h_table(rq_t *r, const char *name)
         return;
     }
     r->tbl = t;
+    if (!rq_require(r, (const char *const *)t->roles))
+        return;
     tp_buf_t sql = {0}, where = {0}, order = {0}, sel = {0};
     int64_t limit = t->max_limit, offset = 0;
     bool ok = true;
@@ -365,6 +426,12 @@ void h_table(rq_t *r, const char *name)
         if (r->q[i].used)
             continue;
         ok = add_filter(r, t, r->q[i].key, r->q[i].val, &where);
+    }
+    if (ok && t->owner) { /* row-level scoping: in the SQL, bound like any value */
+        tp_buf_puts(&where, where.len ? " AND " : " WHERE ");
+        tp_buf_sql_ident(&where, t->owner->name);
+        tp_buf_puts(&where, " = ");
+        bind_value(r, &where, r->auth.principal->id);
     }
     if (ok) {
         tp_buf_puts(&sql, "SELECT ");

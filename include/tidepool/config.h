@@ -62,6 +62,12 @@ typedef struct tp_config {
         int64_t max_header_bytes;
         int64_t max_connections;
         int64_t timeout_ms;
+        int64_t cache_bytes;      /* all threads together */
+        int64_t pool_queue;       /* per thread */
+        int64_t table_max_limit;
+        int64_t drain_timeout_ms;
+        char *tls_listen;         /* "" = no HTTPS listener */
+        char *tls_cert, *tls_key; /* PEM files; both needed with tls_listen */
     } server;
     struct {
         char *mode; /* none | token | databricks-apps | jwt */

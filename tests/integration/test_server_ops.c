@@ -163,9 +163,8 @@ static void test_queue_full(void)
 {
     srv_h_t q = {0};
     snprintf(q.qdir, sizeof q.qdir, "%s", S.qdir);
-    setenv("TIDEPOOL_POOL_QUEUE", "1", 1);
+    q.extra_conf = "pool_queue = 1\n"; /* lands in [server] */
     bool up = harness_start(&q, DSN, 1) && harness_ready(&q);
-    unsetenv("TIDEPOOL_POOL_QUEUE");
     CHECK(up);
     if (!up)
         return;

@@ -867,6 +867,73 @@ static void table_is_consistent(void)
     }
 }
 
+static void server_tuning_and_tls(void)
+{
+    clear_env();
+    tp_config_t c = {0};
+    char err[512] = "";
+    CHECK_MSG(load_text(&c, "[server]\nlisten = 127.0.0.1:1\n", err, sizeof err), "%s", err);
+    CHECK_INT_EQ(c.server.cache_bytes, 64 << 20);
+    CHECK_INT_EQ(c.server.pool_queue, 256);
+    CHECK_INT_EQ(c.server.table_max_limit, 1000);
+    CHECK_INT_EQ(c.server.drain_timeout_ms, 10000);
+    CHECK_STR_EQ(c.server.tls_listen, "");
+    tp_config_free(&c);
+    CHECK_MSG(load_text(&c,
+                        "[server]\ncache_bytes = 0\npool_queue = 8\ntable_max_limit = 5\n"
+                        "drain_timeout = 1500ms\ntls_listen = 127.0.0.1:8443\n"
+                        "tls_cert = /x.crt\ntls_key = /x.key\n",
+                        err, sizeof err),
+              "%s", err);
+    CHECK_INT_EQ(c.server.cache_bytes, 0);
+    CHECK_INT_EQ(c.server.pool_queue, 8);
+    CHECK_INT_EQ(c.server.table_max_limit, 5);
+    CHECK_INT_EQ(c.server.drain_timeout_ms, 1500);
+    CHECK_STR_EQ(c.server.tls_listen, "127.0.0.1:8443");
+    tp_config_free(&c);
+    EXPECT_ERR("[server]\ntls_listen = 8443\n", 2,
+               "invalid value \"8443\" for server.tls_listen: expected ADDR:PORT with a port from "
+               "1 to 65535");
+    EXPECT_ERR("[server]\ntls_listen = 127.0.0.1:8443\ntls_cert = /x.crt\n", 2,
+               "server.tls_listen is set but server.tls_key is not; HTTPS needs a certificate "
+               "and its key");
+    EXPECT_ERR("[server]\ntls_listen = 127.0.0.1:8443\n", 2,
+               "server.tls_listen is set but server.tls_cert is not; HTTPS needs a certificate "
+               "and its key");
+    EXPECT_ERR("[server]\n\ntls_listen = 0.0.0.0:8443\ntls_cert = a\ntls_key = b\n", 3,
+               "auth.mode = none is only allowed on a loopback server.tls_listen (not "
+               "0.0.0.0:8443); set auth.mode to token, databricks-apps or jwt");
+    EXPECT_ERR("[server]\ntable_max_limit = 0\n", 2,
+               "invalid value \"0\" for server.table_max_limit: expected an integer from 1 to "
+               "1000000");
+    EXPECT_ERR("[server]\ndrain_timeout = soon\n", 2,
+               "invalid value \"soon\" for server.drain_timeout: expected a duration from 0 to "
+               "10m (like 30s, 5m, 250ms)");
+}
+
+/* Inside Databricks Apps (DATABRICKS_APP_NAME injected) every peer is a
+ * trusted proxy unless the file says otherwise; outside, loopback only. */
+static void apps_trust_the_proxy(void)
+{
+    clear_env();
+    tp_config_t c = {0};
+    char err[512] = "";
+    CHECK_MSG(tp_config_load(&c, NULL, err, sizeof err), "%s", err);
+    CHECK_STR_EQ(c.auth.trusted_proxies, "127.0.0.1/32, ::1/128");
+    tp_config_free(&c);
+    setenv("DATABRICKS_APP_NAME", "tidepool", 1);
+    setenv("DATABRICKS_APP_PORT", "8000", 1);
+    CHECK_MSG(tp_config_load(&c, NULL, err, sizeof err), "%s", err);
+    CHECK_STR_EQ(c.auth.trusted_proxies, "0.0.0.0/0, ::/0");
+    CHECK_STR_EQ(c.auth.mode, "databricks-apps");
+    CHECK_STR_EQ(c.server.listen, "0.0.0.0:8000");
+    tp_config_free(&c);
+    CHECK_MSG(load_text(&c, "[auth]\ntrusted_proxies = 10.0.0.0/8\n", err, sizeof err), "%s", err);
+    CHECK_STR_EQ(c.auth.trusted_proxies, "10.0.0.0/8");
+    tp_config_free(&c);
+    clear_env();
+}
+
 int main(void)
 {
     TP_RUN(defaults_without_file);
@@ -887,6 +954,8 @@ int main(void)
     TP_RUN(reload_reports_restart_needed);
     TP_RUN(mutated_files_fail_cleanly);
     TP_RUN(table_is_consistent);
+    TP_RUN(server_tuning_and_tls);
+    TP_RUN(apps_trust_the_proxy);
     free(g_path);
     return tp_test_done();
 }
