@@ -151,6 +151,14 @@ const tp_setting_t tp_settings[] = {
     {.section = "server", .key = "tls_key", .type = TP_CFG_STRING, .default_value = "",
      .reloadable = true, .offset = OFF(server.tls_key),
      .help = "PEM private key for tls_cert (re-read on SIGHUP)"},
+    {.section = "server", .key = "web_root", .type = TP_CFG_STRING, .default_value = "",
+     .offset = OFF(server.web_root),
+     .help = "directory of the demo page served at `/` and `/web/`; empty: `web` in the "
+             "working directory if it has index.html, else the installed share/tidepool/web"},
+    {.section = "server", .key = "web_vendor", .type = TP_CFG_STRING, .default_value = "",
+     .offset = OFF(server.web_vendor),
+     .help = "directory served at `/web/vendor/` (plotly.min.js, fetched by "
+             "scripts/fetch-web-vendor.sh); empty: the vendor folder of web_root"},
 
     {.section = "auth", .key = "mode", .type = TP_CFG_ENUM, .default_value = "none",
      .env = "DATABRICKS_APP_PORT", .env_value = "databricks-apps",

@@ -70,6 +70,7 @@ definitions = $ROOT/sql/sync
 [server]
 listen = 127.0.0.1:$SRV_PORT
 definitions = $ROOT/sql/queries
+web_vendor = $RUN/web/vendor
 [auth]
 mode = none
 [log]
@@ -137,6 +138,8 @@ start_all() {
         say "migrations: not available ($(tail -n 1 "$RUN/logs/sync.log"))"
     fi
     start_component sync 0 "$BIN/tidepool-sync" --config "$RUN/tidepool.conf"
+    scripts/fetch-web-vendor.sh "$RUN/web/vendor" >>"$RUN/logs/web.log" 2>&1 ||
+        say "Plotly.js not installed (no npm registry?): the demo page shows tables; see docs/web.md"
     start_component server "$SRV_PORT" "$BIN/tidepool-server" --config "$RUN/tidepool.conf"
     say "dashboard API: http://127.0.0.1:$SRV_PORT/api/v1/datasets   (demo page: http://127.0.0.1:$SRV_PORT/)"
     say "warehouse emulator: http://127.0.0.1:$WH_PORT   postgres: psql -h $PGHOST -p $PGPORT -U tidepool tidepool"

@@ -18,6 +18,7 @@
  * Shutdown (SIGTERM/SIGINT): stop listening, let in-flight requests finish
  * within server.drain_timeout (default 10 s), then exit. SIGPIPE is ignored. */
 #include "server.h"
+#include "static.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -801,6 +802,8 @@ int main(int argc, char **argv)
     if (check) {
         tp_config_print(&g_srv.cfg, stdout);
         printf("datasets: %zu\n", g0->set->n_datasets);
+        static_load(&g_srv.cfg, stdout);
+        static_free();
         for (size_t i = 0; i < g0->set->n_datasets; i++)
             printf("  dataset %s (%zu params)\n", g0->set->datasets[i].name,
                    g0->set->datasets[i].n_params);
@@ -810,6 +813,7 @@ int main(int argc, char **argv)
         return 0;
     }
     g_srv.gen = g0;
+    static_load(&g_srv.cfg, NULL);
     g_srv.tables = tp_xcalloc(1, sizeof(tables_t));
     atomic_init(&g_srv.tables->refs, 1);
 
@@ -914,6 +918,7 @@ int main(int argc, char **argv)
             free(g_srv.job_names[i]);
         tp_lakebase_free(g_srv.lb_sync);
         tp_config_free(&g_srv.cfg);
+        static_free();
     }
     tp_info("tidepool-server stopped");
     return 0;

@@ -11,6 +11,7 @@
  * (Prometheus text, summed over workers) and /api/v1/openapi.json (OpenAPI 3.1
  * generated from the current datasets and exposed tables). */
 #include "server.h"
+#include "static.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -203,7 +204,9 @@ void route_request(struct evhttp_request *req, void *arg)
         route = RT_TABLE, name = path + strlen(tb_prefix);
     r->route = route;
     r->route_name = route_names[route];
-    if (route == RT_OTHER) {
+    if (route == RT_OTHER && static_serve(r, path)) {
+        /* the demo page (static.c) */
+    } else if (route == RT_OTHER) {
         tp_buf_t d = {0};
         tp_buf_puts(&d, "no route matches this path");
         rq_problem(r, 404, "unknown-route", d.data, NULL, NULL, 0);

@@ -68,6 +68,8 @@ typedef struct tp_config {
         int64_t drain_timeout_ms;
         char *tls_listen;         /* "" = no HTTPS listener */
         char *tls_cert, *tls_key; /* PEM files; both needed with tls_listen */
+        char *web_root;   /* demo page directory; "" = ./web or TP_DATADIR/web */
+        char *web_vendor; /* served at /web/vendor/; "" = web_root/vendor */
     } server;
     struct {
         char *mode; /* none | token | databricks-apps | jwt */

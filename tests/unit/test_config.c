@@ -186,6 +186,32 @@ static void file_format_parses(void)
     tp_config_free(&c);
 }
 
+/* [server] web_root / web_vendor: empty by default (the server picks ./web or
+ * the installed copy), paths as written otherwise, ${VAR} expanded. */
+static void web_settings(void)
+{
+    clear_env();
+    tp_config_t c = {0};
+    char err[256] = "";
+    CHECK(tp_config_load(&c, NULL, err, sizeof err));
+    CHECK_STR_EQ(c.server.web_root, "");
+    CHECK_STR_EQ(c.server.web_vendor, "");
+    tp_config_free(&c);
+    setenv("TP_TEST_RUN_DIR", "/srv/run", 1);
+    bool ok = load_text(&c,
+                        "[server]\nweb_root = /opt/page\nweb_vendor = ${TP_TEST_RUN_DIR}/web/vendor\n",
+                        err, sizeof err);
+    unsetenv("TP_TEST_RUN_DIR");
+    CHECK_MSG(ok, "load failed: %s", err);
+    if (!ok)
+        return;
+    CHECK_STR_EQ(c.server.web_root, "/opt/page");
+    CHECK_STR_EQ(c.server.web_vendor, "/srv/run/web/vendor");
+    CHECK_INT_EQ(c.origin[idx("server", "web_root")].source, TP_CFG_SRC_FILE);
+    CHECK_INT_EQ(c.origin[idx("server", "web_vendor")].line, 3);
+    tp_config_free(&c);
+}
+
 static void file_errors_are_one_precise_line(void)
 {
     clear_env();
@@ -939,6 +965,7 @@ int main(void)
     TP_RUN(defaults_without_file);
     TP_RUN(file_format_parses);
     TP_RUN(file_errors_are_one_precise_line);
+    TP_RUN(web_settings);
     TP_RUN(unreadable_files_are_named);
     TP_RUN(env_fills_what_the_file_leaves_unset);
     TP_RUN(file_beats_env_beats_default);
