@@ -110,11 +110,19 @@ static void provisioned_token_logs_in(void)
     if (lb == NULL)
         return;
     char *err = NULL;
+    int64_t t0 = tp_now_us();
     char *tok = tp_lakebase_token(lb, NULL, &err);
+    int64_t mint_us = tp_now_us() - t0;
     CHECK_MSG(tok != NULL, "token: %s", err ? err : "?");
     if (tok != NULL) {
         seen(tok);
         CHECK(strncmp(tok, "lbt-", 4) == 0);
+        t0 = tp_now_us();
+        char *cached = tp_lakebase_token(lb, NULL, &err);
+        int64_t cached_us = tp_now_us() - t0;
+        free(cached);
+        printf("# figures: first mint (HTTP + ALTER ROLE) %.2f ms, cached token %.3f ms\n",
+               (double)mint_us / 1000.0, (double)cached_us / 1000.0);
         char e[512];
         PGconn *c = tp_pg_connect_password(LB_DSN, tok, 5000, e, sizeof e);
         CHECK_MSG(c != NULL, "connect with the minted token: %s", e);
