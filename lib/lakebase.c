@@ -30,6 +30,7 @@
 
 #define LB_MAGIC 0x4c4b4250u   /* "LKBP" */
 #define WAIT_MAGIC 0x4c4b5754u /* "LKWT" */
+#define SYNC_MAGIC 0x4c4b5359u /* "LKSY" */
 #define PATH_PROVISIONED "/api/2.0/database/credentials"
 #define PATH_AUTOSCALING "/api/2.0/postgres/credentials"
 #define DEFAULT_REFRESH_BEFORE_MS (2 * 60 * 1000)
@@ -467,6 +468,7 @@ void tp_lakebase_cancel(tp_lakebase_wait_t *w)
 }
 
 typedef struct sync_answer {
+    uint32_t magic;
     bool done;
     char *token;
     char *err;
@@ -475,6 +477,8 @@ typedef struct sync_answer {
 static void on_sync_answer(const char *token, const char *err, void *arg)
 {
     sync_answer_t *a = arg;
+    if (a->magic != SYNC_MAGIC)
+        abort();
     a->done = true;
     a->token = token ? tp_xstrdup(token) : NULL;
     a->err = err ? tp_xstrdup(err) : NULL;
@@ -485,7 +489,7 @@ char *tp_lakebase_token(tp_lakebase_t *lb, const char *refused, char **err)
     *err = NULL;
     if (lb == NULL || lb->magic != LB_MAGIC || !lb->blocking)
         abort();
-    sync_answer_t a = {0};
+    sync_answer_t a = {.magic = SYNC_MAGIC};
     pthread_mutex_lock(&lb->mu);
     tp_lakebase_wait_t *w = tp_lakebase_get(lb, refused, on_sync_answer, &a);
     while (!a.done)
