@@ -2,6 +2,8 @@
 # Installs every Debian package Tidepool needs to build, run, test and benchmark.
 # As root it runs apt-get (after apt-get update); otherwise it prints the command.
 #   --quiet   say nothing when everything is already installed
+#   --bench   also the benchmark peers of bench/ (nginx, Flask under gunicorn with
+#             psycopg2); Node's Fastify comes from npm at bench time
 set -eu
 PACKAGES=(
     build-essential pkg-config make
@@ -11,8 +13,15 @@ PACKAGES=(
     valgrind wrk
     systemd help2man man-db python3 python3-yaml
 )
+BENCH_PACKAGES=(nginx-light gunicorn python3-flask python3-psycopg2)
 quiet=0
-[ "${1:-}" = "--quiet" ] && quiet=1
+for arg in "$@"; do
+    case $arg in
+    --quiet) quiet=1 ;;
+    --bench) PACKAGES+=("${BENCH_PACKAGES[@]}") ;;
+    *) echo "usage: $0 [--quiet] [--bench]" >&2; exit 2 ;;
+    esac
+done
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -558,6 +558,29 @@ static void test_row_scoping(void)
     char *v = tp_test_sql(DSN, q);
     CHECK_STR_EQ(v, "alice's own1");
     free(v);
+    /* reads are scoped the same way (migration 0003 exposes the table with owner=author) */
+    long long bobs = new_note(BOB, "bob's own");
+    CHECK(bobs > 0);
+    bool alice_sees_hers = false, bob_sees_alices = false, bob_sees_his = false;
+    for (int i = 0; i < 50 && !alice_sees_hers; i++) { /* tables are reflected in the background */
+        r = wr(ALICE, "GET", "/api/v1/tables/app.user_notes?select=note,author&limit=1000", NULL, NULL, NULL);
+        alice_sees_hers = r.status == 200 && strstr(r.body, "alice's own") != NULL;
+        CHECK(r.status != 200 || strstr(r.body, "bob's own") == NULL);
+        CHECK(r.status != 200 || strstr(r.body, "token:bob") == NULL);
+        resp_free(&r);
+        if (!alice_sees_hers)
+            usleep(100000);
+    }
+    CHECK_MSG(alice_sees_hers, "alice cannot read her own notes");
+    r = wr(BOB, "GET", "/api/v1/tables/app.user_notes?select=note&author=eq.token:alice", NULL, NULL, NULL);
+    CHECK_INT_EQ(r.status, 200);
+    bob_sees_alices = strstr(r.body, "alice's own") != NULL;
+    resp_free(&r);
+    r = wr(BOB, "GET", "/api/v1/tables/app.user_notes?select=note", NULL, NULL, NULL);
+    bob_sees_his = r.status == 200 && strstr(r.body, "bob's own") != NULL;
+    resp_free(&r);
+    CHECK_MSG(!bob_sees_alices, "a filter widened bob's scope to alice's notes");
+    CHECK(bob_sees_his);
 }
 
 static void test_sync_trigger(void)
