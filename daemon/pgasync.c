@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "tidepool/log.h"
+#include "tidepool/pg.h"
 
 #define PGASYNC_MAGIC 0x70676173u
 
@@ -55,6 +56,8 @@ struct tp_pgasync {
 
 static tp_pgasync_password_fn password_hook;
 static void *password_hook_arg;
+static void (*refused_hook)(void *arg);
+static void *refused_hook_arg;
 
 static void on_socket(evutil_socket_t fd, short what, void *arg);
 static void on_timer(evutil_socket_t fd, short what, void *arg);
@@ -63,6 +66,12 @@ void tp_pgasync_set_password_hook(tp_pgasync_password_fn fn, void *arg)
 {
     password_hook = fn;
     password_hook_arg = arg;
+}
+
+void tp_pgasync_set_refused_hook(void (*fn)(void *arg), void *arg)
+{
+    refused_hook = fn;
+    refused_hook_arg = arg;
 }
 
 tp_pgasync_t *tp_pgasync_new(struct event_base *base, const char *dsn, const char *appname)
@@ -280,7 +289,10 @@ static void connect_step(tp_pgasync_t *c)
         snprintf(what, sizeof(what), "connect to Postgres %s:%s", PQhost(c->conn) ? PQhost(c->conn) : "?",
                  PQport(c->conn) ? PQport(c->conn) : "?");
         evtimer_del(c->ev_timer);
+        bool refused = tp_pg_password_refused(PQerrorMessage(c->conn));
         broken(c, what);
+        if (refused && refused_hook != NULL)
+            refused_hook(refused_hook_arg);
         return;
     }
     }

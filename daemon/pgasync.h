@@ -31,6 +31,10 @@ typedef char *(*tp_pgasync_password_fn)(void *arg);
 tp_pgasync_t *tp_pgasync_new(struct event_base *base, const char *dsn, const char *appname);
 /* Registers the process-wide password hook used by every later connect. */
 void tp_pgasync_set_password_hook(tp_pgasync_password_fn fn, void *arg);
+/* Registers a process-wide hook called when a connect fails because the server
+ * refused the password (28P01; e.g. a Lakebase token revoked or rotated), so
+ * that the password hook hands out a new one next time. */
+void tp_pgasync_set_refused_hook(void (*fn)(void *arg), void *arg);
 /* Starts connecting; cb runs once (success or failure, including timeout). */
 bool tp_pgasync_connect(tp_pgasync_t *c, int timeout_ms, tp_pgasync_done_fn cb, void *arg) TP_WUR;
 /* Sends sql (params may be NULL; values are text, NULL = SQL NULL). Multiple

@@ -22,6 +22,7 @@
 #include "pgasync.h"
 #include "syncjob.h"
 #include "tidepool/defs.h"
+#include "tidepool/lakebase.h"
 #include "tidepool/log.h"
 #include "tidepool/migrate.h"
 #include "shipper.h"
@@ -79,6 +80,7 @@ typedef struct syncd {
     tp_shipper_t *shipper; /* outbox shipper thread (daemon mode only) */
     struct event *ev_term, *ev_int, *ev_hup, *ev_progress, *ev_listen_check, *ev_deadline;
     tp_pgasync_t *listen;
+    tp_lakebase_t *lb; /* postgres.password_source = lakebase, else NULL */
     tp_notify_wd_t *wd;
     bool progress_shown;
     char daemon_id[300];
@@ -532,6 +534,33 @@ char *tp_syncd_password(void)
     return password_from_file(NULL);
 }
 
+/* Lakebase: each new connection's password is the provider's current token.
+ * Blocking, on the loop: only when a mint is due (about once an hour). */
+static bool lakebase_refused; /* a login was refused since the last token handed out */
+
+static void lakebase_on_refused(void *arg)
+{
+    (void)arg;
+    lakebase_refused = true;
+}
+
+static char *password_from_lakebase(void *arg)
+{
+    char *err = NULL;
+    char *tok = tp_lakebase_token(arg, NULL, &err);
+    if (tok != NULL && lakebase_refused) { /* drop the cached token (if it is the one), mint anew */
+        lakebase_refused = false;
+        char *fresh = tp_lakebase_token(arg, tok, &err);
+        explicit_bzero(tok, strlen(tok));
+        free(tok);
+        tok = fresh;
+    }
+    if (tok == NULL)
+        tp_error("%s", err ? err : "Lakebase: no credential");
+    free(err);
+    return tok;
+}
+
 /* ---- entry ---- */
 
 static void quiet_notice(void *arg, const char *msg)
@@ -544,7 +573,8 @@ static void quiet_notice(void *arg, const char *msg)
 bool tp_syncd_migrate(const tp_config_t *cfg)
 {
     char err[1024];
-    PGconn *c = tp_pg_connect(cfg->postgres.dsn, cfg->postgres.connect_timeout_ms, err, sizeof(err));
+    PGconn *c = tp_lakebase_connect_settings(cfg, cfg->postgres.dsn, cfg->postgres.connect_timeout_ms,
+                                             err, sizeof(err));
     if (c == NULL) {
         tp_error("%s", err);
         return false;
@@ -611,8 +641,23 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
         defset_unref(set);
         return 1;
     }
+    tp_lakebase_config_t lc;
+    tp_wh_config_t lwc;
+    if (tp_lakebase_from_config(cfg, &lc, &lwc)) {
+        char *err = NULL;
+        d.lb = tp_lakebase_new_blocking(&lwc, &lc, &err);
+        if (d.lb == NULL) {
+            tp_error("%s", err ? err : "Lakebase: cannot create the credential provider");
+            free(err);
+            defset_unref(set);
+            return 2;
+        }
+        tp_pgasync_set_password_hook(password_from_lakebase, d.lb);
+        tp_pgasync_set_refused_hook(lakebase_on_refused, NULL);
+    }
     d.base = event_base_new();
     if (d.base == NULL || !make_wh(&d)) {
+        tp_lakebase_free(d.lb);
         defset_unref(set);
         if (d.base)
             event_base_free(d.base);
@@ -683,6 +728,8 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
     tp_pgasync_free(d.listen);
     tp_notify_wd_free(d.wd);
     tp_wh_free(d.wh);
+    if (d.running == 0) /* a run still alive may connect again: keep the hook's provider */
+        tp_lakebase_free(d.lb);
     for (size_t i = 0; i < d.n_slots; i++) {
         if (d.slots[i]->run == NULL)
             slot_free(d.slots[i]);

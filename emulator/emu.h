@@ -159,6 +159,8 @@ typedef struct emu_global {
     int nwarehouses;
     int64_t token_ttl_s, link_ttl_s, result_ttl_s, forget_ttl_s;
     int64_t chunk_rows, chunk_bytes;
+    char *lakebase_role;    /* --lakebase-role; NULL = credential endpoints off */
+    int64_t lakebase_ttl_s; /* --lakebase-ttl */
     /* runtime */
     struct event_base *base;
     struct evhttp *http;
@@ -272,6 +274,13 @@ int emu_faults_take_status(const char *cls);
 int emu_faults_latency(const char *cls);
 /* Consumes one unit of a countdown fault; true if it fired. */
 bool emu_faults_take(int *counter);
+
+/* ---- lakebase.c ---- */
+/* Handles POST /api/2.0/database/credentials (autoscaling false) and
+ * /api/2.0/postgres/credentials (true) for an authenticated caller: writes the
+ * JSON answer into out and the HTTP status into *code. */
+void emu_lakebase_credentials(const char *body, size_t len, bool autoscaling, tp_buf_t *out,
+                              int *code);
 
 /* ---- oauth.c ---- */
 /* Handles POST /oidc/v1/token: writes the JSON body into out and the HTTP status into *code. */

@@ -17,8 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const classes[] = {"execute", "get",  "chunk", "cancel",
-                                      "close",   "link", "token", "any"};
+static const char *const classes[] = {"execute", "get",   "chunk",    "cancel", "close",
+                                      "link",    "token", "lakebase", "any"};
 
 static bool valid_class(const char *c)
 {

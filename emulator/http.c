@@ -39,6 +39,8 @@ typedef enum route {
     R_DISCOVERY,
     R_LINK,
     R_ADMIN,
+    R_LB_PROVISIONED, /* Lakebase credentials (emulator/lakebase.c) */
+    R_LB_AUTOSCALING,
 } route_t;
 
 typedef struct reqinfo {
@@ -763,6 +765,10 @@ static void route_request(struct evhttp_request *req, reqinfo_t *ri, char *token
     } else if (strcmp(path, "/oidc/.well-known/oauth-authorization-server") == 0 &&
                cmd == EVHTTP_REQ_GET) {
         ri->route = R_DISCOVERY, ri->cls = "token";
+    } else if (strcmp(path, "/api/2.0/database/credentials") == 0 && cmd == EVHTTP_REQ_POST) {
+        ri->route = R_LB_PROVISIONED, ri->cls = "lakebase";
+    } else if (strcmp(path, "/api/2.0/postgres/credentials") == 0 && cmd == EVHTTP_REQ_POST) {
+        ri->route = R_LB_AUTOSCALING, ri->cls = "lakebase";
     } else if (strcmp(path, "/admin/faults") == 0 &&
                (cmd == EVHTTP_REQ_GET || cmd == EVHTTP_REQ_POST || cmd == EVHTTP_REQ_DELETE)) {
         ri->route = R_ADMIN, ri->cls = "admin";
@@ -890,6 +896,20 @@ static void dispatch(struct evhttp_request *req, int64_t t0_us, bool after_laten
     case R_CANCEL: handle_statement(req, &ri); break;
     case R_CHUNK: handle_chunk(req, &ri); break;
     case R_ADMIN: handle_admin(req, &ri); break;
+    case R_LB_PROVISIONED:
+    case R_LB_AUTOSCALING: {
+        size_t len;
+        char *body = body_string(req, &len);
+        int code = 500;
+        tp_buf_init(&b);
+        emu_lakebase_credentials(body, len, ri.route == R_LB_AUTOSCALING, &b, &code);
+        send_json(req, &ri, code, &b);
+        if (b.data)
+            explicit_bzero(b.data, b.len);
+        tp_buf_free(&b);
+        free(body);
+        break;
+    }
     default: break;
     }
 }

@@ -42,6 +42,9 @@ static void usage(FILE *f)
             "  --forget-ttl SECONDS     terminal statements are forgotten after this (default 43200)\n"
             "  --chunk-rows N           rows per result chunk (default 122880)\n"
             "  --chunk-bytes N          bytes per result chunk, e.g. 16M (default 16M)\n"
+            "  --lakebase-role ROLE     serve Lakebase credential endpoints: each call sets\n"
+            "                           ROLE's password on --dsn to a fresh token\n"
+            "  --lakebase-ttl SECONDS   Lakebase token lifetime (default 3600)\n"
             "  --log-level LEVEL        debug, info, warn, error (default info)\n"
             "  --config FILE            also accept the [warehouse] token, client_id:client_secret\n"
             "                           and warehouse_id of a Tidepool config file, so one file\n"
@@ -124,6 +127,7 @@ static void free_options(void)
     free(g.warehouses);
     free(g.listen_addr);
     free(g.dsn);
+    free(g.lakebase_role);
 }
 
 static void on_signal(evutil_socket_t sig, short what, void *arg)
@@ -156,7 +160,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
 enum {
     OPT_LISTEN = 256, OPT_DSN, OPT_TOKEN, OPT_CLIENT, OPT_WAREHOUSE, OPT_FAULTS, OPT_TOKEN_TTL,
     OPT_LINK_TTL, OPT_RESULT_TTL, OPT_FORGET_TTL, OPT_CHUNK_ROWS, OPT_CHUNK_BYTES, OPT_LOG_LEVEL,
-    OPT_CONFIG, OPT_CHECK,
+    OPT_CONFIG, OPT_CHECK, OPT_LB_ROLE, OPT_LB_TTL,
 };
 
 static bool g_check;
@@ -211,6 +215,11 @@ static int check_options(void)
     printf("\nchunks = %lld rows, %lld bytes; links live %llds; results %llds\n",
            (long long)g.chunk_rows, (long long)g.chunk_bytes, (long long)g.link_ttl_s,
            (long long)g.result_ttl_s);
+    if (g.lakebase_role)
+        printf("lakebase credentials: role %s, tokens live %llds\n", g.lakebase_role,
+               (long long)g.lakebase_ttl_s);
+    else
+        printf("lakebase credentials: off (no --lakebase-role)\n");
     if (g.npats == 0 && g.nclients == 0)
         printf("warning: no --token or --client: every API request will be refused\n");
     free(dsn);
@@ -236,6 +245,8 @@ static int parse_args(int argc, char **argv)
         {"log-level", required_argument, NULL, OPT_LOG_LEVEL},
         {"config", required_argument, NULL, OPT_CONFIG},
         {"check", no_argument, NULL, OPT_CHECK},
+        {"lakebase-role", required_argument, NULL, OPT_LB_ROLE},
+        {"lakebase-ttl", required_argument, NULL, OPT_LB_TTL},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
@@ -283,6 +294,12 @@ static int parse_args(int argc, char **argv)
             if (ok)
                 tp_log_set_level(lvl);
             break;
+        case OPT_LB_ROLE:
+            free(g.lakebase_role);
+            g.lakebase_role = tp_xstrdup(optarg);
+            ok = optarg[0] != '\0';
+            break;
+        case OPT_LB_TTL: ok = tp_parse_int64(optarg, 1, 86400, &g.lakebase_ttl_s); break;
         default: usage(stderr); return 2;
         }
         if (!ok) {
@@ -305,6 +322,7 @@ int main(int argc, char **argv)
     g.listen_addr = tp_xstrdup("127.0.0.1");
     g.listen_port = 8180;
     g.token_ttl_s = 3600;
+    g.lakebase_ttl_s = 3600;
     g.link_ttl_s = 900;
     g.result_ttl_s = 3600;
     g.forget_ttl_s = 43200;

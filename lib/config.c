@@ -36,6 +36,7 @@
 #define MASK "********"
 
 static const char *const auth_modes[] = {"none", "token", "databricks-apps", "jwt", NULL};
+static const char *const password_sources[] = {"none", "lakebase", NULL};
 static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL};
 
 #define OFF(field) offsetof(tp_config_t, field)
@@ -53,6 +54,23 @@ const tp_setting_t tp_settings[] = {
     {.section = "postgres", .key = "connect_timeout", .type = TP_CFG_DURATION,
      .default_value = "10s", .offset = OFF(postgres.connect_timeout_ms), .min = 100,
      .max = 10 * MS_M, .help = "give up on a Postgres connection attempt after this long"},
+    {.section = "postgres", .key = "password_source", .type = TP_CFG_ENUM,
+     .default_value = "none", .offset = OFF(postgres.password_source), .choices = password_sources,
+     .help = "`lakebase`: every new connection's password is a Lakebase OAuth credential minted "
+             "with the [warehouse] workspace credentials; `none`: the dsn's or libpq's"},
+    {.section = "postgres", .key = "lakebase_instance", .type = TP_CFG_STRING, .default_value = "",
+     .env = "LAKEBASE_INSTANCE", .offset = OFF(postgres.lakebase_instance),
+     .help = "Lakebase Provisioned database instance name (credentials from "
+             "/api/2.0/database/credentials)"},
+    {.section = "postgres", .key = "lakebase_endpoint", .type = TP_CFG_STRING, .default_value = "",
+     .env = "LAKEBASE_ENDPOINT", .offset = OFF(postgres.lakebase_endpoint),
+     .help = "Lakebase Autoscaling endpoint `projects/P/branches/B/endpoints/E` (credentials from "
+             "/api/2.0/postgres/credentials)"},
+    {.section = "postgres", .key = "lakebase_refresh_before", .type = TP_CFG_DURATION,
+     .default_value = "2m", .offset = OFF(postgres.lakebase_refresh_before_ms), .min = MS_S,
+     .max = 30 * MS_M,
+     .help = "mint a new Lakebase credential this long before the cached one expires "
+             "(at most half its lifetime)"},
 
     {.section = "warehouse", .key = "host", .type = TP_CFG_STRING, .default_value = "",
      .env = "DATABRICKS_HOST", .reloadable = true, .offset = OFF(warehouse.host),
@@ -776,6 +794,32 @@ static bool check_consistency(const tp_config_t *c, char *err, size_t errlen)
         return fail(err, errlen, &w,
                     "warehouse.wait (%lld ms) is longer than warehouse.max_wait (%lld ms)",
                     (long long)c->warehouse.wait_ms, (long long)c->warehouse.max_wait_ms);
+    }
+    if (*c->postgres.lakebase_endpoint != '\0' &&
+        strncmp(c->postgres.lakebase_endpoint, "projects/", 9) != 0) {
+        where_of(c, "postgres", "lakebase_endpoint", &w);
+        return fail(err, errlen, &w,
+                    "postgres.lakebase_endpoint must look like "
+                    "projects/<project>/branches/<branch>/endpoints/<endpoint>");
+    }
+    if (strcmp(c->postgres.password_source, "lakebase") == 0) {
+        bool inst = *c->postgres.lakebase_instance != '\0';
+        bool ep = *c->postgres.lakebase_endpoint != '\0';
+        if (inst == ep) {
+            where_of(c, "postgres", inst ? "lakebase_endpoint" : "password_source", &w);
+            return fail(err, errlen, &w,
+                        inst ? "postgres.lakebase_instance and postgres.lakebase_endpoint are both "
+                               "set; set one (Provisioned instance or Autoscaling endpoint)"
+                             : "postgres.password_source = lakebase needs postgres.lakebase_instance "
+                               "(Provisioned) or postgres.lakebase_endpoint (Autoscaling, "
+                               "env LAKEBASE_ENDPOINT)");
+        }
+        if (*c->warehouse.host == '\0' || tp_config_warehouse_auth(c) == TP_WH_AUTH_NONE) {
+            where_of(c, "postgres", "password_source", &w);
+            return fail(err, errlen, &w,
+                        "postgres.password_source = lakebase needs warehouse.host and workspace "
+                        "credentials (warehouse.token, or client_id and client_secret)");
+        }
     }
     if (strcmp(c->auth.mode, "none") == 0 && !is_loopback(c->server.listen)) {
         bool listen_from_file = c->origin[find_setting("server", "listen")].source ==

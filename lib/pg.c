@@ -144,6 +144,38 @@ static PQconninfoOption *parse_conninfo(const char *conninfo, const secrets_t *k
     return NULL;
 }
 
+bool tp_pg_password_refused(const char *msg)
+{
+    return msg != NULL && (strstr(msg, "password authentication failed") != NULL ||
+                           strstr(msg, "28P01") != NULL);
+}
+
+bool tp_pg_error_transient(const char *msg)
+{
+    static const char *const pats[] = {
+        "terminating connection due to administrator command", /* 57P01 */
+        "the database system is starting up",                   /* 57P03 */
+        "the database system is shutting down",
+        "the database system is in recovery mode",
+        "server closed the connection unexpectedly",
+        "Connection refused",
+        "Connection reset",
+        "timeout expired",
+        "timed out",
+        "could not receive data from server",
+        "could not send data to server",
+        "57P01",
+        "57P03",
+        "SSL SYSCALL error",
+    };
+    if (msg == NULL)
+        return false;
+    for (size_t i = 0; i < sizeof pats / sizeof pats[0]; i++)
+        if (strstr(msg, pats[i]) != NULL)
+            return true;
+    return false;
+}
+
 bool tp_pg_conninfo_check(const char *conninfo, char *err, size_t errlen)
 {
     secrets_t known = {0};

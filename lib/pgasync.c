@@ -21,6 +21,7 @@
 #include <event2/event.h>
 
 #include "tidepool/log.h"
+#include "tidepool/pg.h"
 
 #define CONN_MAGIC 0x50474331u
 #define REQ_MAGIC 0x50475251u
@@ -29,6 +30,7 @@
 
 typedef enum conn_state {
     C_DOWN,
+    C_PASSWORD, /* waiting for the password provider (before PQconnectStartParams) */
     C_CONNECTING,
     C_IDLE,
     C_PREPARING,
@@ -61,6 +63,11 @@ struct conn {
     const char *dsn;
     const char *label;
     int connect_timeout_ms;
+    const tp_pg_password_provider_t *pw; /* NULL: the dsn's password */
+    void *pw_wait;  /* pending provider request */
+    char *password; /* the one this connection used (secret), for "refused" */
+    bool refused;   /* the server refused it at login (28P01) */
+    bool pw_retried; /* refused once since the last success: back off now */
     PGconn *pg;
     conn_state_t st;
     struct event *sock;
@@ -85,6 +92,8 @@ typedef struct stmt {
 struct tp_pgpool {
     struct event_base *base;
     char *dsn;
+    tp_pg_password_provider_t pw;
+    bool has_pw;
     char *name;
     int max_queue;
     int nconns;
@@ -99,6 +108,7 @@ struct tp_pgpool {
 struct tp_pglisten {
     conn_t c;
     char *dsn;
+    tp_pg_password_provider_t pw;
     char *channel;
     tp_pg_notify_cb cb;
     void *arg;
@@ -219,11 +229,19 @@ static void conn_lost(conn_t *c, const char *why)
         memset(c->prepared, 0, sizeof(bool) * (size_t)c->pool->max_stmts);
     bool was_up = c->was_up;
     c->was_up = false;
+    /* an expired or rotated password: ask the provider for a new one at once */
+    c->refused = c->pw != NULL && c->st == C_CONNECTING && tp_pg_password_refused(msg);
+    bool fresh_pw = c->refused && !c->pw_retried;
+    if (fresh_pw) {
+        c->pw_retried = true;
+        const char *kv[] = {"pool", c->label, NULL};
+        tp_logkv(TP_LOG_INFO, kv, "postgres refused the password; getting a new credential");
+    }
     c->st = C_DOWN;
-    c->backoff_ms = c->backoff_ms ? c->backoff_ms * 2 : BACKOFF_MIN_MS;
+    c->backoff_ms = fresh_pw ? 0 : c->backoff_ms ? c->backoff_ms * 2 : BACKOFF_MIN_MS;
     if (c->backoff_ms > BACKOFF_MAX_MS)
         c->backoff_ms = BACKOFF_MAX_MS;
-    int64_t delay = tp_jitter_ms(c->backoff_ms, 0.2);
+    int64_t delay = fresh_pw ? 0 : tp_jitter_ms(c->backoff_ms, 0.2);
     c->retry_at_ms = tp_now_ms() + delay;
     timer_in(c, delay);
     if (was_up || c->backoff_ms == BACKOFF_MIN_MS) {
@@ -386,6 +404,7 @@ static void conn_up(conn_t *c)
     event_del(c->timer);
     c->backoff_ms = 0;
     c->was_up = true;
+    c->pw_retried = false;
     if (c->lsn) {
         tp_buf_t q = {0};
         tp_buf_printf(&q, "LISTEN %s", c->lsn->channel);
@@ -446,13 +465,24 @@ static void on_timer(evutil_socket_t fd, short what, void *arg)
         abort();
     if (c->st == C_CONNECTING)
         conn_lost(c, "connect timed out");
+    else if (c->st == C_PASSWORD) {
+        c->pw->cancel(c->pw_wait);
+        c->pw_wait = NULL;
+        conn_lost(c, "timed out waiting for the database credential");
+    }
     else if (c->st == C_DOWN)
         conn_start(c);
 }
 
-static void conn_start(conn_t *c)
+static void conn_connect(conn_t *c)
 {
-    c->pg = PQconnectStart(c->dsn);
+    if (c->password != NULL) {
+        const char *keys[] = {"dbname", "password", NULL};
+        const char *vals[] = {c->dsn, c->password, NULL};
+        c->pg = PQconnectStartParams(keys, vals, 1); /* dbname is expanded as a conninfo */
+    } else {
+        c->pg = PQconnectStart(c->dsn);
+    }
     if (!c->pg || PQstatus(c->pg) == CONNECTION_BAD) {
         conn_lost(c, c->pg ? PQerrorMessage(c->pg) : "out of memory");
         return;
@@ -462,11 +492,58 @@ static void conn_start(conn_t *c)
     watch(c, EV_WRITE);
 }
 
+static void forget_password(conn_t *c)
+{
+    if (c->password != NULL) {
+        explicit_bzero(c->password, strlen(c->password));
+        free(c->password);
+        c->password = NULL;
+    }
+}
+
+static void on_password(const char *password, const char *err, void *arg)
+{
+    conn_t *c = arg;
+    if (c->magic != CONN_MAGIC)
+        abort();
+    c->pw_wait = NULL;
+    event_del(c->timer);
+    if (password == NULL) {
+        conn_lost(c, err ? err : "no database credential");
+        return;
+    }
+    c->password = tp_xstrdup(password);
+    conn_connect(c);
+}
+
+static void conn_start(conn_t *c)
+{
+    if (c->pw == NULL) {
+        conn_connect(c);
+        return;
+    }
+    char *refused = NULL;
+    if (c->refused) { /* handed to the provider, then burnt below */
+        refused = c->password;
+        c->password = NULL;
+    }
+    forget_password(c);
+    c->refused = false;
+    c->st = C_PASSWORD;
+    timer_in(c, c->connect_timeout_ms);
+    c->pw_wait = c->pw->get(c->pw->self, refused, on_password, c);
+    if (refused != NULL) {
+        explicit_bzero(refused, strlen(refused));
+        free(refused);
+    }
+}
+
 static void conn_init(conn_t *c, struct event_base *base, const char *dsn, const char *label,
-                      int connect_timeout_ms)
+                      int connect_timeout_ms, const tp_pg_password_provider_t *pw)
 {
     memset(c, 0, sizeof *c);
     c->magic = CONN_MAGIC;
+    c->pw = pw;
     c->base = base;
     c->dsn = dsn;
     c->label = label;
@@ -491,6 +568,9 @@ static void conn_destroy(conn_t *c)
         PQclear(c->last);
     if (c->pg)
         PQfinish(c->pg);
+    if (c->pw_wait)
+        c->pw->cancel(c->pw_wait);
+    forget_password(c);
     req_free(c->req);
     free(c->prepared);
     c->magic = 0;
@@ -501,6 +581,10 @@ tp_pgpool_t *tp_pgpool_new(struct event_base *base, const tp_pgpool_opts_t *o)
     tp_pgpool_t *p = tp_xcalloc(1, sizeof *p);
     p->base = base;
     p->dsn = tp_xstrdup(o->dsn ? o->dsn : "");
+    if (o->password != NULL) {
+        p->pw = *o->password;
+        p->has_pw = true;
+    }
     p->name = tp_xstrdup(o->name ? o->name : "pool");
     p->max_queue = o->max_queue > 0 ? o->max_queue : 0;
     p->nconns = o->size > 0 ? o->size : 1;
@@ -509,7 +593,7 @@ tp_pgpool_t *tp_pgpool_new(struct event_base *base, const tp_pgpool_opts_t *o)
     p->conns = tp_xcalloc((size_t)p->nconns, sizeof *p->conns);
     for (int i = 0; i < p->nconns; i++) {
         conn_t *c = &p->conns[i];
-        conn_init(c, base, p->dsn, p->name, o->connect_timeout_ms);
+        conn_init(c, base, p->dsn, p->name, o->connect_timeout_ms, p->has_pw ? &p->pw : NULL);
         c->pool = p;
         c->prepared = tp_xcalloc((size_t)p->max_stmts, sizeof(bool));
         conn_start(c);
@@ -699,7 +783,16 @@ static void listen_ready(conn_t *c)
 tp_pglisten_t *tp_pglisten_new(struct event_base *base, const char *dsn, const char *channel,
                                int connect_timeout_ms, tp_pg_notify_cb cb, void *arg)
 {
+    return tp_pglisten_new_pw(base, dsn, channel, connect_timeout_ms, NULL, cb, arg);
+}
+
+tp_pglisten_t *tp_pglisten_new_pw(struct event_base *base, const char *dsn, const char *channel,
+                                  int connect_timeout_ms, const tp_pg_password_provider_t *pw,
+                                  tp_pg_notify_cb cb, void *arg)
+{
     tp_pglisten_t *l = tp_xcalloc(1, sizeof *l);
+    if (pw != NULL)
+        l->pw = *pw;
     l->dsn = tp_xstrdup(dsn ? dsn : "");
     l->channel = tp_xstrdup(channel);
     for (char *s = l->channel; *s; s++)
@@ -707,7 +800,7 @@ tp_pglisten_t *tp_pglisten_new(struct event_base *base, const char *dsn, const c
             *s = '_';
     l->cb = cb;
     l->arg = arg;
-    conn_init(&l->c, base, l->dsn, "listen", connect_timeout_ms);
+    conn_init(&l->c, base, l->dsn, "listen", connect_timeout_ms, pw != NULL ? &l->pw : NULL);
     l->c.lsn = l;
     conn_start(&l->c);
     return l;

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tidepool/lakebase.h"
 #include "tidepool/migrate.h"
 #include "tidepool/pg.h"
 #include "tidepool/util.h"
@@ -22,7 +23,8 @@ static void line(FILE *out, const char *what, const char *verdict, const char *d
 static bool ping_postgres(const tp_config_t *cfg, FILE *out)
 {
     char err[512];
-    PGconn *conn = tp_pg_connect(cfg->postgres.dsn, cfg->postgres.connect_timeout_ms, err, sizeof err);
+    PGconn *conn = tp_lakebase_connect_settings(cfg, cfg->postgres.dsn, cfg->postgres.connect_timeout_ms,
+                                                err, sizeof err);
     if (conn == NULL) {
         line(out, "postgres", "FAILED", err);
         return false;

@@ -39,7 +39,7 @@
 #define MAX_LINK_REFRESH 3
 #define MSG_MAX 600
 
-typedef enum { K_EXEC, K_STATUS, K_CHUNK, K_LINK, K_CANCEL, K_TOKEN } call_kind_t;
+typedef enum { K_EXEC, K_STATUS, K_CHUNK, K_LINK, K_CANCEL, K_TOKEN, K_API } call_kind_t;
 typedef enum { P_SUBMIT, P_POLL, P_STREAM, P_DONE } phase_t;
 typedef enum { SINK_RAW, SINK_JSON, SINK_CSV } sink_t;
 
@@ -118,6 +118,8 @@ struct call {
     bool local_abort; /* the write callback stopped the transfer */
     char local_msg[MSG_MAX];
     tp_wh_errkind_t local_kind;
+    tp_wh_api_cb api_cb; /* K_API only */
+    void *api_arg;
     call_t *prev, *next;
 };
 
@@ -524,6 +526,7 @@ static void call_fail_parked(call_t *c, tp_wh_errkind_t kind, const char *msg);
 static void on_call_done(CURL *easy, CURLcode rc, void *arg);
 static void stmt_call_result(call_t *c, CURLcode rc);
 static void token_call_result(call_t *c, CURLcode rc);
+static void api_call_result(call_t *c, CURLcode rc);
 static void finish(tp_wh_stmt_t *st, tp_wh_status_t status, tp_wh_errkind_t kind, int http,
                    int64_t chunk, const char *code, const char *fmt, ...) TP_PRINTF(7, 8);
 static void schedule_defer(tp_wh_stmt_t *st);
@@ -1023,7 +1026,7 @@ static void on_retry_timer(evutil_socket_t fd, short what, void *arg)
 static bool retryable(call_t *c, CURLcode rc, int64_t *delay)
 {
     long http = c->http;
-    bool idempotent = !c->post || c->kind == K_CANCEL || c->kind == K_TOKEN;
+    bool idempotent = !c->post || c->kind == K_CANCEL || c->kind == K_TOKEN || c->kind == K_API;
     bool ok = false;
     *delay = -1;
     if (c->local_abort && c->local_kind != TP_WH_ERR_TIMEOUT)
@@ -1135,6 +1138,8 @@ static void on_call_done(CURL *easy, CURLcode rc, void *arg)
     }
     if (c->kind == K_TOKEN)
         token_call_result(c, rc);
+    else if (c->kind == K_API)
+        api_call_result(c, rc);
     else if (st == NULL) {
         /* detached cancel */
         if (!ok_http) {
@@ -1157,6 +1162,10 @@ static void call_fail_parked(call_t *c, tp_wh_errkind_t kind, const char *msg)
     c->park_next = NULL;
     local_abort(c, kind, "%s", msg);
     c->http = 0;
+    if (c->kind == K_API) {
+        api_call_result(c, CURLE_OK);
+        return;
+    }
     if (c->st == NULL) {
         tp_warn("%s", msg);
         call_free(c);
@@ -1234,6 +1243,65 @@ static void token_call_result(call_t *c, CURLcode rc)
             call_fail_parked(w, TP_WH_ERR_AUTH, ok ? "OAuth token expired on arrival" : err);
         w = nx;
     }
+}
+
+/* ------------------------------------------------------------------ */
+/* other workspace API calls (tp_wh_api_post)                           */
+
+static void api_call_result(call_t *c, CURLcode rc)
+{
+    bool ok = rc == CURLE_OK && c->http >= 200 && c->http < 300 && !c->local_abort;
+    char msg[MSG_MAX] = "";
+    tp_wh_errkind_t kind = TP_WH_ERR_NONE;
+    if (!ok) {
+        char *code = NULL;
+        describe_failure(c, rc, msg, sizeof(msg), &code);
+        free(code);
+        kind = c->local_abort               ? c->local_kind
+               : rc != CURLE_OK             ? TP_WH_ERR_TRANSPORT
+               : c->http == 401 || c->http == 403 ? TP_WH_ERR_AUTH
+                                            : TP_WH_ERR_HTTP;
+    }
+    tp_wh_api_cb cb = c->api_cb;
+    void *arg = c->api_arg;
+    tp_buf_t body = c->raw; /* handed to the callback, then freed here */
+    c->raw = (tp_buf_t){0};
+    int http = (int)c->http;
+    call_free(c);
+    cb(http, ok ? body.data : NULL, ok ? body.len : 0, ok ? NULL : msg, kind, arg);
+    tp_buf_free(&body);
+}
+
+tp_wh_api_t *tp_wh_api_post(tp_wh_t *wh, const char *path, const char *json_body, tp_wh_api_cb cb,
+                            void *arg)
+{
+    if (wh == NULL || wh->magic != WH_MAGIC)
+        abort();
+    call_t *c = call_new(wh, NULL, K_API, true, tp_xasprintf("%s%s", wh->host, path),
+                         tp_xasprintf("POST %s", path));
+    c->body = tp_xstrdup(json_body ? json_body : "{}");
+    c->api_cb = cb;
+    c->api_arg = arg;
+    /* start from the loop: the callback is never called from inside this function */
+    c->retry_timer = evtimer_new(wh->base, on_retry_timer, c);
+    struct timeval tv = {0, 0};
+    evtimer_add(c->retry_timer, &tv);
+    return (tp_wh_api_t *)c;
+}
+
+void tp_wh_api_cancel(tp_wh_api_t *call)
+{
+    call_t *c = (call_t *)call;
+    if (c == NULL)
+        return;
+    if (c->magic != CALL_MAGIC || c->kind != K_API)
+        abort();
+    call_free(c);
+}
+
+bool tp_wh_has_auth(const tp_wh_t *wh)
+{
+    return wh->pat_header != NULL || wh->client_id != NULL;
 }
 
 /* ------------------------------------------------------------------ */

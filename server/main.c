@@ -240,10 +240,31 @@ static void load_tokens(PGconn *c)
     tp_auth_free(a);
 }
 
+static pthread_mutex_t lb_sync_mu = PTHREAD_MUTEX_INITIALIZER;
+
+PGconn *srv_pg_connect(const char *dsn, int64_t timeout_ms, char *err, size_t errlen)
+{
+    if (!g_srv.lakebase)
+        return tp_pg_connect(dsn, timeout_ms, err, errlen);
+    pthread_mutex_lock(&lb_sync_mu);
+    if (g_srv.lb_sync == NULL) {
+        char *e = NULL;
+        g_srv.lb_sync = tp_lakebase_new_blocking(&g_srv.lb_wh, &g_srv.lb_cfg, &e);
+        if (g_srv.lb_sync == NULL) {
+            snprintf(err, errlen, "%s", e ? e : "Lakebase: cannot create the credential provider");
+            free(e);
+            pthread_mutex_unlock(&lb_sync_mu);
+            return NULL;
+        }
+    }
+    pthread_mutex_unlock(&lb_sync_mu);
+    return tp_lakebase_connect(g_srv.lb_sync, dsn, timeout_ms, err, errlen);
+}
+
 static void status_once(void)
 {
     char err[512];
-    PGconn *c = tp_pg_connect(g_srv.dsn, 3000, err, sizeof err);
+    PGconn *c = srv_pg_connect(g_srv.dsn, 3000, err, sizeof err);
     if (!c) {
         atomic_store(&g_srv.migrations_known, false);
         pthread_mutex_lock(&g_srv.lock);
@@ -440,6 +461,7 @@ static void *worker_main(void *arg)
         if (w->https)
             evhttp_free(w->https);
         tp_pgpool_free(w->pool);
+        tp_lakebase_free(w->lb);
         cache_free(w->cache);
         event_free(w->stop_ev);
         event_free(w->drain_timer);
@@ -520,6 +542,17 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
         .max_statements = 512,
         .name = "read",
     };
+    if (g_srv.lakebase) {
+        char *e = NULL;
+        w->lb = tp_lakebase_new_on(w->base, &g_srv.lb_wh, &g_srv.lb_cfg, &e);
+        if (w->lb == NULL) {
+            snprintf(err, errlen, "%s", e ? e : "Lakebase: cannot create the credential provider");
+            free(e);
+            return false;
+        }
+        tp_lakebase_pg_provider(w->lb, &w->pw);
+        po.password = &w->pw;
+    }
     w->pool = tp_pgpool_new(w->base, &po);
     w->cache = cache_new(g_srv.cache_bytes, &w->m);
     fb_worker_init(w);
@@ -743,13 +776,14 @@ int main(int argc, char **argv)
         return 2;
     }
     tp_log_set_global("program", "tidepool-server");
+    g_srv.lakebase = tp_lakebase_from_config(&g_srv.cfg, &g_srv.lb_cfg, &g_srv.lb_wh);
     if (token_cmd) {
         if (optind + 1 >= argc) {
             usage(stderr);
             tp_config_free(&g_srv.cfg);
             return 2;
         }
-        PGconn *conn = tp_pg_connect(g_srv.cfg.postgres.dsn, 10000, err, sizeof err);
+        PGconn *conn = srv_pg_connect(g_srv.cfg.postgres.dsn, 10000, err, sizeof err);
         if (!conn) {
             fprintf(stderr, "tidepool-server: %s\n", err);
             tp_config_free(&g_srv.cfg);
@@ -838,13 +872,27 @@ int main(int argc, char **argv)
         sigs[i] = evsignal_new(g_main_base, signums[i], on_signal, NULL);
         event_add(sigs[i], NULL);
     }
-    tp_pglisten_t *lsn = tp_pglisten_new(g_main_base, g_srv.dsn, "tidepool_sync",
-                                         (int)g_srv.cfg.postgres.connect_timeout_ms, on_notify,
-                                         NULL);
+    tp_lakebase_t *main_lb = NULL;
+    tp_pg_password_provider_t main_pw;
+    if (g_srv.lakebase) {
+        char *e = NULL;
+        main_lb = tp_lakebase_new_on(g_main_base, &g_srv.lb_wh, &g_srv.lb_cfg, &e);
+        if (main_lb == NULL) { /* the workers' providers were made alike: cannot happen */
+            tp_error("%s", e ? e : "Lakebase: cannot create the credential provider");
+            free(e);
+            return 1;
+        }
+        tp_lakebase_pg_provider(main_lb, &main_pw);
+    }
+    const tp_pg_password_provider_t *pw = main_lb ? &main_pw : NULL;
+    tp_pglisten_t *lsn = tp_pglisten_new_pw(g_main_base, g_srv.dsn, "tidepool_sync",
+                                            (int)g_srv.cfg.postgres.connect_timeout_ms, pw,
+                                            on_notify, NULL);
     tp_pglisten_t *auth_lsn = NULL;
     if (tp_auth_wants_token_table(g_srv.auth))
-        auth_lsn = tp_pglisten_new(g_main_base, g_srv.dsn, "tidepool_auth",
-                                   (int)g_srv.cfg.postgres.connect_timeout_ms, on_auth_notify, NULL);
+        auth_lsn = tp_pglisten_new_pw(g_main_base, g_srv.dsn, "tidepool_auth",
+                                      (int)g_srv.cfg.postgres.connect_timeout_ms, pw,
+                                      on_auth_notify, NULL);
     pthread_t status_th;
     pthread_create(&status_th, NULL, status_main, NULL);
     for (int i = 0; i < g_srv.nthreads; i++)
@@ -873,6 +921,7 @@ int main(int argc, char **argv)
     tp_notify_wd_free(wd);
     tp_pglisten_free(lsn);
     tp_pglisten_free(auth_lsn);
+    tp_lakebase_free(main_lb);
     /* A repeated SIGTERM while we finish must not kill us mid-cleanup: block
      * it (every other thread has ended) before libevent restores the default. */
     sigset_t block;
@@ -900,6 +949,7 @@ int main(int argc, char **argv)
         for (int i = 0; i < g_srv.njobs; i++)
             free(g_srv.job_names[i]);
         fb_global_free();
+        tp_lakebase_free(g_srv.lb_sync);
         tp_config_free(&g_srv.cfg);
         static_free();
     }

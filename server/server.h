@@ -21,6 +21,7 @@
 #include "tidepool/auth_ratelimit.h"
 #include "tidepool/config.h"
 #include "tidepool/defs.h"
+#include "tidepool/lakebase.h"
 #include "tidepool/pgasync.h"
 #include "tidepool/util.h"
 
@@ -115,6 +116,8 @@ typedef struct worker {
     tp_ratelimit_t *rl_addr, *rl_ident; /* per thread: not shared, no lock */
     int64_t drain_deadline_ms;
     tp_pgpool_t *pool;
+    tp_lakebase_t *lb;          /* postgres.password_source = lakebase, else NULL */
+    tp_pg_password_provider_t pw;
     cache_t *cache;
     int inflight;
     int closing; /* connections closing after their last reply while draining */
@@ -164,9 +167,18 @@ typedef struct srv {
     double rl_rate_addr, rl_burst_addr, rl_rate_ident, rl_burst_ident; /* guarded by lock */
     size_t rl_keys;
     atomic_bool tokens_dirty; /* NOTIFY tidepool_auth: reload the token table */
+    bool lakebase; /* postgres.password_source = lakebase (docs/lakebase.md) */
+    tp_lakebase_config_t lb_cfg;
+    tp_wh_config_t lb_wh;
+    tp_lakebase_t *lb_sync; /* blocking provider, made on first use (srv_pg_connect) */
 } srv_t;
 
 extern srv_t g_srv;
+
+/* tp_pg_connect for the server's blocking paths (start-up, status thread, token
+ * command, table reflection): with Lakebase, the password is a fresh credential
+ * (tp_lakebase_connect). Thread-safe. */
+PGconn *srv_pg_connect(const char *dsn, int64_t timeout_ms, char *err, size_t errlen);
 
 /* ---- request context ---- */
 

@@ -80,7 +80,7 @@ static bool expose_options(ttable_t *t, const char *comment, char *why, size_t w
 
 tables_t *tables_reflect(const char *dsn, char *err, size_t errlen)
 {
-    PGconn *c = tp_pg_connect(dsn, 3000, err, errlen);
+    PGconn *c = srv_pg_connect(dsn, 3000, err, errlen);
     if (!c)
         return NULL;
     static const char *q =

@@ -35,6 +35,10 @@ typedef struct tp_config {
         char *read_dsn;  /* optional read replica; "" = none */
         int64_t pool_size;
         int64_t connect_timeout_ms;
+        char *password_source;    /* none | lakebase */
+        char *lakebase_instance;  /* Provisioned instance name */
+        char *lakebase_endpoint;  /* Autoscaling projects/../branches/../endpoints/.. */
+        int64_t lakebase_refresh_before_ms;
     } postgres;
     struct {
         char *host; /* normalised by the warehouse client, not here */

@@ -30,6 +30,16 @@ PGconn *tp_pg_connect(const char *conninfo, int64_t timeout_ms, char *err, size_
 PGconn *tp_pg_connect_password(const char *conninfo, const char *password, int64_t timeout_ms,
                                char *err, size_t errlen) TP_WUR;
 
+/* Classifies a failed connection attempt's message (libpq gives no SQLSTATE
+ * for login failures): true when the server refused the password (28P01,
+ * "password authentication failed"; also an expired one). */
+bool tp_pg_password_refused(const char *msg);
+/* True for failures worth one immediate retry (databricks-protocol.md §4.5):
+ * 57P01 admin shutdown, 57P03 cannot connect now (starting up, e.g. a
+ * scale-to-zero cold start), 08xxx connection failures (refused, reset,
+ * closed unexpectedly, timeout). */
+bool tp_pg_error_transient(const char *msg);
+
 /* Checks that libpq can parse conninfo (for --check) without connecting.
  * False with err set ("invalid Postgres connection string: ...", secrets
  * masked as in tp_pg_connect) when it cannot. */

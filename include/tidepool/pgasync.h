@@ -32,6 +32,21 @@ typedef enum tp_pg_submit {
  * is the error result (PQresultStatus PGRES_FATAL_ERROR) and err its message. */
 typedef void (*tp_pg_done_cb)(PGresult *res, const char *err, void *arg);
 
+/* Where a new connection's password comes from when it expires, such as a
+ * Lakebase OAuth credential (lib/lakebase.c, tp_lakebase_pg_provider). Before
+ * every NEW connection the pool calls get(self, refused, cb, cb_arg); refused
+ * is NULL, or the password the server just refused at login (SQLSTATE 28P01,
+ * so the provider drops it if it is still the cached one and mints anew). get
+ * returns a handle and calls cb exactly once, later, from the loop (password
+ * borrowed for the call; NULL with err on failure), unless cancel(handle) is
+ * called first. The password overrides any in the dsn and is never logged. */
+typedef void (*tp_pg_password_cb)(const char *password, const char *err, void *arg);
+typedef struct tp_pg_password_provider {
+    void *(*get)(void *self, const char *refused, tp_pg_password_cb cb, void *cb_arg);
+    void (*cancel)(void *handle);
+    void *self;
+} tp_pg_password_provider_t;
+
 typedef struct tp_pgpool_opts {
     const char *dsn;          /* libpq conninfo; "" = libpq's environment */
     int size;                 /* connections (>= 1) */
@@ -39,6 +54,8 @@ typedef struct tp_pgpool_opts {
     int connect_timeout_ms;   /* our own timer around PQconnectPoll */
     int max_statements;       /* distinct SQL texts prepared per connection */
     const char *name;         /* for logs ("read", "write") */
+    const tp_pg_password_provider_t *password; /* NULL = the dsn's own password; copied,
+                                                  its self must outlive the pool */
 } tp_pgpool_opts_t;
 
 typedef struct tp_pgpool_stats {
@@ -78,6 +95,11 @@ typedef void (*tp_pg_notify_cb)(const char *channel, const char *payload, void *
  * reconnecting with backoff whenever it drops. */
 tp_pglisten_t *tp_pglisten_new(struct event_base *base, const char *dsn, const char *channel,
                                int connect_timeout_ms, tp_pg_notify_cb cb, void *arg);
+/* Same, taking each new connection's password from pw (NULL = as above; see
+ * tp_pgpool_opts.password). */
+tp_pglisten_t *tp_pglisten_new_pw(struct event_base *base, const char *dsn, const char *channel,
+                                  int connect_timeout_ms, const tp_pg_password_provider_t *pw,
+                                  tp_pg_notify_cb cb, void *arg);
 void tp_pglisten_free(tp_pglisten_t *l);
 bool tp_pglisten_up(const tp_pglisten_t *l);
 

@@ -287,6 +287,30 @@ void tp_wh_resume(tp_wh_stmt_t *st);
 /* The statement id once the warehouse returned one, else NULL. Owned by st. */
 const char *tp_wh_stmt_id(const tp_wh_stmt_t *st);
 
+/* ---- other workspace REST calls (e.g. Lakebase credentials, lib/lakebase.c) ---- */
+
+typedef struct tp_wh_api tp_wh_api_t;
+/* Called once per tp_wh_api_post, from the event loop: http is the final
+ * status (0 if none); on 2xx body/len is the answer (borrowed for the call) and
+ * err NULL; otherwise body is NULL and err a one-line, secret-free message
+ * ("POST /api/...: HTTP 404: NOT_FOUND: ...") with kind saying why. The handle
+ * is freed before the callback runs. */
+typedef void (*tp_wh_api_cb)(int http, const char *body, size_t len, const char *err,
+                             tp_wh_errkind_t kind, void *arg);
+
+/* POSTs json_body (NULL = "{}") to host + path (e.g. "/api/2.0/database/credentials")
+ * with the client's own credentials (PAT or OAuth M2M: the token cache, its
+ * refresh-on-401 and the retry policy of idempotent calls apply; the call is
+ * treated as idempotent, so only use it for requests that are safe to repeat).
+ * Never calls cb from inside this function. Returns a handle for
+ * tp_wh_api_cancel; never NULL. Answers above 64 KiB are cut. */
+tp_wh_api_t *tp_wh_api_post(tp_wh_t *wh, const char *path, const char *json_body, tp_wh_api_cb cb,
+                            void *arg);
+/* Drops a call not yet completed: cb will not run. Must not be called after cb ran. */
+void tp_wh_api_cancel(tp_wh_api_t *call);
+/* True when the client has its own credentials (a PAT or an OAuth client). */
+bool tp_wh_has_auth(const tp_wh_t *wh);
+
 /* ---- blocking wrapper (command-line tools and tests; never on a server loop) ---- */
 
 /* Runs one statement to completion on a private event_base and client built

@@ -766,6 +766,57 @@ static void fallback_settings(void)
                "16G (like 64k, 16M)");
 }
 
+static void lakebase_settings(void)
+{
+    clear_env();
+    tp_config_t c = {0};
+    char err[512] = "";
+    CHECK_MSG(load_text(&c, "", err, sizeof err), "%s", err);
+    CHECK_STR_EQ(c.postgres.password_source, "none");
+    CHECK_INT_EQ(c.postgres.lakebase_refresh_before_ms, 120000);
+    tp_config_free(&c);
+    static const char wh[] = "[warehouse]\nhost = https://x.cloud.databricks.com\ntoken = " SECRET "\n";
+    char *text = tp_xasprintf("%s[postgres]\npassword_source = lakebase\nlakebase_instance = inst1\n"
+                              "lakebase_refresh_before = 30s\n", wh);
+    CHECK_MSG(load_text(&c, text, err, sizeof err), "%s", err);
+    CHECK_STR_EQ(c.postgres.lakebase_instance, "inst1");
+    CHECK_STR_EQ(c.postgres.lakebase_endpoint, "");
+    CHECK_INT_EQ(c.postgres.lakebase_refresh_before_ms, 30000);
+    tp_config_free(&c);
+    free(text);
+    /* Databricks Apps: the endpoint path comes from the environment (valueFrom: postgres) */
+    setenv("LAKEBASE_ENDPOINT", "projects/p/branches/b/endpoints/e", 1);
+    text = tp_xasprintf("%s[postgres]\npassword_source = lakebase\n", wh);
+    CHECK_MSG(load_text(&c, text, err, sizeof err), "%s", err);
+    CHECK_STR_EQ(c.postgres.lakebase_endpoint, "projects/p/branches/b/endpoints/e");
+    CHECK(c.origin[idx("postgres", "lakebase_endpoint")].source == TP_CFG_SRC_ENV);
+    tp_config_free(&c);
+    free(text);
+    setenv("LAKEBASE_ENDPOINT", "ep-123", 1);
+    EXPECT_ENV_ERR("env LAKEBASE_ENDPOINT: postgres.lakebase_endpoint must look like "
+                   "projects/<project>/branches/<branch>/endpoints/<endpoint>");
+    clear_env();
+    EXPECT_ERR("[warehouse]\nhost = h\ntoken = t\n[postgres]\npassword_source = lakebase\n", 5,
+               "postgres.password_source = lakebase needs postgres.lakebase_instance (Provisioned) "
+               "or postgres.lakebase_endpoint (Autoscaling, env LAKEBASE_ENDPOINT)");
+    EXPECT_ERR("[warehouse]\nhost = h\ntoken = t\n[postgres]\npassword_source = lakebase\n"
+               "lakebase_instance = i\nlakebase_endpoint = projects/p/branches/b/endpoints/e\n",
+               7,
+               "postgres.lakebase_instance and postgres.lakebase_endpoint are both set; set one "
+               "(Provisioned instance or Autoscaling endpoint)");
+    EXPECT_ERR("[postgres]\npassword_source = lakebase\nlakebase_instance = i\n", 2,
+               "postgres.password_source = lakebase needs warehouse.host and workspace credentials "
+               "(warehouse.token, or client_id and client_secret)");
+    EXPECT_ERR("[postgres]\npassword_source = vault\n", 2,
+               "invalid value \"vault\" for postgres.password_source: expected one of none, lakebase");
+    EXPECT_ERR("[postgres]\nlakebase_refresh_before = 0s\n", 2,
+               "invalid value \"0s\" for postgres.lakebase_refresh_before: expected a duration "
+               "from 1s to 30m (like 30s, 5m, 250ms)");
+    /* without password_source = lakebase the instance is just unused */
+    CHECK_MSG(load_text(&c, "[postgres]\nlakebase_instance = i\n", err, sizeof err), "%s", err);
+    tp_config_free(&c);
+}
+
 static void reference_lists_every_setting(void)
 {
     char *ref = reference_text();
@@ -963,6 +1014,7 @@ int main(void)
     TP_RUN(errors_never_show_secrets);
     TP_RUN(auth_settings);
     TP_RUN(fallback_settings);
+    TP_RUN(lakebase_settings);
     TP_RUN(reference_lists_every_setting);
     TP_RUN(reload_reports_restart_needed);
     TP_RUN(mutated_files_fail_cleanly);
