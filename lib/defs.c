@@ -337,18 +337,13 @@ static void diag_add(tp_defs_diag_t *d, const char *path, int line, const char *
 
 static void diag_add(tp_defs_diag_t *d, const char *path, int line, const char *fmt, ...)
 {
-    tp_buf_t b = {0};
-    tp_buf_printf(&b, "%s:%d: ", path, line);
     va_list ap;
     va_start(ap, fmt);
-    char *msg = NULL;
-    if (vasprintf(&msg, fmt, ap) < 0)
-        abort();
+    char *msg = tp_xvasprintf(fmt, ap);
     va_end(ap);
-    tp_buf_puts(&b, msg);
-    free(msg);
     d->msgs = tp_xrealloc(d->msgs, (d->n + 1) * sizeof *d->msgs);
-    d->msgs[d->n++] = tp_buf_steal(&b);
+    d->msgs[d->n++] = tp_xasprintf("%s:%d: %s", path, line, msg);
+    free(msg);
 }
 
 /* Splits "path:line: msg" at its first ":<digits>: "; returns the line, sets *plen. */

@@ -498,17 +498,11 @@ static void problem_set(tp_fb_problem_t *p, int status, const char *code, const 
     p->status = status;
     p->code = code;
     p->retry_after_s = retry_after_s;
-    tp_buf_t b = {0};
+    free(p->detail);
     va_list ap;
     va_start(ap, fmt);
-    char *msg = NULL;
-    if (vasprintf(&msg, fmt, ap) < 0)
-        abort();
+    p->detail = tp_xvasprintf(fmt, ap);
     va_end(ap);
-    tp_buf_puts(&b, msg);
-    free(msg);
-    free(p->detail);
-    p->detail = tp_buf_steal(&b);
     free(p->warehouse_statement_id);
     p->warehouse_statement_id = stmt_id ? tp_xstrdup(stmt_id) : NULL;
 }

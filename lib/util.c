@@ -59,20 +59,21 @@ char *tp_xstrndup(const char *s, size_t n)
     return p;
 }
 
+char *tp_xvasprintf(const char *fmt, va_list ap)
+{
+    char *s = NULL;
+    if (vasprintf(&s, fmt, ap) < 0)
+        abort();
+    return s;
+}
+
 char *tp_xasprintf(const char *fmt, ...)
 {
-    tp_buf_t b = {0};
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(NULL, 0, fmt, ap);
+    char *s = tp_xvasprintf(fmt, ap);
     va_end(ap);
-    if (n < 0)
-        abort();
-    tp_buf_reserve(&b, (size_t)n);
-    va_start(ap, fmt);
-    vsnprintf(b.data, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    return b.data;
+    return s;
 }
 
 void tp_buf_init(tp_buf_t *b)

@@ -4,6 +4,7 @@
 #ifndef TIDEPOOL_UTIL_H
 #define TIDEPOOL_UTIL_H
 
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -19,6 +20,8 @@ void *tp_xrealloc(void *p, size_t n);
 char *tp_xstrdup(const char *s);
 char *tp_xstrndup(const char *s, size_t n);
 char *tp_xasprintf(const char *fmt, ...) TP_PRINTF(1, 2);
+/* Same with a va_list (consumed); never NULL. */
+char *tp_xvasprintf(const char *fmt, va_list ap) TP_PRINTF(1, 0);
 
 /* Growable byte buffer, always NUL-terminated. Zero-initialise or tp_buf_init. */
 typedef struct tp_buf {
