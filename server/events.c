@@ -440,6 +440,9 @@ static void h_events(rq_t *r)
     struct timeval wt = {.tv_sec = g_srv.cfg.server.timeout_ms / 1000,
                          .tv_usec = (g_srv.cfg.server.timeout_ms % 1000) * 1000};
     bufferevent_set_timeouts(bev, NULL, &wt);
+    /* evhttp keeps reading only to see the client close; whatever a client
+     * sends on a stream is never consumed, so stop reading after 4 KiB */
+    bufferevent_setwatermark(bev, EV_READ, 0, 4096);
     evhttp_connection_set_closecb(evcon, on_close, s);
     s->next = s->sw->head;
     if (s->next)
@@ -472,13 +475,19 @@ bool events_route(rq_t *r, const char *path)
         return false;
     r->route = RT_EVENTS;
     r->route_name = "/api/v1/events";
-    if (evhttp_request_get_command(r->req) != EVHTTP_REQ_GET) {
-        rq_header(r, "Allow", "GET");
+    enum evhttp_cmd_type m = evhttp_request_get_command(r->req);
+    if (m != EVHTTP_REQ_GET && m != EVHTTP_REQ_HEAD) {
+        rq_header(r, "Allow", "GET, HEAD");
         rq_problem(r, 405, "method-not-allowed", "this route does not accept that method", NULL,
                    NULL, 0);
     } else if (atomic_load(&g_srv.draining)) {
         rq_problem(r, 503, "shutting-down", "this server is shutting down", NULL, NULL, 1);
-    } else if (rq_authenticate(r) && rq_parse_query(r)) {
+    } else if (!rq_authenticate(r) || !rq_parse_query(r)) {
+        /* problem sent */
+    } else if (m == EVHTTP_REQ_HEAD) {
+        rq_header(r, "Cache-Control", "no-cache");
+        rq_reply(r, 200, "text/event-stream", NULL, 0);
+    } else {
         h_events(r);
     }
     return true;

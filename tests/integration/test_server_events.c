@@ -301,7 +301,11 @@ static void test_job_filter(void)
     resp_free(&r);
     r = http(&S, "POST", "/api/v1/events", NULL, "{}", 2);
     CHECK_PROBLEM(r, 405, NULL);
-    CHECK_STR_EQ(hdr(&r, "Allow"), "GET");
+    CHECK_STR_EQ(hdr(&r, "Allow"), "GET, HEAD");
+    resp_free(&r);
+    r = http(&S, "HEAD", "/api/v1/events", NULL, NULL, 0);
+    CHECK_INT_EQ(r.status, 200);
+    CHECK_STR_EQ(hdr(&r, "Content-Type"), "text/event-stream");
     resp_free(&r);
 }
 
@@ -394,6 +398,10 @@ static void test_last_event_id(void)
 /* A client that never reads: the server drops it once 256 KiB wait unsent. */
 static void test_slow_reader_dropped(void)
 {
+    /* an idle stream outlives server.timeout (10 s): listeners send nothing */
+    sse_t *idle = sse_open(&S, "/api/v1/events?job=idle&keepalive=3600", NULL);
+    CHECK(await_open(idle));
+    int64_t idle_since = tp_now_ms();
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     int small = 4096;
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
@@ -402,12 +410,12 @@ static void test_slow_reader_dropped(void)
     CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0);
     const char req[] = "GET /api/v1/events HTTP/1.1\r\nHost: x\r\n\r\n";
     CHECK(write(fd, req, sizeof req - 1) == (ssize_t)(sizeof req - 1));
-    CHECK_INT_EQ(await_metric(&S, "tidepool_event_streams", 1), 1);
+    CHECK_INT_EQ(await_metric(&S, "tidepool_event_streams", 2), 2);
     /* a fast reader next to it gets every event of a burst far bigger than
      * the 256 KiB a stream may have unsent (held back, resumed as it reads) */
     sse_t *fast = sse_open(&S, "/api/v1/events", NULL);
     CHECK(await_open(fast));
-    CHECK_INT_EQ(await_metric(&S, "tidepool_event_streams", 2), 2);
+    CHECK_INT_EQ(await_metric(&S, "tidepool_event_streams", 3), 3);
     /* ~4 MB of events: far beyond the socket buffers and the 256 KiB bound */
     free(tp_test_sql(DSN, "SELECT count(pg_notify('tidepool_sync', repeat('b', 4000) || ':' || g)) "
                           "FROM generate_series(1, 1000) g"));
@@ -422,13 +430,19 @@ static void test_slow_reader_dropped(void)
     /* the one that reads nothing is closed once its writes make no progress
      * for server.timeout (10 s here) */
     long v = -1;
-    for (int i = 0; i < 300 && (v = metric(&S, "tidepool_event_streams")) != 0; i++)
-        usleep(100000);
-    CHECK_INT_EQ(v, 0);
+    for (int i = 0; i < 300 && (v = metric(&S, "tidepool_event_streams")) != 1; i++)
+        pump(100);
+    CHECK_INT_EQ(v, 1); /* the idle one stays */
     char *log = tp_read_file(S.log, NULL);
     CHECK(log && strstr(log, "event stream dropped"));
     free(log);
     close(fd);
+    while (tp_now_ms() - idle_since < 12000)
+        pump(100);
+    notify("idle:1");
+    CHECK(await_events(&idle, 1, 1, 10000));
+    CHECK(!idle->done);
+    sse_close(idle);
 }
 
 static void test_sighup_keeps_sigterm_ends(void)
