@@ -303,6 +303,11 @@ static void test_job_filter(void)
     CHECK_PROBLEM(r, 405, NULL);
     CHECK_STR_EQ(hdr(&r, "Allow"), "GET, HEAD");
     resp_free(&r);
+    r = get(&S, "/api/v1/openapi.json");
+    json_t *op = json_object_get(json_object_get(json_object_get(r.json, "paths"), "/api/v1/events"), "get");
+    CHECK(json_object_get(json_object_get(json_object_get(op, "responses"), "200"), "content") != NULL);
+    CHECK_INT_EQ(json_array_size(json_object_get(op, "parameters")), 3);
+    resp_free(&r);
     r = http(&S, "HEAD", "/api/v1/events", NULL, NULL, 0);
     CHECK_INT_EQ(r.status, 200);
     CHECK_STR_EQ(hdr(&r, "Content-Type"), "text/event-stream");
