@@ -9,10 +9,13 @@
  * Last-Event-ID from this process still in the ring gets the missed events
  * replayed, anything else one `event: reset` (refetch everything). A LISTEN
  * reconnect (notifications may have been lost) also sends reset to everyone.
- * Streams are bounded: server.max_event_streams per process (503 beyond), a
- * reader whose unsent output passes SSE_MAX_PENDING is dropped, a client that
- * goes away is freed from evhttp's close callback. SIGTERM ends every stream
- * with the chunked terminator; the drain waits for those connections to close. */
+ * Streams are bounded: server.max_event_streams per process (503 beyond); at
+ * most SSE_MAX_PENDING bytes wait unsent per stream (the rest follows as the
+ * client reads; one that reads nothing is closed after server.timeout); a
+ * client that goes away is freed from evhttp's close callback. SIGTERM ends every stream
+ * with the chunked terminator after what is already queued (events held back
+ * are not sent); the drain waits for those connections at most SSE_GRACE_MS,
+ * then cuts the ones that have not read to the end. */
 #include "server.h"
 
 #include <stdio.h>
@@ -31,6 +34,7 @@
 #define SSE_MAX_PENDING (256 * 1024) /* unsent bytes before a slow reader is dropped */
 #define SSE_RETRY_MS 3000
 #define SSE_KEEPALIVE_S 15
+#define SSE_GRACE_MS 1000        /* SIGTERM: time for a stream's last bytes to leave */
 
 typedef struct sse_rec {
     uint64_t seq;
@@ -44,6 +48,7 @@ struct sse_worker {
     uint32_t magic;
     worker_t *w;
     struct event *wake;
+    struct event *grace; /* SIGTERM: ends what has not closed after SSE_GRACE_MS */
     stream_t *head;
 };
 
@@ -495,19 +500,36 @@ bool events_route(rq_t *r, const char *path)
 
 /* ---- worker lifecycle ---- */
 
+/* The streams SIGTERM ended whose connections are still open: closed now. */
+static void on_grace(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    struct sse_worker *sw = arg;
+    if (sw->magic != SSEW_MAGIC)
+        abort();
+    for (stream_t *s = sw->head, *next; s; s = next) {
+        next = s->next;
+        evhttp_connection_free(s->evcon); /* on_close unlinks and frees s */
+    }
+}
+
 void events_worker_init(worker_t *w)
 {
     struct sse_worker *sw = tp_xcalloc(1, sizeof *sw);
     sw->magic = SSEW_MAGIC;
     sw->w = w;
     sw->wake = event_new(w->base, -1, 0, on_wake, sw);
+    sw->grace = evtimer_new(w->base, on_grace, sw);
     w->sse = sw;
 }
 
 void events_worker_stop(worker_t *w)
 {
     struct sse_worker *sw = w->sse;
-    for (stream_t *s = sw ? sw->head : NULL, *next; s; s = next) {
+    if (!sw)
+        return;
+    for (stream_t *s = sw->head, *next; s; s = next) {
         next = s->next;
         if (s->ending)
             continue;
@@ -519,6 +541,10 @@ void events_worker_stop(worker_t *w)
             event_del(s->ka);
         evhttp_send_reply_end(req); /* may free s at once */
     }
+    if (sw->head) {
+        struct timeval tv = {.tv_sec = SSE_GRACE_MS / 1000, .tv_usec = (SSE_GRACE_MS % 1000) * 1000};
+        evtimer_add(sw->grace, &tv);
+    }
 }
 
 void events_worker_free(worker_t *w)
@@ -528,6 +554,7 @@ void events_worker_free(worker_t *w)
         return;
     /* evhttp_free closed every connection: on_close emptied the list */
     event_free(sw->wake);
+    event_free(sw->grace);
     sw->magic = 0;
     free(sw);
     w->sse = NULL;

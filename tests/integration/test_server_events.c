@@ -400,6 +400,21 @@ static void test_last_event_id(void)
     sse_close(s);
 }
 
+/* A raw connection reading nothing, its receive buffer small; opened on S. */
+static int stuck_stream(const char *path)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int small = 4096;
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)S.port)};
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0);
+    char req[256];
+    int n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", path);
+    CHECK(write(fd, req, (size_t)n) == n);
+    return fd;
+}
+
 /* A client that never reads: the server drops it once 256 KiB wait unsent. */
 static void test_slow_reader_dropped(void)
 {
@@ -407,14 +422,7 @@ static void test_slow_reader_dropped(void)
     sse_t *idle = sse_open(&S, "/api/v1/events?job=idle&keepalive=3600", NULL);
     CHECK(await_open(idle));
     int64_t idle_since = tp_now_ms();
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    int small = 4096;
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)S.port)};
-    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
-    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0);
-    const char req[] = "GET /api/v1/events HTTP/1.1\r\nHost: x\r\n\r\n";
-    CHECK(write(fd, req, sizeof req - 1) == (ssize_t)(sizeof req - 1));
+    int fd = stuck_stream("/api/v1/events");
     CHECK_INT_EQ(await_metric(&S, "tidepool_event_streams", 2), 2);
     /* a fast reader next to it gets every event of a burst far bigger than
      * the 256 KiB a stream may have unsent (held back, resumed as it reads) */
@@ -455,10 +463,19 @@ static void test_sighup_keeps_sigterm_ends(void)
     enum { N = 4 };
     sse_t *ss[N];
     open_streams(ss, N);
+    /* and one that stopped reading with output waiting: it must not hold
+     * the drain either */
+    int stuck = stuck_stream("/api/v1/events?job=stuck");
+    CHECK_INT_EQ(await_metric(&S, "tidepool_event_streams", N + 1), N + 1);
+    free(tp_test_sql(DSN, "SELECT count(pg_notify('tidepool_sync', 'stuck:' || g || ':' || "
+                          "repeat('s', 4000))) FROM generate_series(1, 300) g"));
     kill(S.pid, SIGHUP);
     pump(1500);
     notify("after_hup:1");
-    CHECK(await_events(ss, N, 1, 10000));
+    CHECK(await_events(ss, N, 301, 20000)); /* the 300 "stuck" ones, then this */
+    for (int i = 0; i < N; i++)
+        if (ss[i]->n == 301)
+            CHECK_STR_EQ(ev_job(&ss[i]->ev[300]), "after_hup");
     for (int i = 0; i < N; i++)
         CHECK(!ss[i]->done);
     /* drain_timeout is 60 s: streams holding the drain would show as a kill */
@@ -479,6 +496,7 @@ static void test_sighup_keeps_sigterm_ends(void)
     int st = tp_test_stop(S.pid, 20000);
     CHECK_INT_EQ(st, 0);
     S.pid = 0;
+    close(stuck);
 }
 
 static void test_auth_and_cap(void)
