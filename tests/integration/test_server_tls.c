@@ -231,6 +231,11 @@ static void test_events_over_tls(void)
     CHECK(t.notified);
     CHECK_CONTAINS(t.b.data, "\"job\":\"daily_metrics\",\"generation\":5");
     tp_buf_free(&t.b);
+    /* the TLS client went away: its stream is freed */
+    long v = -1;
+    for (int i = 0; i < 100 && (v = harness_metric(&S, "tidepool_event_streams")) != 0; i++)
+        usleep(100000);
+    CHECK_INT_EQ(v, 0);
 }
 
 static void test_tls11_refused(void)
