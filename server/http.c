@@ -163,6 +163,8 @@ static const char *reason(int status)
     return "Status";
 }
 
+static void rq_done(rq_t *r, int status, size_t len);
+
 static void on_drained_conn_close(struct evhttp_connection *evcon, void *arg)
 {
     (void)evcon;
@@ -194,7 +196,24 @@ void rq_reply(rq_t *r, int status, const char *ctype, const char *body, size_t l
         evbuffer_add(buf, body, len);
     evhttp_send_reply(r->req, status, reason(status), buf);
     evbuffer_free(buf);
+    rq_done(r, status, len);
+}
 
+void rq_stream_begin(rq_t *r, const char *ctype)
+{
+    if (r->magic != RQ_MAGIC)
+        abort();
+    rq_header(r, "Content-Type", ctype);
+    rq_header(r, "X-Request-Id", r->id);
+    evhttp_send_reply_start(r->req, 200, reason(200));
+    rq_done(r, 200, 0);
+}
+
+/* The end of a request whose reply went out (or started): metrics, the log
+ * line, and r freed. */
+static void rq_done(rq_t *r, int status, size_t len)
+{
+    worker_t *w = r->w;
     int64_t us = tp_now_us() - r->t0_us;
     atomic_fetch_add_explicit(&w->m.req[r->route][status_index(status)], 1, memory_order_relaxed);
     for (int i = 0; i < N_BUCKETS; i++)

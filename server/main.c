@@ -429,6 +429,7 @@ static void on_stop(evutil_socket_t fd, short what, void *arg)
         w->tls_bound = NULL;
     }
     event_del(w->tick);
+    events_worker_stop(w);
     w->drain_deadline_ms = tp_now_ms() + atomic_load(&g_srv.drain_ms);
     on_drain_tick(-1, 0, w);
 }
@@ -461,6 +462,7 @@ static void *worker_main(void *arg)
         evhttp_free(w->http);
         if (w->https)
             evhttp_free(w->https);
+        events_worker_free(w);
         tp_pgpool_free(w->pool);
         tp_lakebase_free(w->lb);
         cache_free(w->cache);
@@ -564,6 +566,7 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
     struct timeval sec = {1, 0};
     event_add(w->tick, &sec);
     writes_worker_start(w);
+    events_worker_init(w);
     return true;
 }
 
@@ -572,6 +575,7 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
 static void on_notify(const char *channel, const char *payload, void *arg)
 {
     (void)arg;
+    events_publish(channel, payload);
     uint64_t e = atomic_fetch_add(&g_srv.epoch, 1) + 1;
     if (!channel) {
         atomic_store(&g_srv.all_inval, e);
@@ -863,6 +867,7 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     evthread_use_pthreads();
     fb_global_init();
+    events_global_init();
     g_srv.workers = tp_xcalloc((size_t)g_srv.nthreads, sizeof(worker_t));
     for (int i = 0; i < g_srv.nthreads; i++) {
         if (!worker_init(&g_srv.workers[i], i, per, err, sizeof err)) {
@@ -954,6 +959,7 @@ int main(int argc, char **argv)
         for (int i = 0; i < g_srv.njobs; i++)
             free(g_srv.job_names[i]);
         fb_global_free();
+        events_global_free();
         tp_lakebase_free(g_srv.lb_sync);
         tp_config_free(&g_srv.cfg);
         static_free();

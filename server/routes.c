@@ -25,7 +25,8 @@
 static const char *const route_names[RT__N] = {
     "/api/v1/datasets", "/api/v1/datasets/{name}", "/api/v1/tables/{table}", "/healthz",
     "/readyz", "/metrics", "/api/v1/openapi.json", "other",
-    "/api/v1/tables/{table}[/{pk}] (write)", "/api/v1/sync", "/api/v1/statements/{id}"};
+    "/api/v1/tables/{table}[/{pk}] (write)", "/api/v1/sync", "/api/v1/statements/{id}",
+    "/api/v1/events"};
 
 static void not_allowed(rq_t *r, const char *allow)
 {
@@ -182,7 +183,7 @@ void route_request(struct evhttp_request *req, void *arg)
     size_t len = strlen(path);
     if (len > 1 && path[len - 1] == '/')
         path[--len] = '\0';
-    if (writes_route(r, path) || sync_route(r, path)) {
+    if (writes_route(r, path) || sync_route(r, path) || events_route(r, path)) {
         free(path);
         return;
     }
@@ -352,6 +353,7 @@ void h_metrics(rq_t *r)
                       (long long)js->generation);
     }
     writes_metrics(&b);
+    events_metrics(&b);
     fb_metrics(&b);
     rq_header(r, "Cache-Control", "no-store");
     rq_reply(r, 200, "text/plain; version=0.0.4; charset=utf-8", b.data, b.len);
@@ -471,6 +473,7 @@ void h_openapi(rq_t *r)
     }
     writes_openapi(paths);
     sync_openapi(paths);
+    events_openapi(paths);
     json_t *doc = json_pack(
         "{s:s,s:{s:s,s:s},s:o,s:{s:{s:{s:s,s:{s:{s:s},s:{s:s},s:{s:s},s:{s:s},s:{s:s},s:{s:s}}}}}}",
         "openapi", "3.1.0", "info", "title", "Tidepool", "version", TP_VERSION, "paths", paths,

@@ -65,7 +65,7 @@ typedef struct defgen {
 /* ---- metrics (written by the owning worker, read by any scrape: relaxed atomics) ---- */
 
 enum { RT_DATASETS, RT_DATASET, RT_TABLE, RT_HEALTHZ, RT_READYZ, RT_METRICS, RT_OPENAPI, RT_OTHER,
-       RT_WRITE, RT_SYNC, RT_STATEMENT, RT__N };
+       RT_WRITE, RT_SYNC, RT_STATEMENT, RT_EVENTS, RT__N };
 #define N_STATUS 25
 #define N_BUCKETS 13
 
@@ -131,6 +131,7 @@ typedef struct worker {
     bool ss_ok;
     rq_t *ss_waiters;
     struct flight *flights; /* single-flight table (linked list; few in flight at once) */
+    struct sse_worker *sse; /* this thread's /api/v1/events streams (events.c) */
 } worker_t;
 
 /* ---- process-wide state ---- */
@@ -357,9 +358,35 @@ tp_pgpool_t *writes_pool(worker_t *w);
 void writes_metrics(tp_buf_t *b);
 void writes_openapi(void *paths); /* json_t *: adds the writable tables' operations */
 char *writes_mirrored_array(void);
+/* A job name: 1..1024 of [A-Za-z0-9_.-]. */
+bool sync_job_name_ok(const char *s);
 /* Takes /api/v1/sync and /api/v1/sync/{job}/run (true: answered or in flight). */
 bool sync_route(rq_t *r, const char *path);
 void sync_openapi(void *paths);
+
+/* ---- events.c: GET /api/v1/events, Server-Sent Events (docs/server.md) ---- */
+/* Process-wide: the boot id and the ring of recent events (before worker_init
+ * / after the workers ended). */
+void events_global_init(void);
+void events_global_free(void);
+/* Main thread, from the tidepool_sync LISTEN callback (channel NULL: the
+ * connection came (back) up): records the event and wakes every worker. */
+void events_publish(const char *channel, const char *payload);
+/* Per worker, on its thread: set-up; SIGTERM (streams end cleanly and the
+ * drain waits for them through w->closing); free after evhttp_free. */
+void events_worker_init(worker_t *w);
+void events_worker_stop(worker_t *w);
+void events_worker_free(worker_t *w);
+/* Takes /api/v1/events (true: answered or streaming). */
+bool events_route(rq_t *r, const char *path);
+void events_metrics(tp_buf_t *b);
+void events_openapi(void *paths); /* json_t * */
+
+/* ---- http.c: streaming replies ---- */
+/* Sends status 200 with ctype and the headers set so far, starts a chunked
+ * body (evhttp_send_reply_start), logs and counts the request and frees r.
+ * The caller owns the evhttp request until evhttp_send_reply_end. */
+void rq_stream_begin(rq_t *r, const char *ctype);
 
 /* ---- main.c: definitions generations and jobs ---- */
 defgen_t *gen_acquire(void);

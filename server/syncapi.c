@@ -94,7 +94,7 @@ static void on_trigger(PGresult *res, const char *err, void *arg)
     sctx_free(x);
 }
 
-static bool job_name_ok(const char *s)
+bool sync_job_name_ok(const char *s)
 {
     size_t n = strlen(s);
     if (n == 0 || n > 1024)
@@ -171,7 +171,7 @@ bool sync_route(rq_t *r, const char *path)
     x->job = tp_xstrndup(rest + 1, rl - sizeof run);
     if (!rq_authorize(r, admin, 1)) {
         sctx_free(x);
-    } else if (!job_name_ok(x->job)) {
+    } else if (!sync_job_name_ok(x->job)) {
         rq_problem(r, 422, "invalid-value", "a job name is 1..1024 of [A-Za-z0-9_.-]", "job",
                    "is not a valid job name", 0);
         sctx_free(x);

@@ -250,6 +250,20 @@ static const char *hdr(const resp_t *r, const char *name)
     return NULL;
 }
 
+/* The value of an unlabelled /metrics sample named name, or -1. */
+static inline long harness_metric(srv_h_t *s, const char *name)
+{
+    resp_t r = get(s, "/metrics");
+    long v = -1;
+    const char *p = r.body ? strstr(r.body, name) : NULL;
+    while (p && p > r.body && p[-1] != '\n')
+        p = strstr(p + 1, name);
+    if (p)
+        v = strtol(p + strlen(name) + 1, NULL, 10);
+    resp_free(&r);
+    return v;
+}
+
 /* The "field" of the first errors[] item of a problem, or NULL. */
 static const char *problem_field(const resp_t *r)
 {

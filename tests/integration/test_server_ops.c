@@ -16,15 +16,7 @@ static void sql(const char *q)
 
 static long metric(const char *name)
 {
-    resp_t r = get(&S, "/metrics");
-    long v = -1;
-    const char *p = r.body ? strstr(r.body, name) : NULL;
-    while (p && p > r.body && p[-1] != '\n')
-        p = strstr(p + 1, name);
-    if (p)
-        v = strtol(p + strlen(name) + 1, NULL, 10);
-    resp_free(&r);
-    return v;
+    return harness_metric(&S, name);
 }
 
 /* Runs n GETs at once; fills status[i] (and retry_after[i] if non-NULL).

@@ -6,7 +6,8 @@
  * same client allowed TLS 1.2 gets through, that SIGHUP swaps in a new
  * certificate from the same paths, and that a broken certificate file on
  * SIGHUP keeps the previous one and logs why. A start with a certificate that
- * does not load exits 2 naming the setting. */
+ * does not load exits 2 naming the setting. GET /api/v1/events streams an
+ * event over TLS as over plain HTTP. */
 #include "server_harness.h"
 
 #include <arpa/inet.h>
@@ -182,6 +183,61 @@ static void test_https_verified(void)
     resp_free(&r);
 }
 
+typedef struct tls_sse {
+    tp_buf_t b;
+    bool notified;
+} tls_sse_t;
+
+static size_t tls_sse_body(char *p, size_t sz, size_t n, void *arg)
+{
+    tls_sse_t *t = arg;
+    tp_buf_append(&t->b, p, sz * n);
+    return strstr(t->b.data, "event: sync") ? 0 : sz * n; /* 0: enough, stop */
+}
+
+/* Once the stream has started, a sync commits (NOTIFY as tidepool-sync sends). */
+static int tls_sse_progress(void *arg, curl_off_t a, curl_off_t b, curl_off_t c, curl_off_t d)
+{
+    (void)a, (void)b, (void)c, (void)d;
+    tls_sse_t *t = arg;
+    if (!t->notified && t->b.data && strstr(t->b.data, "retry: 3000")) {
+        t->notified = true;
+        free(tp_test_sql(DSN, "SELECT pg_notify('tidepool_sync', 'daily_metrics:5')"));
+    }
+    return 0;
+}
+
+/* GET /api/v1/events streams over TLS like over plain HTTP. */
+static void test_events_over_tls(void)
+{
+    CURL *c = curl_easy_init();
+    char url[256];
+    snprintf(url, sizeof url, "https://127.0.0.1:%d/api/v1/events", TLS_PORT);
+    tls_sse_t t = {0};
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_CAINFO, CA_FILE);
+    curl_easy_setopt(c, CURLOPT_TIMEOUT, 20L);
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, tls_sse_body);
+    curl_easy_setopt(c, CURLOPT_WRITEDATA, &t);
+    curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+    curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, tls_sse_progress);
+    curl_easy_setopt(c, CURLOPT_XFERINFODATA, &t);
+    CURLcode rc = curl_easy_perform(c);
+    long st = 0;
+    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &st);
+    curl_easy_cleanup(c);
+    CHECK_MSG(rc == CURLE_WRITE_ERROR, "curl: %s", curl_easy_strerror(rc)); /* we stopped it */
+    CHECK_INT_EQ(st, 200);
+    CHECK(t.notified);
+    CHECK_CONTAINS(t.b.data, "\"job\":\"daily_metrics\",\"generation\":5");
+    tp_buf_free(&t.b);
+    /* the TLS client went away: its stream is freed */
+    long v = -1;
+    for (int i = 0; i < 100 && (v = harness_metric(&S, "tidepool_event_streams")) != 0; i++)
+        usleep(100000);
+    CHECK_INT_EQ(v, 0);
+}
+
 static void test_tls11_refused(void)
 {
     int reason = 0;
@@ -301,6 +357,7 @@ int main(void)
     if (harness_setup(&S, "test_server_tls", &DSN, 2)) {
         TP_RUN(test_https_verified);
         TP_RUN(test_tls11_refused);
+        TP_RUN(test_events_over_tls);
         TP_RUN(test_reload_swaps_cert);
         TP_RUN(test_bad_cert_at_start);
         TP_RUN(test_measure);
