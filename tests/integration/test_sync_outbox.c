@@ -257,12 +257,69 @@ static void test_crash_and_sigterm(void)
     free(dir);
 }
 
+/* fx_config plus more INI text appended (e.g. a [sync] key). */
+static char *config_with(const char *name, const char *dir, const char *extra)
+{
+    char *path = fx_config(name, dir, 2);
+    FILE *f = fopen(path, "a");
+    if (f) {
+        fputs(extra, f);
+        fclose(f);
+    }
+    return path;
+}
+
+/* Write-to-MERGE latency: single writes, each waited for; the figure is the
+ * outbox row's shipped_at - created_at (both Postgres clocks: the write's
+ * transaction start to the commit that marked it shipped, after the MERGE). */
+static void test_latency(void)
+{
+    char *dir = fx_jobs_dir("nojobs3");
+    char *conf = config_with("outbox-latency", dir, "");
+    pid_t d = fx_daemon(conf, "outbox-latency.log");
+    CHECK(d > 0);
+    CHECK(fx_wait_value(TP_WB_BACKLOG_SQL, "0", 20000));
+    long long first = fx_num(fx.dsn, "SELECT coalesce(max(id), 0) FROM tidepool.writeback_outbox");
+    enum { N = 12 };
+    int shipped = 0;
+    for (int i = 0; i < N; i++) {
+        char pk[16];
+        snprintf(pk, sizeof pk, "%d", 1 + (i % 3));
+        char body[64];
+        snprintf(body, sizeof body, "{\"note\":\"latency %d\"}", i);
+        char *ver = fx_printf("SELECT '\"' || version || '\"' FROM app.device_assignments WHERE "
+                              "device_id = %s", pk);
+        char *etag = fx_sql(fx.dsn, ver);
+        free(ver);
+        CHECK_INT_EQ(wb(TP_WB_UPDATE, pk, body, etag), 200);
+        free(etag);
+        if (fx_wait_value(TP_WB_BACKLOG_SQL, "0", 20000))
+            shipped++;
+        usleep((useconds_t)(37 + 83 * i % 400) * 1000); /* spread over the poll phase */
+    }
+    CHECK_INT_EQ(shipped, N);
+    char *q = fx_printf("SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms))::text || ' ' || "
+                        "round(avg(ms))::text || ' ' || round(max(ms))::text FROM (SELECT "
+                        "extract(epoch FROM shipped_at - created_at) * 1000 AS ms FROM "
+                        "tidepool.writeback_outbox WHERE id > %lld) l",
+                        first);
+    char *fig = fx_sql(fx.dsn, q);
+    fprintf(stderr, "# write-to-MERGE latency over %d single writes (median mean max, ms): %s\n", N,
+            fig ? fig : "?");
+    free(fig);
+    free(q);
+    CHECK_INT_EQ(tp_test_stop(d, 10000), 0);
+    free(conf);
+    free(dir);
+}
+
 int main(void)
 {
     if (!setup())
         return tp_test_done();
     TP_RUN(test_outbox_ships);
     TP_RUN(test_crash_and_sigterm);
+    TP_RUN(test_latency);
     tp_wb_schema_unref(schema);
     PQfinish(conn);
     fx_stop_emulator();
