@@ -131,6 +131,10 @@ const tp_setting_t tp_settings[] = {
     {.section = "sync", .key = "max_concurrent_jobs", .type = TP_CFG_INT,
      .default_value = "4", .reloadable = true, .offset = OFF(sync.max_concurrent_jobs),
      .min = 1, .max = 256, .help = "sync jobs running at once"},
+    {.section = "sync", .key = "outbox_poll", .type = TP_CFG_DURATION, .default_value = "5s",
+     .offset = OFF(sync.outbox_poll_ms), .min = 100, .max = MS_H,
+     .help = "the write-back shipper wakes on NOTIFY tidepool_outbox; it also looks for "
+             "unshipped outbox rows this often (missed notifies)"},
 
     {.section = "server", .key = "listen", .type = TP_CFG_LISTEN,
      .default_value = "127.0.0.1:8080", .env = "DATABRICKS_APP_PORT",
