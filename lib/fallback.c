@@ -449,6 +449,7 @@ struct flight {
     bool counted;           /* counts in fb->st.in_flight (until done or cancelled) */
     const char *cancel_why; /* set when we cancelled it */
     int64_t max_bytes;
+    int64_t abandon_ms; /* settings at its start: a reload does not change them */
     tp_fb_result_t *building; /* owner loop only, until done */
     tp_fb_result_t *result;
     tp_fb_problem_t problem;
@@ -936,7 +937,7 @@ static void maybe_cancel(tp_fb_loop_t *lp, flight_t *f, const char *why)
     tp_wh_stmt_t *st = NULL;
     pthread_mutex_lock(&fb->lock);
     if (!f->done && f->lp == lp && f->st && !f->cancel_why &&
-        !flight_wanted(f, tp_now_ms(), fb->cfg.abandon_ms)) {
+        !flight_wanted(f, tp_now_ms(), f->abandon_ms)) {
         f->cancel_why = why;
         ix_del(&fb->flight_ix, f->key, f);
         st = f->st;
@@ -985,7 +986,7 @@ static void on_sweep(evutil_socket_t fd, short what, void *arg)
     }
     for (flight_t *f = fb->flights; f && nc < MAX_CANCEL; f = f->next)
         if (f->lp == lp && !f->done && f->st && !f->cancel_why &&
-            !flight_wanted(f, now, fb->cfg.abandon_ms))
+            !flight_wanted(f, now, f->abandon_ms))
             cancel[nc++] = f;
     int64_t next_ms = sweep_interval_ms(fb);
     pthread_mutex_unlock(&fb->lock);
@@ -1052,7 +1053,9 @@ tp_fb_loop_t *tp_fb_loop_new(tp_fb_t *fb, struct event_base *base, tp_wh_t *wh)
     lp->sweep = evtimer_new(base, on_sweep, lp);
     if (!lp->sweep)
         abort();
+    pthread_mutex_lock(&fb->lock);
     int64_t ms = sweep_interval_ms(fb);
+    pthread_mutex_unlock(&fb->lock);
     struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
     evtimer_add(lp->sweep, &tv);
     return lp;
@@ -1132,10 +1135,34 @@ static char *request_key(const tp_fb_request_t *req)
     return tp_buf_steal(&k);
 }
 
-/* Starts a warehouse statement for req (owner loop). Returns NULL with the
- * problem filled when the client refused it. */
+/* The settings a new statement runs with, copied under fb->lock so that a
+ * reload (tp_fb_configure) on another thread cannot change or free them. */
+typedef struct stmt_cfg {
+    int64_t max_bytes, abandon_ms, timeout_ms;
+    int submit_wait_s;
+    char *catalog, *schema;
+} stmt_cfg_t;
+
+static void stmt_cfg_take(const tp_fb_t *fb, stmt_cfg_t *sc)
+{
+    sc->max_bytes = fb->cfg.max_result_bytes;
+    sc->abandon_ms = fb->cfg.abandon_ms;
+    sc->timeout_ms = fb->cfg.timeout_ms;
+    sc->submit_wait_s = fb->cfg.submit_wait_s;
+    sc->catalog = fb->cfg.catalog ? tp_xstrdup(fb->cfg.catalog) : NULL;
+    sc->schema = fb->cfg.schema ? tp_xstrdup(fb->cfg.schema) : NULL;
+}
+
+static void stmt_cfg_clear(stmt_cfg_t *sc)
+{
+    free(sc->catalog);
+    free(sc->schema);
+}
+
+/* Starts a warehouse statement for req (owner loop) with sc. Returns NULL with
+ * the problem filled when the client refused it. */
 static flight_t *flight_start(tp_fb_loop_t *lp, const tp_fb_request_t *req, char *key,
-                              tp_fb_problem_t *prob)
+                              const stmt_cfg_t *sc, tp_fb_problem_t *prob)
 {
     tp_fb_t *fb = lp->fb;
     const tp_defs_dataset_t *ds = req->ds;
@@ -1146,7 +1173,8 @@ static flight_t *flight_start(tp_fb_loop_t *lp, const tp_fb_request_t *req, char
     f->key = key;
     f->label = tp_xstrdup(ds->name);
     f->cacheable = true;
-    f->max_bytes = fb->cfg.max_result_bytes;
+    f->max_bytes = sc->max_bytes;
+    f->abandon_ms = sc->abandon_ms;
     f->started_ms = tp_now_ms();
     f->refs = 1;
     size_t np = ds->wh.n_names;
@@ -1162,12 +1190,12 @@ static flight_t *flight_start(tp_fb_loop_t *lp, const tp_fb_request_t *req, char
     wr.sql = ds->wh.sql;
     wr.params = params;
     wr.n_params = np;
-    wr.catalog = fb->cfg.catalog;
-    wr.schema = fb->cfg.schema;
-    int sw = fb->cfg.submit_wait_s;
+    wr.catalog = sc->catalog;
+    wr.schema = sc->schema;
+    int sw = sc->submit_wait_s;
     wr.wait_timeout_s = sw >= 5 && sw <= 50 && req->wait_ms >= sw * 1000 ? sw : 0;
     wr.bearer_token = ds->obo ? req->bearer_token : NULL;
-    wr.timeout_ms = fb->cfg.timeout_ms;
+    wr.timeout_ms = sc->timeout_ms;
     wr.label = ds->name;
     wr.on_manifest = on_manifest;
     wr.on_rows = on_rows;
@@ -1244,9 +1272,12 @@ tp_fb_state_t tp_fb_start(tp_fb_loop_t *lp, const tp_fb_request_t *req, tp_fb_ou
             return out->state;
         }
         fb->st.in_flight++; /* reserved; released if the submission fails */
+        stmt_cfg_t sc;
+        stmt_cfg_take(fb, &sc);
         pthread_mutex_unlock(&fb->lock);
         /* tp_wh_submit never calls back from inside, so f is safe to publish after. */
-        f = flight_start(lp, req, key, &out->problem);
+        f = flight_start(lp, req, key, &sc, &out->problem);
+        stmt_cfg_clear(&sc);
         pthread_mutex_lock(&fb->lock);
         if (!f) {
             fb->st.in_flight--;
