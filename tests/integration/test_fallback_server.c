@@ -385,7 +385,7 @@ static void single_flight(void)
     int ex0 = executions();
     const char *paths[5];
     for (int i = 0; i < 5; i++)
-        paths[i] = "/api/v1/datasets/slow?secs=1&tag=sf";
+        paths[i] = "/api/v1/datasets/slow?secs=2&tag=sf"; /* all five arrive while it runs */
     long st[5];
     const char *h[] = {"Prefer: wait=6", NULL};
     parallel(paths, 5, h, st, 10000);
@@ -504,7 +504,7 @@ static void in_flight_limit(void)
     /* cancelled statements no longer count (a DELETE on the other worker is
      * acted on by the statement's own loop within a sweep) */
     long st = 0;
-    for (int64_t end = tp_now_ms() + 3000; st != 200 && tp_now_ms() < end; usleep(100000)) {
+    for (int64_t end = tp_now_ms() + 8000; st != 200 && tp_now_ms() < end; usleep(100000)) {
         resp_t ok = get_h("/api/v1/datasets/slow?secs=0&tag=lim4", "Prefer: wait=5", NULL);
         st = ok.status;
         resp_free(&ok);
