@@ -1,16 +1,23 @@
 /* The write-back outbox shipper of tidepool-sync. One thread of its own runs the
- * blocking loop: connect to PostgreSQL, take the advisory lock TP_WB_SHIP_LOCK
- * (only one daemon ships; the others retry every few seconds, so a standby takes
- * over when the holder dies), reflect the writable tables, then repeatedly
+ * blocking loop: connect to PostgreSQL (the password from the Lakebase provider
+ * when postgres.password_source = lakebase, else $TIDEPOOL_PGPASSWORD_FILE or the
+ * conninfo), take the advisory lock TP_WB_SHIP_LOCK (only one daemon ships; the
+ * others retry every few seconds, so a standby takes over when the holder dies),
+ * LISTEN tidepool_outbox, reflect the writable tables, then repeatedly
  * tp_wb_ship_next -> the MERGE through tp_wh_run -> tp_wb_ship_done. Nothing due:
- * poll again after a second. A Postgres error drops the connection and reconnects
- * with backoff; a warehouse error is recorded by tp_wb_ship_done (the library's
- * backoff applies). The stop flag is checked between batches and while waiting;
- * each warehouse statement has a 5 s deadline and each Postgres statement a 3 s
- * timeout, so a stop is honoured well within the daemon's 10 s exit budget.
- * Logs one JSON line per shipped batch and per failure (no secrets). */
+ * wait for a NOTIFY (sent at commit by each outbox insert, migration 0004), for
+ * the earliest backing-off row to become due, or at most sync.outbox_poll (the
+ * safety net for a missed notify). A Postgres error drops the connection and
+ * reconnects with backoff (with a fresh Lakebase token once the old one expired);
+ * a warehouse error is recorded by tp_wb_ship_done (the library's backoff
+ * applies). The stop flag is checked between batches and every 100 ms while
+ * waiting; each warehouse statement has a 5 s deadline and each Postgres
+ * statement a 3 s timeout, so a stop is honoured well within the daemon's 10 s
+ * exit budget. Logs one JSON line per shipped batch and per failure (no secrets). */
 #include "shipper.h"
 
+#include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -21,6 +28,7 @@
 #include <libpq-fe.h>
 
 #include "syncd.h"
+#include "tidepool/lakebase.h"
 #include "tidepool/log.h"
 #include "tidepool/pg.h"
 #include "tidepool/wh.h"
@@ -29,7 +37,8 @@
 
 #define SHIPPER_MAGIC 0x53484950u /* "SHIP" */
 #define BATCH_ROWS 500
-#define POLL_MS 1000           /* nothing due: look again after this */
+#define POLL_DEFAULT_MS 5000   /* nothing due and no NOTIFY: look again after this */
+#define DUE_MIN_MS 10          /* a backing-off row due sooner: look again after this */
 #define LOCK_RETRY_MS 3000     /* another daemon holds the lock */
 #define REFLECT_EVERY_MS 60000 /* re-read the writable tables this often */
 #define WH_DEADLINE_MS 5000    /* one MERGE on the warehouse */
@@ -38,6 +47,8 @@
 struct tp_shipper {
     uint32_t magic;
     const tp_config_t *cfg;
+    tp_lakebase_t *lb; /* blocking provider shared with the daemon's loop, or NULL */
+    int64_t poll_ms;
     pthread_t thread;
     atomic_bool stop;
 };
@@ -95,14 +106,26 @@ static bool exec_ok(PGconn *c, const char *sql, char *err, size_t errlen)
     return ok;
 }
 
+/* A new connection with the configured password source. */
+static PGconn *open_conn(tp_shipper_t *sh, char *err, size_t errlen)
+{
+    int64_t to = sh->cfg->postgres.connect_timeout_ms > 0 ? sh->cfg->postgres.connect_timeout_ms : 10000;
+    const char *dsn = sh->cfg->postgres.dsn ? sh->cfg->postgres.dsn : "";
+    if (sh->lb != NULL) /* a current token; a refused one is replaced and retried once */
+        return tp_lakebase_connect(sh->lb, dsn, to, err, errlen);
+    char *pw = tp_syncd_password(); /* $TIDEPOOL_PGPASSWORD_FILE, as the jobs use */
+    PGconn *c = tp_pg_connect_password(dsn, pw, to, err, errlen);
+    if (pw != NULL) {
+        explicit_bzero(pw, strlen(pw));
+        free(pw);
+    }
+    return c;
+}
+
 /* Connects and takes the lock: 1 held, 0 another daemon ships, -1 error (err). */
 static int connect_locked(tp_shipper_t *sh, PGconn **out, char *err, size_t errlen)
 {
-    int64_t to = sh->cfg->postgres.connect_timeout_ms > 0 ? sh->cfg->postgres.connect_timeout_ms : 10000;
-    char *pw = tp_syncd_password(); /* $TIDEPOOL_PGPASSWORD_FILE, as the jobs use */
-    PGconn *c = tp_pg_connect_password(sh->cfg->postgres.dsn ? sh->cfg->postgres.dsn : "", pw, to,
-                                       err, errlen);
-    free(pw);
+    PGconn *c = open_conn(sh, err, errlen);
     if (c == NULL)
         return -1;
     if (!exec_ok(c, "SET statement_timeout = '3s'; SET application_name = 'tidepool-sync shipper'",
@@ -125,8 +148,67 @@ static int connect_locked(tp_shipper_t *sh, PGconn **out, char *err, size_t errl
         PQfinish(c);
         return 0;
     }
+    if (!exec_ok(c, "LISTEN " TP_WB_NOTIFY_CHANNEL, err, errlen)) {
+        PQfinish(c);
+        return -1;
+    }
     *out = c;
     return 1;
+}
+
+/* Drops the notifies libpq has already read; true if there was one. */
+static bool drain_notifies(PGconn *c)
+{
+    bool any = false;
+    PGnotify *n;
+    while ((n = PQnotifies(c)) != NULL) {
+        any = true;
+        PQfreemem(n);
+    }
+    return any;
+}
+
+/* How long to wait with nothing to ship: the poll interval, or less when a
+ * backing-off row becomes due sooner. -1 on a Postgres error (err). */
+static int64_t idle_ms(tp_shipper_t *sh, PGconn *c, char *err, size_t errlen)
+{
+    PGresult *r = PQexec(c, TP_WB_DUE_IN_SQL);
+    if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+        snprintf(err, errlen, "%s", PQresultErrorMessage(r));
+        PQclear(r);
+        return -1;
+    }
+    int64_t ms = sh->poll_ms;
+    if (!PQgetisnull(r, 0, 0)) {
+        long long due = atoll(PQgetvalue(r, 0, 0));
+        if (due < ms)
+            ms = due < DUE_MIN_MS ? DUE_MIN_MS : due;
+    }
+    PQclear(r);
+    return ms;
+}
+
+/* Waits up to ms for a NOTIFY on c, checking the stop flag every 100 ms:
+ * 1 notified, 0 time is up or stopping, -1 connection lost (err). */
+static int wait_notify(tp_shipper_t *sh, PGconn *c, int64_t ms, char *err, size_t errlen)
+{
+    int64_t end = tp_now_ms() + ms;
+    for (;;) {
+        if (!PQconsumeInput(c)) {
+            snprintf(err, errlen, "%s", PQerrorMessage(c));
+            return -1;
+        }
+        if (drain_notifies(c))
+            return 1;
+        int64_t left = end - tp_now_ms();
+        if (left <= 0 || atomic_load(&sh->stop))
+            return 0;
+        struct pollfd p = {.fd = PQsocket(c), .events = POLLIN};
+        if (poll(&p, 1, left < 100 ? (int)left : 100) < 0 && errno != EINTR) {
+            snprintf(err, errlen, "poll: %s", strerror(errno));
+            return -1;
+        }
+    }
 }
 
 static void log_batch(const tp_wb_batch_t *b, bool ok, const tp_wh_result_t *res, int64_t ms,
@@ -164,6 +246,7 @@ static void ship_loop(tp_shipper_t *sh, PGconn *c, const tp_wh_config_t *wc, cha
             reflected = tp_now_ms();
         }
         tp_wb_batch_t *b = NULL;
+        drain_notifies(c); /* what they announced is visible to the next query */
         int rc = tp_wb_ship_next(c, s, BATCH_ROWS, &b, err, errlen);
         if (rc < 0) {
             if (PQstatus(c) != CONNECTION_OK)
@@ -177,7 +260,8 @@ static void ship_loop(tp_shipper_t *sh, PGconn *c, const tp_wh_config_t *wc, cha
             continue;
         }
         if (rc == 0) {
-            if (!nap(sh, POLL_MS))
+            int64_t ms = idle_ms(sh, c, err, errlen);
+            if (ms < 0 || wait_notify(sh, c, ms, err, errlen) < 0)
                 break;
             continue;
         }
@@ -227,6 +311,7 @@ static void *shipper_main(void *arg)
             continue;
         }
         said_standby = false;
+        backoff = 1000;
         tp_info("outbox shipper: holding the shipping lock");
         err[0] = '\0';
         ship_loop(sh, c, &wc, err, sizeof err);
@@ -241,11 +326,13 @@ static void *shipper_main(void *arg)
     return NULL;
 }
 
-tp_shipper_t *tp_shipper_start(const tp_config_t *cfg)
+tp_shipper_t *tp_shipper_start(const tp_config_t *cfg, tp_lakebase_t *lb)
 {
     tp_shipper_t *sh = tp_xcalloc(1, sizeof *sh);
     sh->magic = SHIPPER_MAGIC;
     sh->cfg = cfg;
+    sh->lb = lb;
+    sh->poll_ms = cfg->sync.outbox_poll_ms > 0 ? cfg->sync.outbox_poll_ms : POLL_DEFAULT_MS;
     atomic_init(&sh->stop, false);
     int e = pthread_create(&sh->thread, NULL, shipper_main, sh);
     if (e != 0) {

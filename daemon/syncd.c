@@ -703,7 +703,7 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
         }
     } else {
         install(&d, set, true);
-        d.shipper = tp_shipper_start(cfg);
+        d.shipper = tp_shipper_start(cfg, d.lb);
         tp_info("tidepool-sync running %zu job(s), at most %d at once", d.n_slots, d.max_running);
         listen_start(&d);
         d.ev_listen_check = event_new(d.base, -1, EV_PERSIST, on_listen_check, &d);

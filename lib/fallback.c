@@ -476,6 +476,7 @@ struct flight {
     bool counted;           /* counts in fb->st.in_flight (until done or cancelled) */
     const char *cancel_why; /* set when we cancelled it */
     int64_t max_bytes;
+    int64_t abandon_ms; /* settings at its start: a reload does not change them */
     tp_fb_result_t *building; /* owner loop only, until done */
     tp_fb_result_t *result;
     tp_fb_problem_t problem;
@@ -963,7 +964,7 @@ static void maybe_cancel(tp_fb_loop_t *lp, flight_t *f, const char *why)
     tp_wh_stmt_t *st = NULL;
     pthread_mutex_lock(&fb->lock);
     if (!f->done && f->lp == lp && f->st && !f->cancel_why &&
-        !flight_wanted(f, tp_now_ms(), fb->cfg.abandon_ms)) {
+        !flight_wanted(f, tp_now_ms(), f->abandon_ms)) {
         f->cancel_why = why;
         ix_del(&fb->flight_ix, f->key, f);
         st = f->st;
@@ -1012,7 +1013,7 @@ static void on_sweep(evutil_socket_t fd, short what, void *arg)
     }
     for (flight_t *f = fb->flights; f && nc < MAX_CANCEL; f = f->next)
         if (f->lp == lp && !f->done && f->st && !f->cancel_why &&
-            !flight_wanted(f, now, fb->cfg.abandon_ms))
+            !flight_wanted(f, now, f->abandon_ms))
             cancel[nc++] = f;
     int64_t next_ms = sweep_interval_ms(fb);
     pthread_mutex_unlock(&fb->lock);
@@ -1079,7 +1080,9 @@ tp_fb_loop_t *tp_fb_loop_new(tp_fb_t *fb, struct event_base *base, tp_wh_t *wh)
     lp->sweep = evtimer_new(base, on_sweep, lp);
     if (!lp->sweep)
         abort();
+    pthread_mutex_lock(&fb->lock);
     int64_t ms = sweep_interval_ms(fb);
+    pthread_mutex_unlock(&fb->lock);
     struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)(ms % 1000) * 1000};
     evtimer_add(lp->sweep, &tv);
     return lp;
@@ -1159,23 +1162,62 @@ static char *request_key(const tp_fb_request_t *req)
     return tp_buf_steal(&k);
 }
 
-/* Starts a warehouse statement for req (owner loop). Returns NULL with the
- * problem filled when the client refused it. */
-static flight_t *flight_start(tp_fb_loop_t *lp, const tp_fb_request_t *req, char *key,
-                              tp_fb_problem_t *prob)
+/* The settings a new statement runs with, copied under fb->lock so that a
+ * reload (tp_fb_configure) on another thread cannot change or free them. */
+typedef struct stmt_cfg {
+    int64_t max_bytes, abandon_ms, timeout_ms;
+    int submit_wait_s;
+    char *catalog, *schema;
+} stmt_cfg_t;
+
+static void stmt_cfg_take(const tp_fb_t *fb, stmt_cfg_t *sc)
+{
+    sc->max_bytes = fb->cfg.max_result_bytes;
+    sc->abandon_ms = fb->cfg.abandon_ms;
+    sc->timeout_ms = fb->cfg.timeout_ms;
+    sc->submit_wait_s = fb->cfg.submit_wait_s;
+    sc->catalog = fb->cfg.catalog ? tp_xstrdup(fb->cfg.catalog) : NULL;
+    sc->schema = fb->cfg.schema ? tp_xstrdup(fb->cfg.schema) : NULL;
+}
+
+static void stmt_cfg_clear(stmt_cfg_t *sc)
+{
+    free(sc->catalog);
+    free(sc->schema);
+}
+
+/* A flight for req, published (flight list and index) before its statement is
+ * submitted, so identical requests on other loops join it instead of starting
+ * their own; f->st stays NULL until the submission returns (sweeps and cancels
+ * skip it meanwhile). Under fb->lock; takes key. */
+static flight_t *flight_publish(tp_fb_loop_t *lp, const tp_fb_request_t *req, char *key)
 {
     tp_fb_t *fb = lp->fb;
-    const tp_defs_dataset_t *ds = req->ds;
     flight_t *f = tp_xcalloc(1, sizeof *f);
     f->magic = FLIGHT_MAGIC;
     f->fb = fb;
     f->lp = lp;
     f->key = key;
-    f->label = tp_xstrdup(ds->name);
-    f->cacheable = true;
+    f->label = tp_xstrdup(req->ds->name);
+    f->cacheable = fb->cfg.result_cache_bytes > 0;
     f->max_bytes = fb->cfg.max_result_bytes;
+    f->abandon_ms = fb->cfg.abandon_ms;
     f->started_ms = tp_now_ms();
-    f->refs = 1;
+    f->refs = 1; /* the running reference */
+    f->counted = true;
+    fb->st.in_flight++;
+    f->next = fb->flights;
+    fb->flights = f;
+    ix_put(&fb->flight_ix, f->key, f);
+    return f;
+}
+
+/* Submits f's statement (owner loop, outside the lock) with sc; NULL with
+ * *err (heap) when the client refused it. */
+static tp_wh_stmt_t *flight_submit(tp_fb_loop_t *lp, flight_t *f, const tp_fb_request_t *req,
+                                   const stmt_cfg_t *sc, char **err)
+{
+    const tp_defs_dataset_t *ds = req->ds;
     size_t np = ds->wh.n_names;
     tp_wh_param_t params[np ? np : 1];
     for (size_t k = 0; k < np; k++) {
@@ -1189,30 +1231,35 @@ static flight_t *flight_start(tp_fb_loop_t *lp, const tp_fb_request_t *req, char
     wr.sql = ds->wh.sql;
     wr.params = params;
     wr.n_params = np;
-    wr.catalog = fb->cfg.catalog;
-    wr.schema = fb->cfg.schema;
-    int sw = fb->cfg.submit_wait_s;
+    wr.catalog = sc->catalog;
+    wr.schema = sc->schema;
+    int sw = sc->submit_wait_s;
     wr.wait_timeout_s = sw >= 5 && sw <= 50 && req->wait_ms >= sw * 1000 ? sw : 0;
     wr.bearer_token = ds->obo ? req->bearer_token : NULL;
-    wr.timeout_ms = fb->cfg.timeout_ms;
+    wr.timeout_ms = sc->timeout_ms;
     wr.label = ds->name;
     wr.on_manifest = on_manifest;
     wr.on_rows = on_rows;
     wr.on_done = on_done;
     wr.arg = f;
-    char *err = NULL;
-    f->st = tp_wh_submit(lp->wh, &wr, &err);
-    if (!f->st) {
-        problem_set(prob, 502, "warehouse-error", NULL, 0, "cannot send the statement: %s",
-                    err ? err : "unknown error");
-        free(err);
-        f->magic = 0;
-        free(f->key);
-        free(f->label);
-        free(f);
-        return NULL;
-    }
-    return f;
+    return tp_wh_submit(lp->wh, &wr, err);
+}
+
+/* The submission of a published flight failed: it ends like a failed statement
+ * (requests that joined meanwhile get the problem). Under fb->lock. */
+static void flight_refused(tp_fb_t *fb, flight_t *f, const char *err)
+{
+    problem_set(&f->problem, 502, "warehouse-error", NULL, 0, "cannot send the statement: %s",
+                err ? err : "unknown error");
+    ix_del(&fb->flight_ix, f->key, f);
+    f->done = true;
+    f->lp = NULL;
+    f->finished_ms = tp_now_ms();
+    fb->st.in_flight--;
+    f->counted = false;
+    fb->st.failed++;
+    for (tp_fb_waiter_t *w = f->waiters; w; w = w->next)
+        event_active(w->ev, EV_READ, 1);
 }
 
 tp_fb_state_t tp_fb_start(tp_fb_loop_t *lp, const tp_fb_request_t *req, tp_fb_outcome_t *out,
@@ -1270,24 +1317,29 @@ tp_fb_state_t tp_fb_start(tp_fb_loop_t *lp, const tp_fb_request_t *req, tp_fb_ou
                         (long long)fb->cfg.max_in_flight);
             return out->state;
         }
-        fb->st.in_flight++; /* reserved; released if the submission fails */
+        f = flight_publish(lp, req, key);
+        stmt_cfg_t sc;
+        stmt_cfg_take(fb, &sc);
+        f->refs++; /* ours, across the unlocked submission */
         pthread_mutex_unlock(&fb->lock);
-        /* tp_wh_submit never calls back from inside, so f is safe to publish after. */
-        f = flight_start(lp, req, key, &out->problem);
+        /* tp_wh_submit never calls back from inside: on_done runs on this loop later. */
+        char *err = NULL;
+        tp_wh_stmt_t *st = flight_submit(lp, f, req, &sc, &err);
+        stmt_cfg_clear(&sc);
         pthread_mutex_lock(&fb->lock);
-        if (!f) {
-            fb->st.in_flight--;
-            fb->st.failed++;
-            pthread_mutex_unlock(&fb->lock);
+        if (!st) {
+            flight_refused(fb, f, err);
+            free(err);
             out->state = TP_FB_FAILED;
+            problem_copy(&out->problem, &f->problem);
+            flight_unref(f); /* the running reference */
+            flight_unref(f); /* ours */
+            pthread_mutex_unlock(&fb->lock);
             return out->state;
         }
+        f->st = st;
         fb->st.submitted++;
-        f->counted = true;
-        f->next = fb->flights;
-        fb->flights = f;
-        ix_put(&fb->flight_ix, f->key, f);
-        f->cacheable = fb->cfg.result_cache_bytes > 0;
+        flight_unref(f); /* ours: the running reference keeps it */
     }
     handle_t *h = handle_new(fb, f, req->owner, now);
     snprintf(out->id, sizeof out->id, "%s", h->id);

@@ -10,7 +10,11 @@
  * The token is secret: it goes to callbacks and libpq, never to a log line,
  * an error message or a stat; cached copies are zeroed before being freed.
  * Login failures are classified by tp_pg_password_refused and
- * tp_pg_error_transient (lib/pg.c). */
+ * tp_pg_error_transient (lib/pg.c).
+ * Threads: a blocking provider's state (cache, waiters, its private loop and
+ * warehouse client) is only touched under lb->mu, so the daemon's loop thread
+ * and its outbox shipper thread (or the server's status thread and workers)
+ * may share one; an asynchronous provider belongs to its loop's thread. */
 #include "tidepool/lakebase.h"
 
 #include <pthread.h>
@@ -568,6 +572,11 @@ void tp_lakebase_pg_provider(tp_lakebase_t *lb, tp_pg_password_provider_t *out)
 
 void tp_lakebase_stats(const tp_lakebase_t *lb, tp_lakebase_stats_t *out)
 {
+    tp_lakebase_t *m = (tp_lakebase_t *)lb; /* the mutex, not the data, changes */
+    if (lb->blocking)
+        pthread_mutex_lock(&m->mu);
     *out = lb->stats;
     out->expires_wall_ms = lb->expires_wall_ms;
+    if (lb->blocking)
+        pthread_mutex_unlock(&m->mu);
 }

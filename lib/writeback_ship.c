@@ -19,6 +19,10 @@
 const char TP_WB_BACKLOG_SQL[] =
     "SELECT count(*) FROM tidepool.writeback_outbox WHERE shipped_at IS NULL";
 
+const char TP_WB_DUE_IN_SQL[] =
+    "SELECT (extract(epoch FROM min(next_attempt_at) - now()) * 1000)::bigint "
+    "FROM tidepool.writeback_outbox WHERE shipped_at IS NULL";
+
 /* One row per (outbox row, column) of the batch, in outbox id order. */
 static const char SELECT_SQL[] =
     "WITH head AS (SELECT table_name, warehouse_table FROM tidepool.writeback_outbox "

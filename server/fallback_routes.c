@@ -13,6 +13,7 @@
  * the forwarded token), so one user never polls another's statement. */
 #include "server.h"
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
@@ -62,10 +63,13 @@ static const char *nonempty(const char *s)
     return s && *s ? s : NULL;
 }
 
-void fb_global_init(void)
+/* Default and cap of a read's wait budget: reloadable, read by every worker. */
+static _Atomic int64_t g_wait_ms, g_max_wait_ms;
+
+/* The registry settings of c. */
+static tp_fb_config_t fb_config_of(const tp_config_t *c)
 {
-    const tp_config_t *c = &g_srv.cfg;
-    tp_fb_config_t fc = {
+    return (tp_fb_config_t){
         .max_in_flight = c->warehouse.max_in_flight,
         .result_cache_bytes = c->warehouse.result_cache_bytes,
         .max_result_bytes = c->warehouse.max_result_bytes,
@@ -76,10 +80,28 @@ void fb_global_init(void)
         .schema = c->warehouse.schema,
         .submit_wait_s = 5,
     };
+}
+
+void fb_global_init(void)
+{
+    const tp_config_t *c = &g_srv.cfg;
+    tp_fb_config_t fc = fb_config_of(c);
     g_fb = tp_fb_new(&fc);
+    atomic_store(&g_wait_ms, c->warehouse.wait_ms);
+    atomic_store(&g_max_wait_ms, c->warehouse.max_wait_ms);
     g_fbw = tp_xcalloc((size_t)g_srv.nthreads, sizeof *g_fbw);
     if (!nonempty(c->warehouse.host) || !nonempty(c->warehouse.warehouse_id))
         g_disabled_why = "the warehouse is not configured (warehouse.host, warehouse.warehouse_id)";
+}
+
+void fb_reconfigure(const tp_config_t *c)
+{
+    if (g_fb == NULL)
+        return;
+    tp_fb_config_t fc = fb_config_of(c);
+    tp_fb_configure(g_fb, &fc);
+    atomic_store(&g_wait_ms, c->warehouse.wait_ms);
+    atomic_store(&g_max_wait_ms, c->warehouse.max_wait_ms);
 }
 
 void fb_global_free(void)
@@ -212,7 +234,8 @@ static int64_t wait_budget(rq_t *r, int64_t dflt)
     }
     if (!given && p && strcasestr(p, "respond-async"))
         ms = 0; /* asks for a 202 at once unless a wait is given */
-    return ms > g_srv.cfg.warehouse.max_wait_ms ? g_srv.cfg.warehouse.max_wait_ms : ms;
+    int64_t cap = atomic_load(&g_max_wait_ms);
+    return ms > cap ? cap : ms;
 }
 
 /* ---- replies ---- */
@@ -391,7 +414,7 @@ static void fb_run(rq_t *r)
         .owner = q->owner,
         .bearer_token = token,
         .bypass_cache = r->bypass,
-        .wait_ms = wait_budget(r, g_srv.cfg.warehouse.wait_ms),
+        .wait_ms = wait_budget(r, atomic_load(&g_wait_ms)),
         .on_wait = on_wait,
         .arg = q,
     };

@@ -10,8 +10,9 @@
  * until Postgres answers).
  * SIGHUP: the config file is re-read; when it loads and its [auth] builds, the
  * reloadable settings take effect (a new verifier swapped in, rate limits,
- * log level, drain timeout, table limit, TLS certificate and key) and the
- * settings that need a restart are logged; a broken file keeps everything
+ * log level, drain timeout, table limit, TLS certificate and key, the
+ * [warehouse] fallback limits for reads that start afterwards) and each
+ * changed setting that needs a restart is logged; a broken file keeps everything
  * and logs file:line. Then the definitions are parsed into a new generation
  * and swapped in whole (a broken one keeps the old generation and logs why).
  * Requests hold a reference on the generation and verifier they started with.
@@ -683,6 +684,7 @@ static void config_reload(void)
     tp_auth_free(old);
     atomic_store(&g_srv.tokens_dirty, true);
     settings_apply(&eff);
+    fb_reconfigure(&eff); /* fallback reads started from now on */
     if (*g_srv.cfg.server.tls_listen) {
         if (tls_load(eff.server.tls_cert, eff.server.tls_key, err, sizeof err)) {
             tp_info("TLS certificate and key reloaded");

@@ -306,6 +306,10 @@ void dataset_postgres(rq_t *r);
 /* ---- fallback_routes.c: reads answered by the warehouse (docs/fallback.md) ---- */
 /* Process-wide set-up from g_srv.cfg (before worker_init) and teardown (after the workers). */
 void fb_global_init(void);
+/* SIGHUP: the reloadable [warehouse] settings of c (wait, max_wait,
+ * max_in_flight, timeout, abandon_after, result sizes and TTL, catalog,
+ * schema) apply to reads that start from now on; running ones keep theirs. */
+void fb_reconfigure(const tp_config_t *c);
 void fb_global_free(void);
 /* Per worker: the warehouse client and fallback loop on w->base; free from its thread. */
 void fb_worker_init(worker_t *w);

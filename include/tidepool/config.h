@@ -61,6 +61,7 @@ typedef struct tp_config {
     struct {
         char *definitions;
         int64_t max_concurrent_jobs;
+        int64_t outbox_poll_ms;
     } sync;
     struct {
         char *listen; /* ADDR:PORT */

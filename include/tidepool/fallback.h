@@ -128,7 +128,11 @@ typedef struct tp_fb_config {
 tp_fb_t *tp_fb_new(const tp_fb_config_t *cfg);
 /* Frees it; every loop must have been freed first. NULL is a no-op. */
 void tp_fb_free(tp_fb_t *fb);
-/* Replaces the limits (a reload); running statements keep theirs. Thread-safe. */
+/* Replaces the settings (a reload; copies cfg). New statements use the new
+ * ones; running statements keep their result size limit, abandon_ms,
+ * timeout, catalog and schema; max_in_flight applies to the next start (the
+ * ones running are not cancelled); the cache is trimmed to its new size and
+ * new entries get the new TTL. Thread-safe. */
 void tp_fb_configure(tp_fb_t *fb, const tp_fb_config_t *cfg);
 
 /* Attaches an event loop: statements started through it run on wh (both

@@ -205,6 +205,12 @@ extern const char TP_WB_PURGE_SQL[];
  * (pg_try_advisory_lock) on the connection used here. Both calls block: run them
  * on the daemon's own thread or connection, never on an event loop. */
 #define TP_WB_SHIP_LOCK 0x7470776275LL /* pg_try_advisory_lock key */
+/* Sent (empty payload, at commit) by every INSERT into tidepool.writeback_outbox
+ * (migration 0004's trigger): a shipper LISTENs on it instead of polling. */
+#define TP_WB_NOTIFY_CHANNEL "tidepool_outbox"
+/* Milliseconds until the earliest unshipped row is due (negative: due now),
+ * NULL when nothing is unshipped; one row, one column, no parameters. */
+extern const char TP_WB_DUE_IN_SQL[];
 
 typedef struct tp_wb_param {
     char *name;  /* without the ':' */

@@ -789,6 +789,16 @@ static void failures_map_to_problems(void)
     CHECK(o.problem.warehouse_statement_id != NULL); /* it was accepted before failing */
     tp_fb_outcome_clear(&o);
     faults(NULL);
+    /* the client refuses the submission (a token with a line break): 502, nothing left running */
+    const char *mv[] = {"1", "0"};
+    tp_fb_waiter_t *mw = NULL;
+    got_t mg = {0};
+    CHECK_INT_EQ(start("mine", mv, "anna", "tok\nen", 5000, &mg, &o, &mw), TP_FB_FAILED);
+    CHECK_INT_EQ(o.problem.status, 502);
+    CHECK_STR_EQ(o.problem.code, "warehouse-error");
+    CHECK_CONTAINS(o.problem.detail, "cannot send the statement");
+    CHECK(mw == NULL && !mg.called);
+    tp_fb_outcome_clear(&o);
     tp_fb_stats_t st;
     tp_fb_stats(FB, &st);
     CHECK_INT_EQ(st.in_flight, 0);

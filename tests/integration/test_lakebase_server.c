@@ -78,7 +78,10 @@ static void server_runs_on_lakebase_tokens(void)
     harness_write_defs(&S);
     bool up = harness_start(&S, lbdsn, 2) && harness_ready(&S);
     CHECK_MSG(up, "server did not get ready; see %s", S.log);
-    resp_t r = get(&S, "/api/v1/datasets/daily_metrics?user_id=1&until=2025-01-03");
+    /* The emulator gives the role one password: each provider's mint (two
+     * workers, the main loop, the status thread) replaces the previous token,
+     * so a pool may meet 28P01 once and back off before it is up. */
+    resp_t r = await_status(&S, "/api/v1/datasets/daily_metrics?user_id=1&until=2025-01-03", 200, 100);
     CHECK_INT_EQ(r.status, 200);
     resp_free(&r);
     char *n = sql1(dsn, "SELECT count(*) FROM pg_stat_activity WHERE usename = '" ROLE "'");

@@ -7,7 +7,11 @@
  * one "outbox_shipped" log line per row; a second daemon stands by, then takes
  * over when the first stops); kill -9 with a MERGE in flight (latency
  * fault) then a restart converges with no duplicates and an empty backlog;
- * SIGTERM while shipping exits 0 within 10 s. */
+ * SIGTERM while shipping exits 0 within 10 s. The shipper wakes on NOTIFY
+ * tidepool_outbox (single writes ship with an hour-long poll; the figure is
+ * the write-to-MERGE latency) and polls when no notify comes; with
+ * postgres.password_source = lakebase it logs in with the emulator's expiring
+ * tokens and reconnects with a fresh one after expiry. */
 #include <libpq-fe.h>
 
 #include "sync_fixture.h"
@@ -257,12 +261,176 @@ static void test_crash_and_sigterm(void)
     free(dir);
 }
 
+/* fx_config with more [sync] keys (extra, "key = value\n" lines). */
+static char *config_with(const char *name, const char *dir, const char *extra)
+{
+    char *path = fx_config(name, dir, 2);
+    char *text = tp_read_file(path, NULL);
+    char *at = text ? strstr(text, "\n[log]") : NULL;
+    if (at != NULL) {
+        char *both = fx_printf("%.*s\n%s%s", (int)(at - text), text, extra, at);
+        char *rel = fx_printf("%s.conf", name);
+        free(path);
+        path = tp_test_write_tmp(rel, both);
+        free(rel);
+        free(both);
+    }
+    free(text);
+    return path;
+}
+
+/* Updates device pk's note with its current version as If-Match; the status. */
+static int touch_device(int dev, const char *note)
+{
+    char pk[16], body[96];
+    snprintf(pk, sizeof pk, "%d", dev);
+    snprintf(body, sizeof body, "{\"note\":\"%s\"}", note);
+    char *q = fx_printf("SELECT '\"' || version || '\"' FROM app.device_assignments WHERE device_id = %d",
+                        dev);
+    char *etag = fx_sql(fx.dsn, q);
+    int st = wb(TP_WB_UPDATE, pk, body, etag);
+    free(etag);
+    free(q);
+    return st;
+}
+
+/* Write-to-MERGE latency: single writes, each waited for; the figure is the
+ * outbox row's shipped_at - created_at (both Postgres clocks: the write's
+ * transaction start to the commit that marked it shipped, after the MERGE).
+ * The poll is an hour, so only the NOTIFY can have woken the shipper. Then,
+ * with the trigger disabled (a notify that never comes), a 1 s poll ships. */
+static void test_latency(void)
+{
+    char *dir = fx_jobs_dir("nojobs3");
+    char *conf = config_with("outbox-latency", dir, "outbox_poll = 1h\n");
+    pid_t d = fx_daemon(conf, "outbox-latency.log");
+    CHECK(d > 0);
+    CHECK(fx_wait_value(TP_WB_BACKLOG_SQL, "0", 20000));
+    long long first = fx_num(fx.dsn, "SELECT coalesce(max(id), 0) FROM tidepool.writeback_outbox");
+    enum { N = 12 };
+    int shipped = 0;
+    for (int i = 0; i < N; i++) {
+        char note[32];
+        snprintf(note, sizeof note, "latency %d", i);
+        CHECK_INT_EQ(touch_device(1 + i % 3, note), 200);
+        if (fx_wait_value(TP_WB_BACKLOG_SQL, "0", 20000))
+            shipped++;
+        usleep((useconds_t)(37 + 83 * i % 400) * 1000); /* spread over any poll phase */
+    }
+    CHECK_MSG(shipped == N, "only %d of %d single writes shipped within 20 s with a 1 h poll", shipped, N);
+    char *q = fx_printf("SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms))::text || ' ' || "
+                        "round(avg(ms))::text || ' ' || round(max(ms))::text FROM (SELECT "
+                        "extract(epoch FROM shipped_at - created_at) * 1000 AS ms FROM "
+                        "tidepool.writeback_outbox WHERE id > %lld) l",
+                        first);
+    char *fig = fx_sql(fx.dsn, q);
+    fprintf(stderr, "# write-to-MERGE latency over %d single writes (median mean max, ms): %s\n", N,
+            fig ? fig : "?");
+    free(fig);
+    free(q);
+    CHECK_INT_EQ(tp_test_stop(d, 10000), 0);
+    free(conf);
+
+    /* the safety net: no notify at all, the poll finds the row */
+    conf = config_with("outbox-poll", dir, "outbox_poll = 1s\n");
+    d = fx_daemon(conf, "outbox-poll.log");
+    CHECK(d > 0);
+    CHECK(fx_wait_value("SELECT count(*)::text FROM pg_stat_activity WHERE application_name = "
+                        "'tidepool-sync shipper'",
+                        "1", 10000));
+    free(fx_sql(fx.dsn, "ALTER TABLE tidepool.writeback_outbox DISABLE TRIGGER writeback_outbox_notify"));
+    usleep(300 * 1000); /* the shipper is waiting, not in its first look */
+    CHECK_INT_EQ(touch_device(2, "no notify"), 200);
+    CHECK(fx_num(fx.dsn, TP_WB_BACKLOG_SQL) == 1);
+    CHECK(fx_wait_value(TP_WB_BACKLOG_SQL, "0", 20000));
+    free(fx_sql(fx.dsn, "ALTER TABLE tidepool.writeback_outbox ENABLE TRIGGER writeback_outbox_notify"));
+    check_converged("poll without notify");
+    CHECK_INT_EQ(tp_test_stop(d, 10000), 0);
+    free(conf);
+    free(dir);
+}
+
+#define LB_ROLE "lb_ship"
+
+static int count_file(const char *path, const char *needle)
+{
+    char *text = tp_read_file(path, NULL);
+    int n = text ? count_in(text, needle) : 0;
+    free(text);
+    return n;
+}
+
+/* postgres.password_source = lakebase: the shipper logs in as a role whose only
+ * password is the 3 s token the emulator mints; after the token expired and its
+ * session was terminated it reconnects with a fresh one and ships on. */
+static void test_lakebase_shipper(void)
+{
+    free(fx_sql(tp_test_admin_dsn(), "DROP ROLE IF EXISTS " LB_ROLE));
+    free(fx_sql(tp_test_admin_dsn(), "CREATE ROLE " LB_ROLE " LOGIN IN ROLE tp_password_login"));
+    free(fx_sql(tp_test_admin_dsn(), "GRANT tidepool TO " LB_ROLE));
+    int port = tp_test_free_port();
+    char listen[64], elog[512];
+    snprintf(listen, sizeof listen, "127.0.0.1:%d", port);
+    snprintf(elog, sizeof elog, "%s/emulator-lakebase.log", tp_test_tmpdir());
+    char *eargv[] = {(char *)tp_test_bin("tidepool-warehouse"), "--listen", listen, "--dsn", fx.wh_dsn,
+                     "--token", "tok-sync-test", "--lakebase-role", LB_ROLE, "--lakebase-ttl", "3", NULL};
+    pid_t emu = tp_test_spawn(eargv, elog);
+    CHECK(emu > 0 && tp_test_wait_port(port, 10000));
+    const char *pgport = getenv("PGPORT");
+    const char *db = strstr(fx.dsn, "dbname=");
+    char *dir = fx_jobs_dir("nojobs4");
+    char *text = fx_printf("[postgres]\ndsn = host=127.0.0.1 port=%s user=" LB_ROLE " %s\n"
+                           "password_source = lakebase\nlakebase_instance = tidepool-instance\n"
+                           "[warehouse]\nhost = http://127.0.0.1:%d\nwarehouse_id = tidepool-local\n"
+                           "token = tok-sync-test\n[sync]\ndefinitions = %s\n[log]\nlevel = info\n",
+                           pgport ? pgport : "5432", db ? db : "", port, dir);
+    char *conf = tp_test_write_tmp("outbox-lakebase.conf", text);
+    pid_t d = fx_daemon(conf, "outbox-lakebase.log");
+    CHECK(d > 0);
+    write_changes(30, 31, 6);
+    CHECK(fx_wait_value(TP_WB_BACKLOG_SQL, "0", 20000));
+    check_converged("lakebase shipper");
+    static const char who[] = "SELECT coalesce(string_agg(usename, ','), '') FROM pg_stat_activity "
+                              "WHERE application_name = 'tidepool-sync shipper'";
+    char *u = fx_sql(fx.dsn, who);
+    CHECK_STR_EQ(u, LB_ROLE);
+    free(u);
+    int mints = count_file(elog, "lakebase credential minted");
+    CHECK(mints >= 1);
+
+    /* the token expires (VALID UNTIL passes), the session dies: a fresh token */
+    usleep(3500 * 1000);
+    free(fx_sql(fx.dsn, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = 'tidepool-sync shipper'"));
+    write_changes(32, 33, 7);
+    CHECK(fx_wait_value(TP_WB_BACKLOG_SQL, "0", 30000));
+    check_converged("lakebase shipper after expiry");
+    u = fx_sql(fx.dsn, who);
+    CHECK_STR_EQ(u, LB_ROLE);
+    free(u);
+    CHECK(count_file(elog, "lakebase credential minted") > mints);
+    CHECK_INT_EQ(tp_test_stop(d, 10000), 0);
+    CHECK_INT_EQ(tp_test_stop(emu, 5000), 0);
+    char *log = fx_read_log("outbox-lakebase.log");
+    CHECK_CONTAINS(log, "outbox_shipped");
+    CHECK(count_in(log, "holding the shipping lock") >= 2); /* it did reconnect */
+    CHECK(strstr(log, "lbt-") == NULL); /* no token in the daemon's log */
+    free(log);
+    CHECK_INT_EQ(count_file(elog, "lbt-"), 0);
+    free(fx_sql(tp_test_admin_dsn(), "DROP ROLE IF EXISTS " LB_ROLE));
+    free(conf);
+    free(text);
+    free(dir);
+}
+
 int main(void)
 {
     if (!setup())
         return tp_test_done();
     TP_RUN(test_outbox_ships);
     TP_RUN(test_crash_and_sigterm);
+    TP_RUN(test_latency);
+    TP_RUN(test_lakebase_shipper);
     tp_wb_schema_unref(schema);
     PQfinish(conn);
     fx_stop_emulator();

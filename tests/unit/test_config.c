@@ -828,7 +828,7 @@ static void reference_lists_every_setting(void)
         CHECK_CONTAINS(ref, row);
         CHECK_MSG(tp_settings[i].help && *tp_settings[i].help, "%s has no help", row);
     }
-    CHECK_CONTAINS(ref, "| `warehouse.token` | string | (empty) | `DATABRICKS_TOKEN` | yes | yes |");
+    CHECK_CONTAINS(ref, "| `warehouse.token` | string | (empty) | `DATABRICKS_TOKEN` | no | yes |");
     CHECK_CONTAINS(ref, "`DATABRICKS_APP_PORT` (as `0.0.0.0:%s`)");
     /* README.md and docs/configuration.md carry the same table: `make docs` regenerates it */
     const char *root = getenv("TP_ROOT");
