@@ -249,8 +249,6 @@ void emu_stmt_reap(void);
 void emu_stmt_janitor(void);
 /* At exit: cancels every running statement, joins all workers, frees all. */
 void emu_stmt_shutdown(void);
-/* Wall-clock milliseconds -> "2024-11-08T15:20:17.922Z". */
-void emu_rfc3339(int64_t wall_ms, char *out, size_t outlen);
 
 /* ---- http.c ---- */
 /* Creates the evhttp server on g.base and binds --listen; false (logged) if it cannot. */

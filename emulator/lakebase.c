@@ -131,8 +131,8 @@ void emu_lakebase_credentials(const char *body, size_t len, bool autoscaling, tp
     char token[64] = "lbt-";
     for (size_t i = 0; i < sizeof rnd; i++)
         snprintf(token + 4 + 2 * i, 3, "%02x", rnd[i]);
-    char until[40];
-    emu_rfc3339(tp_wall_ms() + g.lakebase_ttl_s * 1000, until, sizeof until);
+    char until[32];
+    tp_rfc3339_format(tp_wall_ms() + g.lakebase_ttl_s * 1000, until);
     char msg[512];
     if (!set_password(token, until, msg, sizeof msg)) {
         tp_error("lakebase credential: %s", msg);

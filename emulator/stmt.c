@@ -54,16 +54,6 @@ emu_state_t emu_stmt_state(emu_stmt_t *st)
     return s;
 }
 
-void emu_rfc3339(int64_t wall_ms, char *out, size_t outlen)
-{
-    time_t t = (time_t)(wall_ms / 1000);
-    struct tm tm;
-    gmtime_r(&t, &tm);
-    char base[32];
-    strftime(base, sizeof base, "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(out, outlen, "%s.%03dZ", base, (int)(wall_ms % 1000));
-}
-
 static void random_hex(char *out, size_t nbytes)
 {
     static const char hex[] = "0123456789abcdef";
@@ -563,8 +553,8 @@ void emu_stmt_chunk_json(emu_stmt_t *st, int idx, const char *host, tp_buf_t *ou
         next_fields(st, idx, out);
     } else {
         emu_link_t *l = new_link(st, idx);
-        char exp[40];
-        emu_rfc3339(l->expires_wall_ms, exp, sizeof exp);
+        char exp[32];
+        tp_rfc3339_format(l->expires_wall_ms, exp);
         chunk_common(st, idx, out, true);
         tp_buf_printf(out, ",\"external_links\":[{\"external_link\":\"http://%s%s%s/%s\","
                            "\"expiration\":\"%s\",",

@@ -126,45 +126,6 @@ static void answer_all(tp_lakebase_t *lb, const char *token, const char *err)
     }
 }
 
-/* "2026-11-21T12:00:00.123Z" / "...+01:00" -> wall ms; -1 when malformed. */
-static int64_t parse_rfc3339(const char *s)
-{
-    struct tm tm;
-    memset(&tm, 0, sizeof tm);
-    int n = 0;
-    if (sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d%n", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour,
-               &tm.tm_min, &tm.tm_sec, &n) != 6 ||
-        n != 19)
-        return -1;
-    const char *p = s + n;
-    int64_t ms = 0;
-    if (*p == '.') {
-        int64_t scale = 100;
-        for (p++; *p >= '0' && *p <= '9'; p++, scale /= 10)
-            ms += (*p - '0') * scale;
-    }
-    int64_t off_s = 0;
-    if (*p == 'Z' || *p == 'z') {
-        p++;
-    } else if (*p == '+' || *p == '-') {
-        int oh, om, k = 0;
-        if (sscanf(p + 1, "%2d:%2d%n", &oh, &om, &k) != 2 || k != 5)
-            return -1;
-        off_s = (int64_t)(oh * 3600 + om * 60) * (*p == '-' ? -1 : 1);
-        p += 6;
-    } else {
-        return -1;
-    }
-    if (*p != '\0' || tm.tm_mon < 1 || tm.tm_mon > 12 || tm.tm_mday < 1 || tm.tm_mday > 31)
-        return -1;
-    tm.tm_year -= 1900;
-    tm.tm_mon -= 1;
-    time_t t = timegm(&tm);
-    if (t == (time_t)-1)
-        return -1;
-    return ((int64_t)t - off_s) * 1000 + ms;
-}
-
 static void uuid4(char out[37])
 {
     unsigned char b[16];
@@ -196,7 +157,7 @@ static bool take_answer(tp_lakebase_t *lb, const char *body, size_t len, char *w
     else if (!json_is_string(exp))
         snprintf(why, whylen, "answer has no \"%s\"", exp_key);
     else {
-        int64_t exp_ms = parse_rfc3339(json_string_value(exp));
+        int64_t exp_ms = tp_rfc3339_parse(json_string_value(exp));
         int64_t life = exp_ms - tp_wall_ms();
         if (exp_ms < 0)
             snprintf(why, whylen, "\"%s\" is not an RFC 3339 time: \"%.60s\"", exp_key,

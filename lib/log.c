@@ -52,13 +52,8 @@ void tp_log_emit(tp_log_level_t level, const char *const *kv, const char *fmt, .
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
 
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    struct tm tm;
-    gmtime_r(&ts.tv_sec, &tm);
-    char when[40];
-    size_t n = strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(when + n, sizeof when - n, ".%03ldZ", ts.tv_nsec / 1000000);
+    char when[32];
+    tp_rfc3339_format(tp_wall_ms(), when);
 
     tp_buf_t b = {0};
     tp_buf_printf(&b, "{\"time\":\"%s\",\"level\":\"%s\",\"msg\":", when,

@@ -266,53 +266,6 @@ static void st_log(const tp_wh_stmt_t *st, tp_log_level_t lvl, int64_t chunk, co
     tp_log_emit(lvl, kv, "%s", msg);
 }
 
-/* RFC 3339 ("2024-11-08T15:20:17.922Z", "...+01:00") -> wall ms; 0 on failure. */
-static int64_t parse_rfc3339(const char *s)
-{
-    struct tm tm;
-    memset(&tm, 0, sizeof(tm));
-    int n = 0;
-    if (sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d%n", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour,
-               &tm.tm_min, &tm.tm_sec, &n) != 6)
-        return 0;
-    tm.tm_year -= 1900;
-    tm.tm_mon -= 1;
-    const char *p = s + n;
-    int64_t ms = 0;
-    if (*p == '.') {
-        p++;
-        int digits = 0;
-        while (isdigit((unsigned char)*p)) {
-            if (digits < 3)
-                ms = ms * 10 + (*p - '0');
-            digits++;
-            p++;
-        }
-        while (digits < 3) {
-            ms *= 10;
-            digits++;
-        }
-    }
-    int64_t off = 0;
-    if (*p == 'Z' || *p == 'z') {
-        p++;
-    } else if (*p == '+' || *p == '-') {
-        int oh = 0, om = 0;
-        if (sscanf(p + 1, "%2d:%2d", &oh, &om) != 2)
-            return 0;
-        off = (int64_t)(oh * 60 + om) * 60000 * (*p == '-' ? -1 : 1);
-        p += 6;
-    } else {
-        return 0;
-    }
-    if (*p != '\0')
-        return 0;
-    time_t t = timegm(&tm);
-    if (t == (time_t)-1)
-        return 0;
-    return (int64_t)t * 1000 + ms - off;
-}
-
 /* ------------------------------------------------------------------ */
 /* configuration                                                        */
 
@@ -2004,8 +1957,9 @@ static void take_result_data(tp_wh_stmt_t *st, json_t *rd, tp_whjson_t *j)
         st->link.refreshes = refreshes;
         st->link.url = tp_xstrdup(url);
         const char *exp = jstr(l, "expiration");
-        st->link.expires_ms = exp ? parse_rfc3339(exp) : 0;
-        if (exp && st->link.expires_ms == 0) {
+        int64_t exp_ms = exp ? tp_rfc3339_parse(exp) : 0;
+        st->link.expires_ms = exp_ms > 0 ? exp_ms : 0;
+        if (exp && exp_ms <= 0) {
             protocol_error(st, idx, "external link expiration is not an RFC 3339 time");
             return;
         }

@@ -93,17 +93,6 @@ void events_global_free(void)
 
 /* ---- publishing (main thread) ---- */
 
-static void iso_now(char *out, size_t n)
-{
-    int64_t ms = tp_wall_ms();
-    time_t t = (time_t)(ms / 1000);
-    struct tm tm;
-    gmtime_r(&t, &tm);
-    char s[32];
-    strftime(s, sizeof s, "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(out, n, "%s.%03dZ", s, (int)(ms % 1000));
-}
-
 /* Appends an event (job NULL: reset) to the ring; takes data. */
 static void ring_push(const char *job, char *data)
 {
@@ -132,8 +121,8 @@ void events_publish(const char *channel, const char *payload)
         char *job = colon ? tp_xstrndup(p, (size_t)(colon - p)) : tp_xstrdup(p);
         int64_t gen = 0;
         bool has_gen = colon && tp_parse_int64(colon + 1, INT64_MIN, INT64_MAX, &gen);
-        char at[40];
-        iso_now(at, sizeof at);
+        char at[32];
+        tp_rfc3339_format(tp_wall_ms(), at);
         tp_buf_t b = {0};
         tp_buf_puts(&b, "{\"job\":");
         tp_buf_json_str(&b, job);

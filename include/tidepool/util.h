@@ -50,6 +50,11 @@ char *tp_buf_steal(tp_buf_t *b);
 int64_t tp_now_ms(void);
 int64_t tp_now_us(void);
 int64_t tp_wall_ms(void);
+/* Wall milliseconds -> "2026-11-21T12:00:00.123Z" (UTC, always 24 characters). */
+void tp_rfc3339_format(int64_t wall_ms, char out[32]);
+/* "2026-11-21T12:00:00.123Z" or "...+01:00" (fraction optional) -> wall
+ * milliseconds; -1 when malformed. */
+int64_t tp_rfc3339_parse(const char *s);
 
 /* "30", "30s", "5m", "2h", "1d", "250ms" -> milliseconds. False on anything else. */
 bool tp_parse_duration_ms(const char *s, int64_t *out_ms) TP_WUR;

@@ -77,11 +77,31 @@ static void log_lines_are_json_and_filtered(void)
     CHECK(!tp_log_parse_level("verbose", &lvl));
 }
 
+static void rfc3339_round_trips(void)
+{
+    char out[32];
+    tp_rfc3339_format(1795262400123, out); /* 2026-11-21T12:00:00.123Z */
+    CHECK_STR_EQ(out, "2026-11-21T12:00:00.123Z");
+    CHECK_INT_EQ(tp_rfc3339_parse(out), 1795262400123);
+    tp_rfc3339_format(0, out);
+    CHECK_STR_EQ(out, "1970-01-01T00:00:00.000Z");
+    CHECK_INT_EQ(tp_rfc3339_parse("2026-11-21T13:30:00.5+01:30"), 1795262400500);
+    CHECK_INT_EQ(tp_rfc3339_parse("2026-11-21T10:00:00-02:00"), 1795262400000);
+    CHECK_INT_EQ(tp_rfc3339_parse("2026-11-21T12:00:00.123456789z"), 1795262400123);
+    const char *bad[] = {"", "2026-11-21", "2026-11-21 12:00:00Z", "2026-11-21T12:00:00",
+                         "2026-11-21T12:00:00Zjunk", "2026-13-01T00:00:00Z",
+                         "2026-11-21T12:00:00+0100", "26-11-21T12:00:00Z", NULL};
+    for (int i = 0; bad[i]; i++)
+        CHECK_MSG(tp_rfc3339_parse(bad[i]) == -1, "accepted \"%s\"", bad[i]);
+    CHECK_INT_EQ(tp_rfc3339_parse(NULL), -1);
+}
+
 int main(void)
 {
     TP_RUN(durations_parse_strictly);
     TP_RUN(sizes_and_ints_parse_strictly);
     TP_RUN(buffers_grow_and_escape_json);
     TP_RUN(log_lines_are_json_and_filtered);
+    TP_RUN(rfc3339_round_trips);
     return tp_test_done();
 }
