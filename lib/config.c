@@ -12,6 +12,7 @@
  * masks them. This module does not normalise hosts, open connections or read
  * definition directories: it only says what the user asked for. */
 #include "tidepool/config.h"
+#include "tidepool/log.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -1021,6 +1022,46 @@ const tp_setting_t *tp_config_restart_needed(const tp_config_t *old, const tp_co
             return s;
     }
     return NULL;
+}
+
+static size_t setting_size(const tp_setting_t *st)
+{
+    switch (st->type) {
+    case TP_CFG_BOOL: return sizeof(bool);
+    case TP_CFG_INT:
+    case TP_CFG_DURATION:
+    case TP_CFG_SIZE: return sizeof(int64_t);
+    default: return sizeof(char *);
+    }
+}
+
+tp_config_t *tp_config_reload(const tp_config_t *running, tp_config_t *eff)
+{
+    if (!running->path) {
+        tp_info("SIGHUP: no config file; settings unchanged");
+        return NULL;
+    }
+    tp_config_t *fresh = tp_xcalloc(1, sizeof *fresh);
+    char err[512];
+    if (!tp_config_load(fresh, running->path, err, sizeof err)) {
+        const char *kv[] = {"error", err, NULL};
+        tp_logkv(TP_LOG_ERROR, kv, "config reload failed: keeping the previous settings");
+        free(fresh);
+        return NULL;
+    }
+    *eff = *fresh;
+    for (size_t i = 0; i < tp_settings_count; i++) {
+        const tp_setting_t *st = tp_config_restart_needed(running, eff);
+        if (!st)
+            break;
+        char name[96];
+        snprintf(name, sizeof name, "%s.%s", st->section, st->key);
+        const char *kv[] = {"setting", name, NULL};
+        tp_logkv(TP_LOG_WARN, kv, "config reload: this setting changed but needs a restart; "
+                                  "the running value stays");
+        memcpy((char *)eff + st->offset, (const char *)running + st->offset, setting_size(st));
+    }
+    return fresh;
 }
 
 /* ---- DSN masking ---- */

@@ -608,18 +608,6 @@ static void on_auth_notify(const char *channel, const char *payload, void *arg)
 
 static struct event_base *g_main_base;
 
-/* Size of a setting's field, for copying one value between configs. */
-static size_t setting_size(const tp_setting_t *st)
-{
-    switch (st->type) {
-    case TP_CFG_BOOL: return sizeof(bool);
-    case TP_CFG_INT:
-    case TP_CFG_DURATION:
-    case TP_CFG_SIZE: return sizeof(int64_t);
-    default: return sizeof(char *);
-    }
-}
-
 /* Applies the settings of c that take effect without a restart (the verifier
  * is already built from c). */
 static void settings_apply(const tp_config_t *c)
@@ -640,32 +628,11 @@ static void settings_apply(const tp_config_t *c)
  * certificate and key are re-read (a bad pair keeps the previous one). */
 static void config_reload(void)
 {
-    const char *path = g_srv.cfg.path;
-    if (!path) {
-        tp_info("SIGHUP: no config file; settings unchanged");
+    tp_config_t eff;
+    tp_config_t *fresh = tp_config_reload(&g_srv.cfg, &eff);
+    if (!fresh)
         return;
-    }
-    tp_config_t *fresh = tp_xcalloc(1, sizeof *fresh);
     char err[512];
-    if (!tp_config_load(fresh, path, err, sizeof err)) {
-        const char *kv[] = {"error", err, NULL};
-        tp_logkv(TP_LOG_ERROR, kv, "config reload failed: keeping the previous settings");
-        free(fresh);
-        return;
-    }
-    /* eff: fresh with every setting that needs a restart at its running value */
-    tp_config_t eff = *fresh;
-    for (size_t i = 0; i < tp_settings_count; i++) {
-        const tp_setting_t *st = tp_config_restart_needed(&g_srv.cfg, &eff);
-        if (!st)
-            break;
-        char name[96];
-        snprintf(name, sizeof name, "%s.%s", st->section, st->key);
-        const char *kv[] = {"setting", name, NULL};
-        tp_logkv(TP_LOG_WARN, kv, "config reload: this setting changed but needs a restart; "
-                                  "the running value stays");
-        memcpy((char *)&eff + st->offset, (const char *)&g_srv.cfg + st->offset, setting_size(st));
-    }
     tp_auth_t *a = tp_auth_new(&eff, err, sizeof err);
     if (!a) {
         const char *kv[] = {"error", err, NULL};
