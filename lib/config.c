@@ -1004,26 +1004,6 @@ tp_config_wh_auth_t tp_config_warehouse_auth(const tp_config_t *c)
     return TP_WH_AUTH_NONE;
 }
 
-const tp_setting_t *tp_config_restart_needed(const tp_config_t *old, const tp_config_t *fresh)
-{
-    for (size_t i = 0; i < tp_settings_count; i++) {
-        const tp_setting_t *s = &tp_settings[i];
-        if (s->reloadable)
-            continue;
-        const void *a = field(old, s), *b = field(fresh, s);
-        bool same;
-        if (is_text_type(s->type))
-            same = strcmp(*(char *const *)a, *(char *const *)b) == 0;
-        else if (s->type == TP_CFG_BOOL)
-            same = *(const bool *)a == *(const bool *)b;
-        else
-            same = *(const int64_t *)a == *(const int64_t *)b;
-        if (!same)
-            return s;
-    }
-    return NULL;
-}
-
 static size_t setting_size(const tp_setting_t *st)
 {
     switch (st->type) {
@@ -1035,7 +1015,34 @@ static size_t setting_size(const tp_setting_t *st)
     }
 }
 
-tp_config_t *tp_config_reload(const tp_config_t *running, tp_config_t *eff)
+static bool in_list(const char *const *list, const char *s)
+{
+    for (size_t i = 0; list && list[i]; i++)
+        if (strcmp(list[i], s) == 0)
+            return true;
+    return false;
+}
+
+static bool same_value(const tp_setting_t *s, const tp_config_t *a, const tp_config_t *b)
+{
+    const void *x = field(a, s), *y = field(b, s);
+    if (is_text_type(s->type))
+        return strcmp(*(char *const *)x, *(char *const *)y) == 0;
+    return memcmp(x, y, setting_size(s)) == 0;
+}
+
+const tp_setting_t *tp_config_restart_needed(const tp_config_t *old, const tp_config_t *fresh)
+{
+    for (size_t i = 0; i < tp_settings_count; i++) {
+        const tp_setting_t *s = &tp_settings[i];
+        if (!s->reloadable && !same_value(s, old, fresh))
+            return s;
+    }
+    return NULL;
+}
+
+tp_config_t *tp_config_reload(const tp_config_t *running, const tp_config_reload_scope_t *scope,
+                              tp_config_t *eff)
 {
     if (!running->path) {
         tp_info("SIGHUP: no config file; settings unchanged");
@@ -1051,15 +1058,18 @@ tp_config_t *tp_config_reload(const tp_config_t *running, tp_config_t *eff)
     }
     *eff = *fresh;
     for (size_t i = 0; i < tp_settings_count; i++) {
-        const tp_setting_t *st = tp_config_restart_needed(running, eff);
-        if (!st)
-            break;
+        const tp_setting_t *st = &tp_settings[i];
         char name[96];
         snprintf(name, sizeof name, "%s.%s", st->section, st->key);
+        bool live = scope && scope->live ? in_list(scope->live, name) : st->reloadable;
+        if (live || same_value(st, running, eff))
+            continue;
+        memcpy((char *)eff + st->offset, (const char *)running + st->offset, setting_size(st));
+        if (scope && in_list(scope->ignored_sections, st->section))
+            continue;
         const char *kv[] = {"setting", name, NULL};
         tp_logkv(TP_LOG_WARN, kv, "config reload: this setting changed but needs a restart; "
                                   "the running value stays");
-        memcpy((char *)eff + st->offset, (const char *)running + st->offset, setting_size(st));
     }
     return fresh;
 }

@@ -629,7 +629,9 @@ static void settings_apply(const tp_config_t *c)
 static void config_reload(void)
 {
     tp_config_t eff;
-    tp_config_t *fresh = tp_config_reload(&g_srv.cfg, &eff);
+    static const char *const not_ours[] = {"sync", NULL};
+    const tp_config_reload_scope_t scope = {.live = NULL, .ignored_sections = not_ours};
+    tp_config_t *fresh = tp_config_reload(&g_srv.cfg, &scope, &eff);
     if (!fresh)
         return;
     char err[512];

@@ -175,12 +175,22 @@ tp_config_wh_auth_t tp_config_warehouse_auth(const tp_config_t *c);
  * the old value or refuses the reload); NULL when everything may be swapped. */
 const tp_setting_t *tp_config_restart_needed(const tp_config_t *old, const tp_config_t *fresh);
 
+/* What a program applies on SIGHUP: live lists the "section.key" settings it
+ * applies at run time (NULL: every setting the table marks reloadable);
+ * settings of the ignored sections are not the program's and are never
+ * warned about (both lists NULL-terminated, or NULL). */
+typedef struct tp_config_reload_scope {
+    const char *const *live;
+    const char *const *ignored_sections;
+} tp_config_reload_scope_t;
+
 /* SIGHUP's first step, for both programs: loads running->path again into a
  * new config (returned; the caller keeps it alive while *eff points into it,
  * then frees it with tp_config_free + free). *eff is that config with every
- * setting that needs a restart put back at its running value, each such
- * change logged as a warning naming section.key. NULL (logged, file:line)
- * when the file does not load; the running settings then stay. */
-tp_config_t *tp_config_reload(const tp_config_t *running, tp_config_t *eff) TP_WUR;
+ * setting the program cannot apply live put back at its running value, each
+ * such change logged as a warning naming section.key. NULL (logged,
+ * file:line) when the file does not load; the running settings then stay. */
+tp_config_t *tp_config_reload(const tp_config_t *running, const tp_config_reload_scope_t *scope,
+                              tp_config_t *eff) TP_WUR;
 
 #endif
