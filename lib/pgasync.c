@@ -528,6 +528,20 @@ void tp_pgpool_cancel(tp_pgreq_t *r)
     r->cancelled = true;
 }
 
+void tp_pgpool_abort(tp_pgreq_t *r)
+{
+    if (!r)
+        return;
+    if (r->magic != REQ_MAGIC)
+        abort();
+    if (r->conn) {
+        tp_pgconn_cancel(r->conn->pg);
+        return;
+    }
+    queue_remove(r->pool, r);
+    req_complete(r, NULL, "canceled");
+}
+
 bool tp_pgpool_up(const tp_pgpool_t *p)
 {
     return pool_connected(p) > 0;

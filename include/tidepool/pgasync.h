@@ -70,6 +70,12 @@ tp_pg_submit_t tp_pgpool_query(tp_pgpool_t *pool, const char *sql, int nparams,
 /* The caller no longer wants the answer (client went away): the callback will
  * not run; a statement already sent finishes on its connection and is dropped. */
 void tp_pgpool_cancel(tp_pgreq_t *req);
+/* The answer is no longer needed but the callback must still run (the caller
+ * owns state it frees there): a queued request completes at once (res NULL,
+ * err "canceled"), a statement already sent is cancelled on the server
+ * without blocking the loop (tp_pgconn_cancel) and completes when Postgres
+ * answers, usually with SQLSTATE 57014. */
+void tp_pgpool_abort(tp_pgreq_t *req);
 /* True when at least one connection is up. */
 bool tp_pgpool_up(const tp_pgpool_t *pool);
 /* Milliseconds until the next reconnect attempt (for Retry-After); 0 if up. */
