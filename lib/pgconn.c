@@ -712,8 +712,10 @@ static bool start_op(tp_pgconn_t *c, int sent, const char *what, pg_state_t st,
     /* libpq reads input while a send would block (pqSendSome), so the answer
      * may already sit in its buffer (a COPY that Postgres rejected mid-stream
      * answers before CopyDone): the socket would never turn readable again.
-     * Look once from the loop instead of waiting for it. */
-    event_active(c->ev_read, EV_READ, 0);
+     * Look once from the loop instead of waiting for it (PQisBusy only parses
+     * what is buffered: false means a whole answer is there already). */
+    if (!PQisBusy(c->conn))
+        event_active(c->ev_read, EV_READ, 0);
     return true;
 }
 
