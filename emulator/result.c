@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tidepool/isots.h"
+
 enum {
     OID_BOOL = 16, OID_BYTEA = 17, OID_CHAR = 18, OID_NAME = 19, OID_INT8 = 20, OID_INT2 = 21,
     OID_INT4 = 23, OID_TEXT = 25, OID_OID = 26, OID_JSON = 114, OID_FLOAT4 = 700,
@@ -142,40 +144,40 @@ void emu_column_free(emu_column_t *col)
     free(col->type_text);
 }
 
-/* "2021-01-01 10:00:00.5+00" -> "2021-01-01T10:00:00.500Z" (tz) or without zone. */
+/* Postgres' ISO text -> the Databricks form (databricks-protocol.md 1.7):
+ * "2021-01-01 10:00:00.5+00" -> "2021-01-01T10:00:00.500Z" (tz; a non-zero
+ * offset as "+05:30") or without zone; milliseconds always, microseconds when
+ * there are any. Years as java.time writes them: "+10000-..." past 9999 and
+ * astronomical "-0043-..." for 44 BC. infinity (which Databricks does not
+ * have) and text that does not parse go out as Postgres wrote them. */
 static void convert_ts(const char *s, bool tz, tp_buf_t *out)
 {
-    size_t n = strlen(s);
-    if (n < 19 || s[4] != '-' || s[10] != ' ' || s[13] != ':' || s[16] != ':') {
-        tp_buf_puts(out, s); /* infinity, BC or 5-digit years: as Postgres wrote it */
+    tp_isots_t ts;
+    if (!tp_isots_parse(s, strlen(s), &ts) || ts.special || ts.has_off != tz) {
+        tp_buf_puts(out, s);
         return;
     }
-    tp_buf_append(out, s, 10);
-    tp_buf_putc(out, 'T');
-    tp_buf_append(out, s + 11, 8);
-    const char *p = s + 19;
-    char frac[7] = "000000";
-    int nd = 0;
-    if (*p == '.') {
-        p++;
-        while (*p >= '0' && *p <= '9') {
-            if (nd < 6)
-                frac[nd++] = *p;
-            p++;
-        }
-    }
-    tp_buf_putc(out, '.');
-    tp_buf_append(out, frac, nd <= 3 ? 3 : 6);
+    if (ts.year > 9999)
+        tp_buf_printf(out, "+%lld", (long long)ts.year);
+    else if (ts.year < 0)
+        tp_buf_printf(out, "-%04lld", (long long)-ts.year);
+    else
+        tp_buf_printf(out, "%04lld", (long long)ts.year);
+    tp_buf_printf(out, "-%02d-%02dT%02d:%02d:%02d", ts.mon, ts.day, ts.hour, ts.min, ts.sec);
+    if (ts.usec % 1000 == 0)
+        tp_buf_printf(out, ".%03d", ts.usec / 1000);
+    else
+        tp_buf_printf(out, ".%06d", ts.usec);
     if (!tz)
         return;
-    if (strcmp(p, "+00") == 0 || *p == '\0') {
+    if (ts.off == 0) {
         tp_buf_putc(out, 'Z');
-    } else if (strlen(p) == 3) {
-        tp_buf_puts(out, p);
-        tp_buf_puts(out, ":00");
-    } else {
-        tp_buf_puts(out, p);
+        return;
     }
+    int a = ts.off < 0 ? -ts.off : ts.off;
+    tp_buf_printf(out, "%c%02d:%02d", ts.off < 0 ? '-' : '+', a / 3600, a / 60 % 60);
+    if (a % 60)
+        tp_buf_printf(out, ":%02d", a % 60);
 }
 
 /* Postgres array literal -> JSON text: {1,NULL} -> [1,null]; strings quoted

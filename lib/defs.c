@@ -22,6 +22,8 @@
 #include <strings.h>
 #include <sys/stat.h>
 
+#include "tidepool/isots.h"
+
 /* ------------------------------------------------------------------ types */
 
 static const struct {
@@ -82,42 +84,6 @@ static int num(const char *s, size_t n)
     return v;
 }
 
-static bool is_leap(int y)
-{
-    return (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-}
-
-static int days_in_month(int y, int m)
-{
-    static const int d[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    return m == 2 && is_leap(y) ? 29 : d[m - 1];
-}
-
-/* Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm). */
-static int64_t days_from_civil(int y, int m, int d)
-{
-    y -= m <= 2;
-    int64_t era = (y >= 0 ? y : y - 399) / 400;
-    int64_t yoe = y - era * 400;
-    int64_t doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
-    int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    return era * 146097 + doe - 719468;
-}
-
-static void civil_from_days(int64_t z, int *y, int *m, int *d)
-{
-    z += 719468;
-    int64_t era = (z >= 0 ? z : z - 146096) / 146097;
-    int64_t doe = z - era * 146097;
-    int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    int64_t yy = yoe + era * 400;
-    int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    int64_t mp = (5 * doy + 2) / 153;
-    *d = (int)(doy - (153 * mp + 2) / 5 + 1);
-    *m = (int)(mp < 10 ? mp + 3 : mp - 9);
-    *y = (int)(yy + (*m <= 2));
-}
-
 /* Parses "YYYY-MM-DD" at s (exactly 10 characters); fills days since epoch. */
 static bool parse_date10(const char *s, int64_t *days)
 {
@@ -125,9 +91,9 @@ static bool parse_date10(const char *s, int64_t *days)
         s[7] != '-' || !all_digits(s + 8, 2))
         return false;
     int y = num(s, 4), m = num(s + 5, 2), d = num(s + 8, 2);
-    if (y < 1 || m < 1 || m > 12 || d < 1 || d > days_in_month(y, m))
+    if (y < 1 || m < 1 || m > 12 || d < 1 || d > tp_isots_days_in_month(y, m))
         return false;
-    *days = days_from_civil(y, m, d);
+    *days = tp_isots_days_from_civil(y, m, d);
     return true;
 }
 
@@ -191,12 +157,13 @@ static bool parse_timestamp(const char *s, tp_defs_value_t *out)
     int64_t epoch_s = days * 86400 + secs - offset_s;
     int64_t day = epoch_s >= 0 ? epoch_s / 86400 : -((-epoch_s + 86399) / 86400);
     int64_t sod = epoch_s - day * 86400;
-    int y, m, d;
-    civil_from_days(day, &y, &m, &d);
+    int64_t y;
+    int m, d;
+    tp_isots_civil_from_days(day, &y, &m, &d);
     if (y < 1 || y > 9999)
         return false;
     out->epoch_us = epoch_s * 1000000 + frac_us;
-    int n = snprintf(out->canon, sizeof out->canon, "%04d-%02d-%02dT%02d:%02d:%02d", y, m, d,
+    int n = snprintf(out->canon, sizeof out->canon, "%04d-%02d-%02dT%02d:%02d:%02d", (int)y, m, d,
                      (int)(sod / 3600), (int)(sod / 60 % 60), (int)(sod % 60));
     if (frac_us)
         n += snprintf(out->canon + n, sizeof out->canon - (size_t)n, ".%06lld", (long long)frac_us);

@@ -24,6 +24,7 @@
 #include <event2/event.h>
 #include <openssl/evp.h>
 
+#include "tidepool/isots.h"
 #include "tidepool/log.h"
 
 #define FLIGHT_MAGIC 0x46424c54u
@@ -190,7 +191,7 @@ void tp_fb_result_release(tp_fb_result_t *r)
     free(r);
 }
 
-enum { K_STR, K_NUM, K_BOOL };
+enum { K_STR, K_NUM, K_BOOL, K_TS, K_TSTZ };
 
 static int kind_of(const char *type_name)
 {
@@ -198,7 +199,19 @@ static int kind_of(const char *type_name)
     for (size_t i = 0; i < TP_ARRAY_LEN(nums); i++)
         if (strcmp(type_name, nums[i]) == 0)
             return K_NUM;
+    if (strcmp(type_name, "TIMESTAMP") == 0)
+        return K_TSTZ;
+    if (strcmp(type_name, "TIMESTAMP_NTZ") == 0)
+        return K_TS;
     return strcmp(type_name, "BOOLEAN") == 0 ? K_BOOL : K_STR;
+}
+
+/* The canonical form (tidepool/isots.h) of a TIMESTAMP[_NTZ] cell in out and
+ * its length, so the answer matches Postgres' byte for byte; 0 for other
+ * kinds or text that is not an ISO 8601 timestamp (sent as it came). */
+static size_t canon_ts(const char *v, size_t n, int kind, char out[TP_ISOTS_MAX])
+{
+    return kind == K_TS || kind == K_TSTZ ? tp_isots_canon(v, n, kind == K_TSTZ, out) : 0;
 }
 
 /* Appends a JSON string of n bytes (which may hold NUL) to b. */
@@ -242,7 +255,13 @@ static void json_cell(tp_buf_t *b, const tp_fb_result_t *r, size_t cell, int kin
     }
     const char *v = r->data.data + r->off[cell];
     size_t n = r->off[cell + 1] - r->off[cell];
-    if (kind == K_NUM && plain_number(v, n))
+    char ts[TP_ISOTS_MAX];
+    size_t tn = canon_ts(v, n, kind, ts);
+    if (tn > 0) {
+        tp_buf_putc(b, '"');
+        tp_buf_append(b, ts, tn);
+        tp_buf_putc(b, '"');
+    } else if (kind == K_NUM && plain_number(v, n))
         tp_buf_append(b, v, n);
     else if (kind == K_BOOL && (n == 4 || n == 5))
         tp_buf_puts(b, v[0] == 't' ? "true" : "false");
@@ -282,8 +301,16 @@ void tp_fb_result_encode(const tp_fb_result_t *r, tp_fb_shape_t shape, tp_buf_t 
         for (size_t i = 0; i < r->ncells; i++) {
             if (i % nc)
                 tp_buf_putc(out, ',');
-            if (!r->isnull[i])
-                csv_cell(out, r->data.data + r->off[i], r->off[i + 1] - r->off[i]);
+            if (!r->isnull[i]) {
+                const char *v = r->data.data + r->off[i];
+                size_t n = r->off[i + 1] - r->off[i];
+                char ts[TP_ISOTS_MAX];
+                size_t tn = canon_ts(v, n, kinds[i % nc], ts);
+                if (tn > 0)
+                    tp_buf_append(out, ts, tn);
+                else
+                    csv_cell(out, v, n);
+            }
             if (i % nc == nc - 1)
                 tp_buf_puts(out, "\r\n");
         }

@@ -38,6 +38,7 @@
 #include <event2/util.h>
 
 #include "tidepool/auth_tokens.h"
+#include "tidepool/isots.h"
 #include "tidepool/log.h"
 #include "tidepool/migrate.h"
 #include "tidepool/notify.h"
@@ -800,10 +801,14 @@ int main(int argc, char **argv)
         tp_config_free(&g_srv.cfg);
         return 2;
     }
-    g_srv.dsn = g_srv.cfg.postgres.dsn ? g_srv.cfg.postgres.dsn : "";
-    g_srv.read_dsn = g_srv.cfg.postgres.read_dsn && *g_srv.cfg.postgres.read_dsn
-                         ? g_srv.cfg.postgres.read_dsn
-                         : g_srv.dsn;
+    /* Every session runs with DateStyle=ISO and TimeZone=UTC: the encoders
+     * parse ISO text and write answers (to_jsonb) render timestamptz in UTC. */
+    char *dsn = tp_isots_dsn(g_srv.cfg.postgres.dsn);
+    char *read_dsn = g_srv.cfg.postgres.read_dsn && *g_srv.cfg.postgres.read_dsn
+                         ? tp_isots_dsn(g_srv.cfg.postgres.read_dsn)
+                         : NULL;
+    g_srv.dsn = dsn;
+    g_srv.read_dsn = read_dsn ? read_dsn : dsn;
     g_srv.pool_queue = (int)g_srv.cfg.server.pool_queue;
     pthread_mutex_init(&g_srv.lock, NULL);
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
@@ -952,6 +957,10 @@ int main(int argc, char **argv)
         tp_lakebase_free(g_srv.lb_sync);
         tp_config_free(&g_srv.cfg);
         static_free();
+    }
+    if (clean) {
+        free(read_dsn);
+        free(dsn);
     }
     tp_info("tidepool-server stopped");
     return 0;

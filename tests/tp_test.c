@@ -23,6 +23,11 @@
 int tp_test_failed_checks;
 static int n_pass, n_fail, n_skip;
 static char first_failure[1024];
+/* Checks that fail outside any TP_RUN case (set-up, tear-down such as a
+ * server's exit status) must fail the program too, not vanish. */
+static bool in_case;
+static int n_outside;
+static char first_outside[1024];
 static char prog_name[256] = "test";
 static char *g_dsn, *g_admin_dsn, *g_tmpdir;
 
@@ -33,6 +38,8 @@ void tp_test_fail(const char *file, int line, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    if (!in_case && n_outside++ == 0)
+        snprintf(first_outside, sizeof first_outside, "%s:%d: %s", file, line, msg);
     if (tp_test_failed_checks++ == 0)
         snprintf(first_failure, sizeof first_failure, "%s:%d: %s", file, line, msg);
     fprintf(stderr, "#   %s:%d: %s\n", file, line, msg);
@@ -42,7 +49,9 @@ bool tp_test_run(const char *name, void (*fn)(void))
 {
     tp_test_failed_checks = 0;
     first_failure[0] = '\0';
+    in_case = true;
     fn();
+    in_case = false;
     if (tp_test_failed_checks == 0) {
         n_pass++;
         printf("ok - %s\n", name);
@@ -61,8 +70,17 @@ void tp_test_skip(const char *name, const char *why)
     fflush(stdout);
 }
 
+bool tp_test_any_failure(void)
+{
+    return n_fail > 0 || n_outside > 0;
+}
+
 int tp_test_done(void)
 {
+    if (n_outside > 0) {
+        n_fail++;
+        printf("not ok - outside any case (set-up or tear-down): %s\n", first_outside);
+    }
     printf("# %s: %d passed, %d failed, %d skipped\n", prog_name, n_pass, n_fail, n_skip);
     if (g_tmpdir) {
         char *cmd = NULL;

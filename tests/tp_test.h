@@ -17,7 +17,10 @@ void tp_test_fail(const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* Runs fn as one test case, prints its result line; returns false if it failed. */
 bool tp_test_run(const char *name, void (*fn)(void));
-/* Prints the per-program summary and returns main()'s exit status. */
+/* True once any case has failed, or any check outside a case. */
+bool tp_test_any_failure(void);
+/* Prints the per-program summary and returns main()'s exit status; checks
+ * that failed outside any case count as one more failed case. */
 int tp_test_done(void);
 /* Marks the whole program skipped (printed as "skip - name: why") and counted as such. */
 void tp_test_skip(const char *name, const char *why);

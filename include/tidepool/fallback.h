@@ -92,7 +92,9 @@ typedef enum tp_fb_shape { TP_FB_ROWS = 0, TP_FB_COLUMNS, TP_FB_CSV } tp_fb_shap
 /* Appends the result as JSON rows ([{...}]), JSON columns ({"col":[...]}) or
  * CSV (header line, CRLF, RFC 4180 quoting, NULL as an empty field). JSON
  * values: INT/LONG/SHORT/BYTE/FLOAT/DOUBLE/DECIMAL as numbers (NaN and
- * Infinity as strings), BOOLEAN as true/false, NULL as null, others strings. */
+ * Infinity as strings), BOOLEAN as true/false, TIMESTAMP / TIMESTAMP_NTZ in the
+ * canonical ISO 8601 form of tidepool/isots.h (UTC, "+00:00"; also in CSV), so
+ * the body equals the Postgres answer's, NULL as null, others strings. */
 void tp_fb_result_encode(const tp_fb_result_t *r, tp_fb_shape_t shape, tp_buf_t *out);
 size_t tp_fb_result_rows(const tp_fb_result_t *r);
 size_t tp_fb_result_bytes(const tp_fb_result_t *r);

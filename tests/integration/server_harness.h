@@ -300,7 +300,7 @@ static void harness_finish(srv_h_t *s)
         int st = tp_test_stop(s->pid, 15000);
         CHECK_MSG(st == 0, "server exit status %d", st);
     }
-    if (tp_test_failed_checks) {
+    if (tp_test_any_failure()) {
         char *log = tp_read_file(s->log, NULL);
         if (log) {
             size_t n = strlen(log);

@@ -55,7 +55,26 @@ static void write_defs(void)
                 "SELECT :dev AS dev, pg_sleep(:secs)::text AS s\n");
     harness_def(&S, "strict.warehouse.sql", "-- @param s STRING\nSELECT CAST(:s AS INT) AS v\n");
     harness_def(&S, "pgfast.sql", "SELECT 1 AS one\n");
+    static const char events[] = "SELECT id, at, local_at, day FROM iot.events ORDER BY id\n";
+    snprintf(text, sizeof text, "-- @requires daily_metrics\n%s", events);
+    harness_def(&S, "events.sql", text);
+    harness_def(&S, "events.warehouse.sql", events);
 }
+
+/* Timestamps at their edges; the database's default zone is not UTC, so an
+ * answer in UTC shows the server pins its sessions' zone. */
+static const char *EVENTS_SQL =
+    "CREATE TABLE iot.events(id int PRIMARY KEY, at timestamptz, local_at timestamp, day date);"
+    "INSERT INTO iot.events VALUES"
+    " (1, '2025-01-01 10:00:00+00', '2025-01-01 10:00:00', '2025-01-01'),"
+    " (2, '2025-03-30 01:30:00.5+05:30', '2025-03-30 01:30:00.5', '2025-03-30'),"
+    " (3, '2024-12-31 20:30:00.123456-03:30', '2024-12-31 20:30:00.123456', '2024-12-31'),"
+    " (4, '0044-03-15 12:00:00+00 BC', '0044-03-15 12:00:00 BC', '2025-01-04'),"
+    " (5, '10000-01-01 00:00:00+00', '10000-01-01 00:00:00', '2025-01-05'),"
+    " (6, 'infinity', '-infinity', '2025-01-06'),"
+    " (7, NULL, NULL, NULL);"
+    "COMMENT ON TABLE iot.events IS '@expose';"
+    "SELECT format('ALTER DATABASE %I SET TimeZone = %L', current_database(), 'America/St_Johns')";
 
 static bool start_server(srv_h_t *s, const char *extra, const char *name, const char *dsn,
                          bool ready);
@@ -68,6 +87,9 @@ static bool start_all(void)
     curl_global_init(CURL_GLOBAL_DEFAULT);
     if (!harness_db(DSN))
         return false;
+    char *alter = tp_test_sql(DSN, EVENTS_SQL);
+    free(alter ? tp_test_sql(DSN, alter) : NULL);
+    free(alter);
     write_defs();
     EMU_PORT = tp_test_free_port();
     snprintf(EMU_LOG, sizeof EMU_LOG, "%s/emulator.log", tp_test_tmpdir());
@@ -255,6 +277,78 @@ static void routing_rules(void)
     resp_free(&doc);
 }
 
+/* One timestamp form everywhere: the dataset from Postgres (rows, columns,
+ * CSV) equals the same dataset from the warehouse byte for byte, the table
+ * read equals the dataset's rows, and each value is what to_json writes. */
+static void timestamps_agree(void)
+{
+    static const char want[] =
+        "[{\"id\":1,\"at\":\"2025-01-01T10:00:00+00:00\",\"local_at\":\"2025-01-01T10:00:00\","
+        "\"day\":\"2025-01-01\"},"
+        "{\"id\":2,\"at\":\"2025-03-29T20:00:00.5+00:00\",\"local_at\":\"2025-03-30T01:30:00.5\","
+        "\"day\":\"2025-03-30\"},"
+        "{\"id\":3,\"at\":\"2025-01-01T00:00:00.123456+00:00\","
+        "\"local_at\":\"2024-12-31T20:30:00.123456\",\"day\":\"2024-12-31\"},"
+        "{\"id\":4,\"at\":\"0044-03-15T12:00:00+00:00 BC\",\"local_at\":\"0044-03-15T12:00:00 BC\","
+        "\"day\":\"2025-01-04\"},"
+        "{\"id\":5,\"at\":\"10000-01-01T00:00:00+00:00\",\"local_at\":\"10000-01-01T00:00:00\","
+        "\"day\":\"2025-01-05\"},"
+        "{\"id\":6,\"at\":\"infinity\",\"local_at\":\"-infinity\",\"day\":\"2025-01-06\"},"
+        "{\"id\":7,\"at\":null,\"local_at\":null,\"day\":null}]";
+    resp_t pg = get(&S, "/api/v1/datasets/events");
+    CHECK_INT_EQ(pg.status, 200);
+    CHECK_STR_EQ(hdr(&pg, "X-Tidepool-Source"), "postgres");
+    CHECK_STR_EQ(pg.body, want);
+    /* each value as Postgres' own to_json writes it in UTC */
+    char *tj = tp_test_sql(DSN, "SET TimeZone = UTC; SELECT string_agg(to_json(at)::text || ','"
+                                " || to_json(local_at)::text, ';' ORDER BY id) FROM iot.events");
+    json_t *row;
+    size_t i;
+    tp_buf_t mine = {0};
+    json_array_foreach(pg.json, i, row) {
+        if (json_is_null(json_object_get(row, "at")))
+            continue;
+        tp_buf_printf(&mine, "%s\"%s\",\"%s\"", i ? ";" : "",
+                      json_string_value(json_object_get(row, "at")),
+                      json_string_value(json_object_get(row, "local_at")));
+    }
+    CHECK_STR_EQ(mine.data, tj);
+    tp_buf_free(&mine);
+    free(tj);
+    resp_t wh = get(&S, "/api/v1/datasets/events?source=warehouse");
+    CHECK_WH(wh, "requested");
+    CHECK_STR_EQ(wh.body, pg.body);
+    resp_free(&wh);
+    resp_t table = get(&S, "/api/v1/tables/iot.events?order=id.asc");
+    CHECK_INT_EQ(table.status, 200);
+    CHECK_STR_EQ(table.body, pg.body);
+    resp_free(&table);
+    resp_free(&pg);
+    /* columns (the warehouse's result, now from the result cache) */
+    pg = get(&S, "/api/v1/datasets/events?shape=columns");
+    wh = get(&S, "/api/v1/datasets/events?shape=columns&source=warehouse");
+    CHECK_INT_EQ(pg.status, 200);
+    CHECK_INT_EQ(wh.status, 200);
+    CHECK_STR_EQ(hdr(&wh, "X-Tidepool-Source"), "cache");
+    CHECK_STR_EQ(wh.body, pg.body);
+    CHECK_CONTAINS(pg.body, "\"at\":[\"2025-01-01T10:00:00+00:00\",\"2025-03-29T20:00:00.5+00:00\",");
+    resp_free(&wh);
+    resp_free(&pg);
+    /* CSV: the same forms, unquoted */
+    pg = get_h("/api/v1/datasets/events", "Accept: text/csv", NULL);
+    wh = get_h("/api/v1/datasets/events?source=warehouse", "Accept: text/csv", NULL);
+    CHECK_INT_EQ(pg.status, 200);
+    CHECK_INT_EQ(wh.status, 200);
+    CHECK_STR_EQ(hdr(&wh, "X-Tidepool-Source"), "cache");
+    CHECK_STR_EQ(wh.body, pg.body);
+    CHECK_CONTAINS(pg.body, "id,at,local_at,day\r\n1,2025-01-01T10:00:00+00:00,2025-01-01T10:00:00,"
+                            "2025-01-01\r\n");
+    CHECK_CONTAINS(pg.body, "\r\n4,0044-03-15T12:00:00+00:00 BC,0044-03-15T12:00:00 BC,2025-01-04\r\n");
+    CHECK_CONTAINS(pg.body, "\r\n7,,,\r\n");
+    resp_free(&wh);
+    resp_free(&pg);
+}
+
 static void parallel(const char *const *paths, int n, const char *const *hdrs, long *status,
                      long timeout_ms);
 
@@ -385,7 +479,7 @@ static void single_flight(void)
     int ex0 = executions();
     const char *paths[5];
     for (int i = 0; i < 5; i++)
-        paths[i] = "/api/v1/datasets/slow?secs=1&tag=sf";
+        paths[i] = "/api/v1/datasets/slow?secs=2&tag=sf"; /* all five arrive while it runs */
     long st[5];
     const char *h[] = {"Prefer: wait=6", NULL};
     parallel(paths, 5, h, st, 10000);
@@ -504,7 +598,7 @@ static void in_flight_limit(void)
     /* cancelled statements no longer count (a DELETE on the other worker is
      * acted on by the statement's own loop within a sweep) */
     long st = 0;
-    for (int64_t end = tp_now_ms() + 3000; st != 200 && tp_now_ms() < end; usleep(100000)) {
+    for (int64_t end = tp_now_ms() + 8000; st != 200 && tp_now_ms() < end; usleep(100000)) {
         resp_t ok = get_h("/api/v1/datasets/slow?secs=0&tag=lim4", "Prefer: wait=5", NULL);
         st = ok.status;
         resp_free(&ok);
@@ -733,6 +827,7 @@ int main(void)
         tp_test_fail(__FILE__, __LINE__, "set-up failed; see %s", S.log ? S.log : EMU_LOG);
     } else {
         TP_RUN(routing_rules);
+        TP_RUN(timestamps_agree);
         TP_RUN(budget_202_poll_delete);
         TP_RUN(single_flight);
         TP_RUN(disconnect_cancels);

@@ -13,6 +13,8 @@
  * re-reflection; writes on postgres.dsn when reads use a read-only read_dsn. */
 #include "server_harness.h"
 
+#include "tidepool/isots.h"
+
 #include <openssl/sha.h>
 #include <poll.h>
 #include <pthread.h>
@@ -68,6 +70,55 @@ static long long sql_int(const char *q)
 static long long audit_count(void)
 {
     return sql_int("SELECT count(*) FROM tidepool.audit_log");
+}
+
+/* True when s is already in the canonical UTC form (tidepool/isots.h). */
+static bool canonical_utc(const char *s)
+{
+    char out[TP_ISOTS_MAX];
+    size_t n = s ? strlen(s) : 0;
+    return n > 6 && tp_isots_canon(s, n, true, out) == n && strcmp(out, s) == 0 &&
+           strcmp(s + n - 6, "+00:00") == 0;
+}
+
+/* Write answers (to_jsonb in SQL) and table reads (the C encoder) give the
+ * same timestamp text, in UTC although the server's environment asks for
+ * another zone ($PGOPTIONS, set in main), equal to to_json's in UTC. */
+static void test_timestamps_agree(void)
+{
+    resp_t w = wr(ALICE, "POST", "/api/v1/tables/app.user_notes",
+                  "{\"user_id\": 3, \"note\": \"when\"}", NULL, "k-when");
+    CHECK_INT_EQ(w.status, 201);
+    long long id = json_integer_value(json_object_get(w.json, "id"));
+    char path[160];
+    snprintf(path, sizeof path, "/api/v1/tables/app.user_notes/%lld", id);
+    resp_t p = wr(ALICE, "PATCH", path, "{\"note\": \"later\"}", "\"1\"", NULL);
+    CHECK_INT_EQ(p.status, 200);
+    json_t *pj = p.json;
+    snprintf(path, sizeof path, "/api/v1/tables/app.user_notes?id=eq.%lld", id);
+    resp_t r = wr(ALICE, "GET", path, NULL, NULL, NULL);
+    CHECK_INT_EQ(r.status, 200);
+    json_t *row = json_array_get(r.json, 0);
+    char q[200];
+    snprintf(q, sizeof q, "SET TimeZone = UTC; SELECT to_json(created_at)::text || ' ' || "
+                          "to_json(updated_at)::text FROM app.user_notes WHERE id = %lld", id);
+    char *tj = tp_test_sql(DSN, q);
+    static const char *const cols[] = {"created_at", "updated_at"};
+    for (int c = 0; c < 2; c++) {
+        const char *read = json_string_value(json_object_get(row, cols[c]));
+        CHECK_MSG(canonical_utc(read), "%s read as %s", cols[c], read ? read : "(none)");
+        const char *patched = json_string_value(json_object_get(pj, cols[c]));
+        CHECK_STR_EQ(patched ? patched : "", read ? read : "");
+        char quoted[TP_ISOTS_MAX + 2];
+        snprintf(quoted, sizeof quoted, "\"%s\"", read ? read : "");
+        CHECK_CONTAINS(tj ? tj : "", quoted);
+    }
+    const char *created = json_string_value(json_object_get(w.json, "created_at"));
+    CHECK_STR_EQ(created ? created : "", json_string_value(json_object_get(row, "created_at")));
+    free(tj);
+    resp_free(&r);
+    resp_free(&p);
+    resp_free(&w);
 }
 
 static void test_post_idempotent(void)
@@ -717,6 +768,7 @@ int main(void)
              ah, bh, rh, xh);
     S.extra_conf = conf;
     setenv("TIDEPOOL_WB_PURGE_MS", "300", 1);
+    setenv("PGOPTIONS", "-c TimeZone=Asia/Kolkata", 1); /* the server must answer in UTC anyway */
     if (!harness_setup(&S, "test_server_writes", &DSN, 2))
         return tp_test_done();
     /* writable tables are reflected by the status thread shortly after start */
@@ -731,6 +783,7 @@ int main(void)
     }
     CHECK_INT_EQ(st, 201);
     TP_RUN(test_post_idempotent);
+    TP_RUN(test_timestamps_agree);
     TP_RUN(test_post_array);
     TP_RUN(test_patch_delete);
     TP_RUN(test_bulk_patch_and_outbox);

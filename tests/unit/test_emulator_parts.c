@@ -175,9 +175,16 @@ static void cells_take_databricks_forms(void)
                    "{{1,2},{3,NULL}}", "{\"a,b\",\"q\\\"x\",NULL,\"NULL\"}", "1.500", "2", NULL,
                    "{t,f}"};
     emu_builder_row(&b, row);
-    char *row2[] = {"f", "infinity", "2021-01-01 10:00:00+05:30", "\\x", "{}", "{}", NULL, NULL,
+    char *row2[] = {"f", "infinity", "2021-01-01 10:00:00", "\\x", "{}", "{}", NULL, NULL,
                     NULL, NULL};
     emu_builder_row(&b, row2);
+    /* years as java.time writes them; an offset other than the session's UTC */
+    char *row3[] = {"t", "0044-03-15 10:00:00+00 BC", "10000-01-01 00:00:00.000001", "\\x",
+                    NULL, NULL, NULL, NULL, NULL, NULL};
+    emu_builder_row(&b, row3);
+    char *row4[] = {"t", "2021-01-01 10:00:00.25-03:30", "0001-01-01 00:00:00 BC", "\\x",
+                    NULL, NULL, NULL, NULL, NULL, NULL};
+    emu_builder_row(&b, row4);
     emu_builder_finish(&b);
     emu_builder_free(&b);
     CHECK_INT_EQ(st->nchunks, 1);
@@ -186,8 +193,12 @@ static void cells_take_databricks_forms(void)
                  "\"[[1,2],[3,null]]\",\"[\\\"a,b\\\",\\\"q\\\\\\\"x\\\",null,\\\"NULL\\\"]\","
                  "\"1.500\",\"2\",null,\"[true,false]\"],"
                  "[\"false\",\"infinity\",\"2021-01-01T10:00:00.000\",\"\",\"[]\",\"[]\",null,null,"
-                 "null,null]]");
-    CHECK_INT_EQ(st->total_rows, 2);
+                 "null,null],"
+                 "[\"true\",\"-0043-03-15T10:00:00.000Z\",\"+10000-01-01T00:00:00.000001\",\"\","
+                 "null,null,null,null,null,null],"
+                 "[\"true\",\"2021-01-01T10:00:00.250-03:30\",\"0000-01-01T00:00:00.000\",\"\","
+                 "null,null,null,null,null,null]]");
+    CHECK_INT_EQ(st->total_rows, 4);
     free_st(st);
 }
 
