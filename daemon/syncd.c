@@ -19,7 +19,7 @@
 
 #include <event2/event.h>
 
-#include "pgasync.h"
+#include "tidepool/pgconn.h"
 #include "syncjob.h"
 #include "tidepool/defs.h"
 #include "tidepool/lakebase.h"
@@ -79,8 +79,10 @@ typedef struct syncd {
     bool stopping;
     tp_shipper_t *shipper; /* outbox shipper thread (daemon mode only) */
     struct event *ev_term, *ev_int, *ev_hup, *ev_progress, *ev_listen_check, *ev_deadline;
-    tp_pgasync_t *listen;
+    tp_pgconn_t *listen;
     tp_lakebase_t *lb; /* postgres.password_source = lakebase, else NULL */
+    bool lb_refused;   /* a login was refused since the last token handed out */
+    tp_pg_password_provider_t pw; /* env.pw points here when passwords are ours */
     tp_notify_wd_t *wd;
     bool progress_shown;
     char daemon_id[300];
@@ -379,7 +381,7 @@ static void reload(syncd_t *d)
 
 /* ---- triggers (LISTEN tidepool_trigger) ---- */
 
-static void on_trigger(tp_pgasync_t *c, const char *channel, const char *payload, void *arg)
+static void on_trigger(tp_pgconn_t *c, const char *channel, const char *payload, void *arg)
 {
     (void)c;
     (void)channel;
@@ -393,7 +395,7 @@ static void on_trigger(tp_pgasync_t *c, const char *channel, const char *payload
     enqueue(s, "notify");
 }
 
-static void on_listening(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_listening(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)res;
     syncd_t *d = daemon_of(arg);
@@ -401,10 +403,10 @@ static void on_listening(tp_pgasync_t *c, PGresult *res, const char *err, void *
         tp_warn("LISTEN tidepool_trigger failed: %s", err);
         return;
     }
-    tp_pgasync_on_notify(c, on_trigger, d);
+    tp_pgconn_on_notify(c, on_trigger, d);
 }
 
-static void on_listen_connected(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_listen_connected(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)res;
     syncd_t *d = daemon_of(arg);
@@ -412,16 +414,16 @@ static void on_listen_connected(tp_pgasync_t *c, PGresult *res, const char *err,
         tp_warn("trigger listener: %s (retrying)", err);
         return;
     }
-    if (!tp_pgasync_query(c, "LISTEN tidepool_trigger", 0, NULL, on_listening, d))
-        tp_warn("LISTEN tidepool_trigger: %s", tp_pgasync_error(c));
+    if (!tp_pgconn_query(c, "LISTEN tidepool_trigger", 0, NULL, NULL, on_listening, d))
+        tp_warn("LISTEN tidepool_trigger: %s", tp_pgconn_error(c));
 }
 
 static void listen_start(syncd_t *d)
 {
-    tp_pgasync_free(d->listen);
-    d->listen = tp_pgasync_new(d->base, d->cfg->postgres.dsn, "tidepool-sync-listen");
-    if (!tp_pgasync_connect(d->listen, (int)d->env.connect_timeout_ms, on_listen_connected, d))
-        tp_warn("trigger listener: %s (retrying)", tp_pgasync_error(d->listen));
+    tp_pgconn_free(d->listen);
+    d->listen = tp_pgconn_new(d->base, d->cfg->postgres.dsn, "tidepool-sync-listen", d->env.pw);
+    if (!tp_pgconn_connect(d->listen, (int)d->env.connect_timeout_ms, on_listen_connected, d))
+        tp_warn("trigger listener: %s (retrying)", tp_pgconn_error(d->listen));
 }
 
 static void on_listen_check(evutil_socket_t fd, short what, void *arg)
@@ -431,7 +433,7 @@ static void on_listen_check(evutil_socket_t fd, short what, void *arg)
     syncd_t *d = daemon_of(arg);
     if (d->stopping)
         return;
-    PGconn *pc = d->listen ? tp_pgasync_conn(d->listen) : NULL;
+    PGconn *pc = d->listen ? tp_pgconn_pg(d->listen) : NULL;
     if (pc == NULL || PQstatus(pc) == CONNECTION_BAD)
         listen_start(d);
 }
@@ -508,7 +510,7 @@ static void on_progress(evutil_socket_t fd, short what, void *arg)
     d->progress_shown = true;
 }
 
-/* ---- password hook ---- */
+/* ---- passwords ---- */
 
 /* Reads a fresh password (e.g. a Lakebase OAuth token refreshed by a sidecar)
  * from $TIDEPOOL_PGPASSWORD_FILE for every new connection. */
@@ -534,31 +536,95 @@ char *tp_syncd_password(void)
     return password_from_file(NULL);
 }
 
-/* Lakebase: each new connection's password is the provider's current token.
- * Blocking, on the loop: only when a mint is due (about once an hour). */
-static bool lakebase_refused; /* a login was refused since the last token handed out */
-
-static void lakebase_on_refused(void *arg)
+/* Lakebase: each new connection's password is the provider's current token;
+ * after a refused login (refused_fn, or refused from a reused connection) the
+ * cached token is dropped and a new one minted. Blocking, on the loop: only
+ * when a mint is due (about once an hour). */
+static char *password_from_lakebase(syncd_t *d, const char *refused, char **err)
 {
-    (void)arg;
-    lakebase_refused = true;
-}
-
-static char *password_from_lakebase(void *arg)
-{
-    char *err = NULL;
-    char *tok = tp_lakebase_token(arg, NULL, &err);
-    if (tok != NULL && lakebase_refused) { /* drop the cached token (if it is the one), mint anew */
-        lakebase_refused = false;
-        char *fresh = tp_lakebase_token(arg, tok, &err);
+    char *tok = tp_lakebase_token(d->lb, refused, err);
+    if (tok != NULL && d->lb_refused) { /* drop the cached token (if it is the one), mint anew */
+        d->lb_refused = false;
+        char *fresh = tp_lakebase_token(d->lb, tok, err);
         explicit_bzero(tok, strlen(tok));
         free(tok);
         tok = fresh;
     }
-    if (tok == NULL)
-        tp_error("%s", err ? err : "Lakebase: no credential");
-    free(err);
     return tok;
+}
+
+static void lakebase_on_refused(void *self)
+{
+    daemon_of(self)->lb_refused = true;
+}
+
+#define PW_WAIT_MAGIC 0x70777774u
+
+/* A password computed at once, handed back from the loop's next turn (the
+ * provider contract of tidepool/pgconn.h). */
+typedef struct pw_wait {
+    unsigned magic;
+    struct event *ev;
+    char *password, *err;
+    tp_pg_password_cb cb;
+    void *cb_arg;
+} pw_wait_t;
+
+static void pw_cancel(void *handle)
+{
+    pw_wait_t *w = handle;
+    if (w == NULL || w->magic != PW_WAIT_MAGIC)
+        abort();
+    event_free(w->ev);
+    if (w->password != NULL)
+        explicit_bzero(w->password, strlen(w->password));
+    free(w->password);
+    free(w->err);
+    w->magic = 0;
+    free(w);
+}
+
+static void on_pw_ready(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    pw_wait_t *w = arg;
+    if (w->magic != PW_WAIT_MAGIC)
+        abort();
+    w->cb(w->password, w->password ? NULL : w->err ? w->err : "no database credential", w->cb_arg);
+    pw_cancel(w);
+}
+
+static void *pw_get(void *self, const char *refused, tp_pg_password_cb cb, void *cb_arg)
+{
+    syncd_t *d = daemon_of(self);
+    pw_wait_t *w = tp_xcalloc(1, sizeof *w);
+    w->magic = PW_WAIT_MAGIC;
+    w->cb = cb;
+    w->cb_arg = cb_arg;
+    if (d->lb != NULL) {
+        w->password = password_from_lakebase(d, refused, &w->err);
+    } else {
+        w->password = password_from_file(NULL);
+        if (w->password == NULL) /* unreadable (logged): the dsn's own, as before */
+            w->password = tp_xstrdup("");
+    }
+    w->ev = event_new(d->base, -1, 0, on_pw_ready, w);
+    event_active(w->ev, EV_TIMEOUT, 0);
+    return w;
+}
+
+/* Sets the provider every connection of the daemon logs in with, if any. */
+static void password_setup(syncd_t *d)
+{
+    const char *path = getenv("TIDEPOOL_PGPASSWORD_FILE");
+    if (d->lb == NULL && (path == NULL || *path == '\0'))
+        return;
+    d->pw.get = pw_get;
+    d->pw.cancel = pw_cancel;
+    d->pw.self = d;
+    d->pw.refused_fn = d->lb != NULL ? lakebase_on_refused : NULL;
+    d->env.pw = &d->pw;
 }
 
 /* ---- entry ---- */
@@ -615,7 +681,6 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
     d.cfg = cfg;
     d.opts = opts;
     signal(SIGPIPE, SIG_IGN);
-    tp_pgasync_set_password_hook(password_from_file, NULL);
 
     const char *dir = cfg->sync.definitions;
     if (dir == NULL || *dir == '\0') {
@@ -652,8 +717,6 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
             defset_unref(set);
             return 2;
         }
-        tp_pgasync_set_password_hook(password_from_lakebase, d.lb);
-        tp_pgasync_set_refused_hook(lakebase_on_refused, NULL);
     }
     d.base = event_base_new();
     if (d.base == NULL || !make_wh(&d)) {
@@ -673,6 +736,7 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
     d.env.schema = cfg->warehouse.schema;
     d.env.daemon_id = d.daemon_id;
     d.env.connect_timeout_ms = cfg->postgres.connect_timeout_ms > 0 ? cfg->postgres.connect_timeout_ms : 10000;
+    password_setup(&d);
     d.max_running = cfg->sync.max_concurrent_jobs > 0 ? (int)cfg->sync.max_concurrent_jobs : 4;
 
     d.ev_term = evsignal_new(d.base, SIGTERM, on_signal, &d);
@@ -725,7 +789,7 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
         status = d.once_failed > 0 || d.stopping ? 1 : 0;
     /* Teardown: runs still alive only after the deadline; abandon them (the
      * server rolls back when the sessions close at exit). */
-    tp_pgasync_free(d.listen);
+    tp_pgconn_free(d.listen);
     tp_notify_wd_free(d.wd);
     tp_wh_free(d.wh);
     if (d.running == 0) /* a run still alive may connect again: keep the hook's provider */

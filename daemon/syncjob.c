@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pgasync.h"
+#include "tidepool/pgconn.h"
 #include "synctypes.h"
 #include "tidepool/log.h"
 
@@ -41,7 +41,7 @@ struct tp_syncjob {
     char *trigger;
     tp_syncjob_done_fn done;
     void *done_arg;
-    tp_pgasync_t *pg;
+    tp_pgconn_t *pg;
     tp_wh_stmt_t *stmt;
     struct event *ev_timeout;
     int64_t started_ms;
@@ -205,7 +205,7 @@ static void complete(tp_syncjob_t *r, tp_syncjob_outcome_t outcome)
     r->outcome = outcome;
     if (r->ev_timeout)
         evtimer_del(r->ev_timeout);
-    tp_pgasync_free(r->pg);
+    tp_pgconn_free(r->pg);
     r->pg = NULL;
     int64_t ms = tp_now_ms() - r->started_ms;
     char rows[32], bytes[32], dur[32], load[32];
@@ -230,7 +230,7 @@ static tp_syncjob_outcome_t failed_outcome(const tp_syncjob_t *r)
 
 static void unwind(tp_syncjob_t *r);
 
-static void on_failure_recorded(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_failure_recorded(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     (void)res;
@@ -262,11 +262,11 @@ static void record_failure(tp_syncjob_t *r)
         " consecutive_failures = consecutive_failures + 1, last_run_id = (SELECT id FROM run),"
         " updated_at = now() WHERE job = $8";
     r->recording = true;
-    if (!tp_pgasync_query(r->pg, sql, 8, params, on_failure_recorded, r))
+    if (!tp_pgconn_query(r->pg, sql, 8, NULL, params, on_failure_recorded, r))
         complete(r, failed_outcome(r));
 }
 
-static void on_rolled_back(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_rolled_back(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     (void)res;
@@ -280,7 +280,7 @@ static void on_rolled_back(tp_pgasync_t *c, PGresult *res, const char *err, void
     unwind(r);
 }
 
-static void after_copy_aborted(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void after_copy_aborted(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     (void)res;
@@ -295,23 +295,23 @@ static void unwind(tp_syncjob_t *r)
 {
     if (r->finished)
         return;
-    if (r->pg == NULL || !tp_pgasync_ok(r->pg) || r->recording) {
+    if (r->pg == NULL || !tp_pgconn_ok(r->pg) || r->recording) {
         complete(r, failed_outcome(r));
         return;
     }
-    if (tp_pgasync_in_copy(r->pg)) {
+    if (tp_pgconn_in_copy(r->pg)) {
         r->copy_ended = true;
-        if (!tp_pgasync_copy_end(r->pg, "sync run failed", after_copy_aborted, r))
+        if (!tp_pgconn_copy_end(r->pg, "sync run failed", after_copy_aborted, r))
             complete(r, failed_outcome(r));
         return;
     }
-    if (tp_pgasync_busy(r->pg)) {
+    if (tp_pgconn_busy(r->pg)) {
         /* Its callback (pg_step_ok) comes back here once it ends. */
-        tp_pgasync_cancel(r->pg);
+        tp_pgconn_cancel(r->pg);
         return;
     }
     if (r->in_tx) {
-        if (!tp_pgasync_query(r->pg, "ROLLBACK", 0, NULL, on_rolled_back, r))
+        if (!tp_pgconn_query(r->pg, "ROLLBACK", 0, NULL, NULL, on_rolled_back, r))
             complete(r, failed_outcome(r));
         return;
     }
@@ -352,7 +352,7 @@ static bool pg_step_ok(tp_syncjob_t *r, const char *err, const char *what)
         return false;
     }
     if (err) {
-        if (!tp_pgasync_ok(r->pg))
+        if (!tp_pgconn_ok(r->pg))
             r->retryable = true; /* the connection broke: Postgres restarted, network */
         fail(r, "%s: %s", what, err);
         return false;
@@ -361,15 +361,15 @@ static bool pg_step_ok(tp_syncjob_t *r, const char *err, const char *what)
 }
 
 static void query_or_fail(tp_syncjob_t *r, const char *sql, int n, const char *const *params,
-                          tp_pgasync_done_fn cb, const char *what)
+                          tp_pgconn_done_fn cb, const char *what)
 {
-    if (!tp_pgasync_query(r->pg, sql, n, params, cb, r))
-        fail(r, "%s: %s", what, tp_pgasync_error(r->pg));
+    if (!tp_pgconn_query(r->pg, sql, n, NULL, n > 0 ? params : NULL, cb, r))
+        fail(r, "%s: %s", what, tp_pgconn_error(r->pg));
 }
 
 /* ---- final transaction ---- */
 
-static void on_committed(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_committed(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     (void)res;
@@ -380,7 +380,7 @@ static void on_committed(tp_pgasync_t *c, PGresult *res, const char *err, void *
     complete(r, TP_SYNCJOB_SUCCEEDED);
 }
 
-static void on_booked(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_booked(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     tp_syncjob_t *r = check(arg);
@@ -418,12 +418,12 @@ static void step_book(tp_syncjob_t *r)
                     " pg_notify('tidepool_sync', $7 || ':' || generation) END,"
                     " (SELECT count(*) FROM run) FROM st");
     const char *params[] = {id, rows, bytes, dur, r->statement_id, bump ? "1" : "0", jname(r)};
-    if (!tp_pgasync_query(r->pg, q.data, 7, params, on_booked, r))
-        fail(r, "record run: %s", tp_pgasync_error(r->pg));
+    if (!tp_pgconn_query(r->pg, q.data, 7, NULL, params, on_booked, r))
+        fail(r, "record run: %s", tp_pgconn_error(r->pg));
     tp_buf_free(&q);
 }
 
-static void on_applied(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_applied(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     (void)res;
@@ -645,7 +645,7 @@ static void step_apply(tp_syncjob_t *r)
     tp_buf_free(&q);
 }
 
-static void on_checked(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_checked(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     tp_syncjob_t *r = check(arg);
@@ -659,7 +659,7 @@ static void on_checked(tp_pgasync_t *c, PGresult *res, const char *err, void *ar
     step_apply(r);
 }
 
-static void on_converted(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_converted(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     (void)res;
@@ -711,7 +711,7 @@ static void step_after_copy(tp_syncjob_t *r)
 
 /* ---- COPY ---- */
 
-static void on_copy_done(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_copy_done(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     tp_syncjob_t *r = check(arg);
@@ -726,8 +726,8 @@ static void on_copy_done(tp_pgasync_t *c, PGresult *res, const char *err, void *
 static void end_copy(tp_syncjob_t *r)
 {
     r->copy_ended = true;
-    if (!tp_pgasync_copy_end(r->pg, NULL, on_copy_done, r))
-        fail(r, "end COPY: %s", tp_pgasync_error(r->pg));
+    if (!tp_pgconn_copy_end(r->pg, NULL, on_copy_done, r))
+        fail(r, "end COPY: %s", tp_pgconn_error(r->pg));
 }
 
 static void on_drain(void *arg)
@@ -742,9 +742,9 @@ static void on_drain(void *arg)
 /* Pushes buf into COPY; pauses the warehouse while Postgres is behind. */
 static bool push(tp_syncjob_t *r, const char *data, size_t len)
 {
-    int rc = tp_pgasync_copy_put(r->pg, data, len);
+    int rc = tp_pgconn_copy_put(r->pg, data, len);
     if (rc < 0) {
-        fail(r, "load into Postgres (COPY): %s", tp_pgasync_error(r->pg));
+        fail(r, "load into Postgres (COPY): %s", tp_pgconn_error(r->pg));
         return false;
     }
     if (rc == 0 && r->stmt) {
@@ -792,7 +792,7 @@ static bool on_csv(tp_wh_stmt_t *st, const tp_wh_csv_t *csv, void *arg)
     return push(r, csv->data, csv->len);
 }
 
-static void on_copy_ready(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_copy_ready(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     (void)res;
@@ -800,7 +800,7 @@ static void on_copy_ready(tp_pgasync_t *c, PGresult *res, const char *err, void 
     if (!pg_step_ok(r, err, "start COPY"))
         return;
     r->copy_ready = true;
-    tp_pgasync_on_drain(r->pg, on_drain, r);
+    tp_pgconn_on_drain(r->pg, on_drain, r);
     if (r->wh_done) {
         end_copy(r);
         return;
@@ -811,7 +811,7 @@ static void on_copy_ready(tp_pgasync_t *c, PGresult *res, const char *err, void 
     }
 }
 
-static void on_load_table(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_load_table(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     (void)res;
@@ -827,8 +827,8 @@ static void on_load_table(tp_pgasync_t *c, PGresult *res, const char *err, void 
     if (r->csv)
         tp_buf_puts(&q, ", FORMAT csv, HEADER true, NULL 'null'");
     tp_buf_puts(&q, ")");
-    if (!tp_pgasync_copy_begin(r->pg, q.data, on_copy_ready, r))
-        fail(r, "start COPY: %s", tp_pgasync_error(r->pg));
+    if (!tp_pgconn_copy_begin(r->pg, q.data, on_copy_ready, r))
+        fail(r, "start COPY: %s", tp_pgconn_error(r->pg));
     tp_buf_free(&q);
 }
 
@@ -837,11 +837,11 @@ static void on_load_table(tp_pgasync_t *c, PGresult *res, const char *err, void 
 static void begin_load(tp_syncjob_t *r)
 {
     r->in_tx = true;
-    if (!tp_pgasync_query(r->pg, r->load_sql, 0, NULL, on_load_table, r))
-        fail(r, "create load table: %s", tp_pgasync_error(r->pg));
+    if (!tp_pgconn_query(r->pg, r->load_sql, 0, NULL, NULL, on_load_table, r))
+        fail(r, "create load table: %s", tp_pgconn_error(r->pg));
 }
 
-static void on_schema(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_schema(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     (void)res;
@@ -981,10 +981,10 @@ static bool on_manifest(tp_wh_stmt_t *st, const tp_wh_manifest_t *m, void *arg)
          * transaction: two jobs creating it at once must not collide. */
         tp_buf_puts(&q, "CREATE SCHEMA IF NOT EXISTS ");
         tp_synctypes_ident(&q, j->target_schema);
-        bool ok = tp_pgasync_query(r->pg, q.data, 0, NULL, on_schema, r);
+        bool ok = tp_pgconn_query(r->pg, q.data, 0, NULL, NULL, on_schema, r);
         tp_buf_free(&q);
         if (!ok)
-            fail(r, "create schema: %s", tp_pgasync_error(r->pg));
+            fail(r, "create schema: %s", tp_pgconn_error(r->pg));
         return ok;
     }
     begin_load(r);
@@ -1110,7 +1110,7 @@ static void step_submit(tp_syncjob_t *r)
 
 /* ---- preparation ---- */
 
-static void on_target_cols(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_target_cols(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     tp_syncjob_t *r = check(arg);
@@ -1138,7 +1138,7 @@ static void on_target_cols(tp_pgasync_t *c, PGresult *res, const char *err, void
     step_submit(r);
 }
 
-static void on_prepared(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_prepared(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     tp_syncjob_t *r = check(arg);
@@ -1168,7 +1168,7 @@ static void on_prepared(tp_pgasync_t *c, PGresult *res, const char *err, void *a
     tp_buf_free(&q);
 }
 
-static void on_locked(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_locked(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     tp_syncjob_t *r = check(arg);
@@ -1203,7 +1203,7 @@ static void on_locked(tp_pgasync_t *c, PGresult *res, const char *err, void *arg
     query_or_fail(r, sql, 6, params, on_prepared, "record run start");
 }
 
-static void on_connected(tp_pgasync_t *c, PGresult *res, const char *err, void *arg)
+static void on_connected(tp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
     (void)res;
@@ -1225,7 +1225,7 @@ static void on_timeout(evutil_socket_t fd, short what, void *arg)
     char why[64];
     snprintf(why, sizeof(why), "timed out after %lld ms (@timeout)", (long long)r->job->timeout_ms);
     if (r->pg)
-        tp_pgasync_cancel(r->pg);
+        tp_pgconn_cancel(r->pg);
     fail(r, "%s", why);
 }
 
@@ -1248,10 +1248,10 @@ tp_syncjob_t *tp_syncjob_start(const tp_syncenv_t *env, const tp_defs_job_t *job
         struct timeval tv = {(time_t)(job->timeout_ms / 1000), (suseconds_t)((job->timeout_ms % 1000) * 1000)};
         evtimer_add(r->ev_timeout, &tv);
     }
-    r->pg = tp_pgasync_new(env->base, env->dsn, "tidepool-sync");
+    r->pg = tp_pgconn_new(env->base, env->dsn, "tidepool-sync", env->pw);
     int64_t cto = env->connect_timeout_ms > 0 ? env->connect_timeout_ms : 10000;
-    if (!tp_pgasync_connect(r->pg, (int)cto, on_connected, r)) {
-        char *e = tp_xstrdup(tp_pgasync_error(r->pg));
+    if (!tp_pgconn_connect(r->pg, (int)cto, on_connected, r)) {
+        char *e = tp_xstrdup(tp_pgconn_error(r->pg));
         fail(r, "%s", e);
         free(e);
     }
@@ -1265,7 +1265,7 @@ void tp_syncjob_cancel(tp_syncjob_t *r, const char *reason)
     r->canceled = true;
     r->cancel_reason = tp_xstrdup(reason ? reason : "canceled");
     if (r->pg && !r->copy_ready)
-        tp_pgasync_cancel(r->pg);
+        tp_pgconn_cancel(r->pg);
     fail(r, "canceled: %s", r->cancel_reason);
 }
 
@@ -1305,7 +1305,7 @@ void tp_syncjob_free(tp_syncjob_t *r)
         return;
     if (r->ev_timeout)
         event_free(r->ev_timeout);
-    tp_pgasync_free(r->pg);
+    tp_pgconn_free(r->pg);
     for (size_t i = 0; i < r->n_tcols; i++) {
         free(r->tcols[i].name);
         free(r->tcols[i].pg_type);

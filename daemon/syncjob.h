@@ -11,6 +11,7 @@
 #include <event2/event.h>
 
 #include "tidepool/defs.h"
+#include "tidepool/pgconn.h"
 #include "tidepool/wh.h"
 
 /* Advisory lock class (first int4 of the two-key form); the second key is
@@ -32,6 +33,7 @@ typedef struct tp_syncenv {
     const char *schema;
     const char *daemon_id; /* host:pid */
     int64_t connect_timeout_ms;
+    const tp_pg_password_provider_t *pw; /* each login's password; NULL = the dsn's */
 } tp_syncenv_t;
 
 typedef struct tp_syncjob tp_syncjob_t;

@@ -529,6 +529,7 @@ void tp_lakebase_pg_provider(tp_lakebase_t *lb, tp_pg_password_provider_t *out)
     out->get = pg_get;
     out->cancel = pg_cancel;
     out->self = lb;
+    out->refused_fn = NULL; /* pg_get sees the refused password itself */
 }
 
 void tp_lakebase_stats(const tp_lakebase_t *lb, tp_lakebase_stats_t *out)

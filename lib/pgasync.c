@@ -1,17 +1,19 @@
 /* Asynchronous PostgreSQL on libevent (see include/tidepool/pgasync.h).
  *
- * Owns: connections (PGconn in non-blocking mode), their socket events and
- * timers, the pool's statement registry and its FIFO wait queue.
- * Connection states: DOWN (waiting for the backoff timer) -> CONNECTING
- * (PQconnectPoll driven by the socket, bounded by our own timer, PQsocket
- * re-read after every poll) -> IDLE -> PREPARING (first use of a statement on
- * this connection) -> BUSY (PQsendQueryPrepared sent, PQflush until done,
- * PQgetResult drained to NULL) -> IDLE. Any failure goes through conn_lost,
- * which fails the request in hand, closes the socket and schedules a reconnect
- * with exponential backoff (100 ms .. 5 s, jittered). When no connection is up
- * the waiting requests fail at once (the caller answers 503).
- * Not done here: pipeline mode (one statement per round trip per connection;
- * dashboards' concurrency is spread over the pool instead), COPY, transactions. */
+ * Owns: the pool's connections (each a tp_pgconn_t, lib/pgconn.c, which holds
+ * the libpq state machine: connect, send, flush, results, notifications), their
+ * reconnect timers, the statement registry and the FIFO wait queue.
+ * Connection states here: DOWN (waiting for the backoff timer) -> CONNECTING
+ * (password and login, inside pgconn) -> IDLE -> PREPARING (first use of a
+ * statement on this connection) -> BUSY (executing) -> IDLE. Any failure goes
+ * through conn_lost, which fails the request in hand, closes the connection
+ * and schedules a reconnect with exponential backoff (100 ms .. 5 s, jittered;
+ * at once, once, after a refused password so the provider mints anew). When no
+ * connection is up the waiting requests fail at once (the caller answers 503).
+ * The LISTEN connection is one more such connection, in LISTEN_SETUP then
+ * LISTENING. Not done here: pipeline mode (one statement per round trip per
+ * connection; dashboards' concurrency is spread over the pool), COPY,
+ * transactions. */
 #include "tidepool/pgasync.h"
 
 #include <stdio.h>
@@ -30,7 +32,6 @@
 
 typedef enum conn_state {
     C_DOWN,
-    C_PASSWORD, /* waiting for the password provider (before PQconnectStartParams) */
     C_CONNECTING,
     C_IDLE,
     C_PREPARING,
@@ -44,6 +45,7 @@ typedef struct conn conn_t;
 struct tp_pgreq {
     uint32_t magic;
     tp_pgpool_t *pool;
+    conn_t *conn; /* running it, or NULL while queued */
     int stmt; /* index in the registry, or -1: unnamed statement */
     char *sql; /* only for stmt == -1 */
     Oid *types; /* only for stmt == -1 */
@@ -57,29 +59,20 @@ struct tp_pgreq {
 
 struct conn {
     uint32_t magic;
-    struct event_base *base;
     tp_pgpool_t *pool;   /* NULL for a LISTEN connection */
     tp_pglisten_t *lsn;  /* NULL for a pool connection */
-    const char *dsn;
     const char *label;
     int connect_timeout_ms;
-    const tp_pg_password_provider_t *pw; /* NULL: the dsn's password */
-    void *pw_wait;  /* pending provider request */
-    char *password; /* the one this connection used (secret), for "refused" */
-    bool refused;   /* the server refused it at login (28P01) */
+    bool has_pw;     /* passwords come from a provider */
     bool pw_retried; /* refused once since the last success: back off now */
-    PGconn *pg;
+    tp_pgconn_t *pg;
     conn_state_t st;
-    struct event *sock;
-    int sock_fd;
-    short sock_what;
-    struct event *timer;
+    struct event *timer; /* reconnect */
     int64_t backoff_ms;
     int64_t retry_at_ms;
     bool was_up; /* for logging transitions once */
     bool *prepared;
     tp_pgreq_t *req;
-    PGresult *last;
 };
 
 typedef struct stmt {
@@ -92,8 +85,6 @@ typedef struct stmt {
 struct tp_pgpool {
     struct event_base *base;
     char *dsn;
-    tp_pg_password_provider_t pw;
-    bool has_pw;
     char *name;
     int max_queue;
     int nconns;
@@ -107,15 +98,11 @@ struct tp_pgpool {
 
 struct tp_pglisten {
     conn_t c;
-    char *dsn;
-    tp_pg_password_provider_t pw;
     char *channel;
     tp_pg_notify_cb cb;
     void *arg;
 };
 
-static void on_sock(evutil_socket_t fd, short what, void *arg);
-static void on_timer(evutil_socket_t fd, short what, void *arg);
 static void conn_start(conn_t *c);
 static void pool_dispatch(tp_pgpool_t *pool);
 
@@ -129,27 +116,12 @@ static uint64_t fnv1a(const char *s)
     return h;
 }
 
-/* Watches the connection's socket for what (EV_READ and/or EV_WRITE); the
- * event is re-assigned only when the descriptor or the interest changed. */
-static void watch(conn_t *c, short what)
+static conn_t *conn_of(void *arg)
 {
-    int fd = c->pg ? PQsocket(c->pg) : -1;
-    if (fd == c->sock_fd && what == c->sock_what && event_pending(c->sock, EV_READ | EV_WRITE, NULL))
-        return;
-    event_del(c->sock);
-    c->sock_fd = fd;
-    c->sock_what = what;
-    if (fd < 0 || what == 0)
-        return;
-    event_assign(c->sock, c->base, fd, what | EV_PERSIST, on_sock, c);
-    event_add(c->sock, NULL);
-}
-
-static void timer_in(conn_t *c, int64_t ms)
-{
-    struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
-    event_del(c->timer);
-    event_add(c->timer, &tv);
+    conn_t *c = arg;
+    if (c->magic != CONN_MAGIC)
+        abort();
+    return c;
 }
 
 static void req_free(tp_pgreq_t *r)
@@ -206,6 +178,13 @@ static void pool_fail_queue(tp_pgpool_t *p, const char *why)
     }
 }
 
+static void timer_in(conn_t *c, int64_t ms)
+{
+    struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+    event_del(c->timer);
+    event_add(c->timer, &tv);
+}
+
 /* One teardown for every failure: fail the request in hand, close, back off. */
 static void conn_lost(conn_t *c, const char *why)
 {
@@ -214,24 +193,14 @@ static void conn_lost(conn_t *c, const char *why)
     size_t n = strlen(msg);
     while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
         msg[--n] = '\0';
-    event_del(c->sock);
-    c->sock_fd = -1;
-    c->sock_what = 0;
-    if (c->last) {
-        PQclear(c->last);
-        c->last = NULL;
-    }
-    if (c->pg) {
-        PQfinish(c->pg);
-        c->pg = NULL;
-    }
+    bool connecting = c->st == C_CONNECTING;
+    tp_pgconn_close(c->pg);
     if (c->prepared && c->pool)
         memset(c->prepared, 0, sizeof(bool) * (size_t)c->pool->max_stmts);
     bool was_up = c->was_up;
     c->was_up = false;
     /* an expired or rotated password: ask the provider for a new one at once */
-    c->refused = c->pw != NULL && c->st == C_CONNECTING && tp_pg_password_refused(msg);
-    bool fresh_pw = c->refused && !c->pw_retried;
+    bool fresh_pw = c->has_pw && connecting && tp_pg_password_refused(msg) && !c->pw_retried;
     if (fresh_pw) {
         c->pw_retried = true;
         const char *kv[] = {"pool", c->label, NULL};
@@ -259,47 +228,36 @@ static void conn_lost(conn_t *c, const char *why)
     }
 }
 
-static void flush_and_watch(conn_t *c)
-{
-    int f = PQflush(c->pg);
-    if (f < 0) {
-        conn_lost(c, PQerrorMessage(c->pg));
-        return;
-    }
-    watch(c, f == 1 ? (EV_READ | EV_WRITE) : EV_READ);
-}
-
 static void stmt_name(char *buf, size_t n, int id)
 {
     snprintf(buf, n, "tp_s%d", id);
 }
 
+static void on_result(tp_pgconn_t *pg, PGresult *res, const char *err, void *arg);
+
 /* Sends the next step of r on c: prepare (first use here) or execute. */
 static void conn_send(conn_t *c, tp_pgreq_t *r)
 {
     char name[32];
-    int ok;
+    bool ok;
+    const char *const *values = (const char *const *)r->values;
     c->req = r;
+    r->conn = c;
     if (r->stmt >= 0 && !c->prepared[r->stmt]) {
         stmt_name(name, sizeof name, r->stmt);
         const stmt_t *st = &c->pool->stmts[r->stmt];
-        ok = PQsendPrepare(c->pg, name, st->sql, st->ntypes, st->types);
+        ok = tp_pgconn_prepare(c->pg, name, st->sql, st->ntypes, st->types, on_result, c);
         c->st = C_PREPARING;
     } else if (r->stmt >= 0) {
         stmt_name(name, sizeof name, r->stmt);
-        ok = PQsendQueryPrepared(c->pg, name, r->nparams, (const char *const *)r->values, NULL,
-                                 NULL, 0);
+        ok = tp_pgconn_query_prepared(c->pg, name, r->nparams, values, on_result, c);
         c->st = C_BUSY;
     } else {
-        ok = PQsendQueryParams(c->pg, r->sql, r->nparams, r->types,
-                               (const char *const *)r->values, NULL, NULL, 0);
+        ok = tp_pgconn_query(c->pg, r->sql, r->nparams, r->types, values, on_result, c);
         c->st = C_BUSY;
     }
-    if (!ok) {
-        conn_lost(c, PQerrorMessage(c->pg));
-        return;
-    }
-    flush_and_watch(c);
+    if (!ok)
+        conn_lost(c, tp_pgconn_error(c->pg));
 }
 
 static void pool_dispatch(tp_pgpool_t *p)
@@ -319,223 +277,81 @@ static void pool_dispatch(tp_pgpool_t *p)
     }
 }
 
-/* A whole statement's results have been drained (PQgetResult returned NULL). */
-static void conn_finished(conn_t *c)
+/* A statement's results have been drained (prepare or execute). */
+static void on_result(tp_pgconn_t *pg, PGresult *res, const char *err, void *arg)
 {
-    PGresult *res = c->last;
-    c->last = NULL;
+    conn_t *c = conn_of(arg);
+    if (!tp_pgconn_ok(pg)) {
+        conn_lost(c, err);
+        return;
+    }
     tp_pgreq_t *r = c->req;
-    bool failed = res && PQresultStatus(res) != PGRES_COMMAND_OK &&
-                  PQresultStatus(res) != PGRES_TUPLES_OK;
+    bool failed = err != NULL || (res && PQresultStatus(res) != PGRES_COMMAND_OK &&
+                                  PQresultStatus(res) != PGRES_TUPLES_OK);
     if (c->st == C_PREPARING && !failed) {
         c->prepared[r->stmt] = true;
-        PQclear(res);
         conn_send(c, r);
         return;
     }
     c->req = NULL;
     c->st = C_IDLE;
-    watch(c, EV_READ);
-    char *err = failed ? tp_xstrdup(PQresultErrorMessage(res)) : NULL;
-    if (err) {
-        size_t n = strlen(err);
-        while (n > 0 && (err[n - 1] == '\n' || err[n - 1] == ' '))
-            err[--n] = '\0';
+    r->conn = NULL;
+    char *msg = failed ? tp_xstrdup(res ? PQresultErrorMessage(res) : err) : NULL;
+    if (msg) {
+        size_t n = strlen(msg);
+        while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' '))
+            msg[--n] = '\0';
     }
-    req_complete(r, res, res ? err : "no result");
-    free(err);
-    PQclear(res);
+    req_complete(r, res, res ? msg : msg ? msg : "no result");
+    free(msg);
     pool_dispatch(c->pool);
 }
 
-static void listen_ready(conn_t *c);
+static void listen_start(conn_t *c);
 
-static void conn_read(conn_t *c)
+static void on_connected(tp_pgconn_t *pg, PGresult *res, const char *err, void *arg)
 {
-    if (!PQconsumeInput(c->pg)) {
-        conn_lost(c, PQerrorMessage(c->pg));
+    (void)pg;
+    (void)res;
+    conn_t *c = conn_of(arg);
+    if (err) {
+        conn_lost(c, err);
         return;
     }
-    if (c->st == C_IDLE || c->st == C_LISTENING) {
-        PGnotify *nt;
-        while ((nt = PQnotifies(c->pg)) != NULL) {
-            if (c->lsn && c->st == C_LISTENING)
-                c->lsn->cb(nt->relname, nt->extra, c->lsn->arg);
-            PQfreemem(nt);
-        }
-        return;
-    }
-    while (!PQisBusy(c->pg)) {
-        PGresult *res = PQgetResult(c->pg);
-        if (!res) {
-            if (c->st == C_LISTEN_SETUP) {
-                bool ok = c->last && PQresultStatus(c->last) == PGRES_COMMAND_OK;
-                char *err = ok ? NULL : tp_xstrdup(c->last ? PQresultErrorMessage(c->last) : "LISTEN failed");
-                if (c->last)
-                    PQclear(c->last);
-                c->last = NULL;
-                if (ok)
-                    listen_ready(c);
-                else
-                    conn_lost(c, err);
-                free(err);
-            } else {
-                conn_finished(c);
-            }
-            return;
-        }
-        /* Keep the first error, else the last result. */
-        if (c->last && PQresultStatus(c->last) == PGRES_FATAL_ERROR) {
-            PQclear(res);
-        } else {
-            if (c->last)
-                PQclear(c->last);
-            c->last = res;
-        }
-    }
-}
-
-static void conn_up(conn_t *c)
-{
-    if (PQsetnonblocking(c->pg, 1) != 0) {
-        conn_lost(c, PQerrorMessage(c->pg));
-        return;
-    }
-    event_del(c->timer);
     c->backoff_ms = 0;
     c->was_up = true;
     c->pw_retried = false;
     if (c->lsn) {
-        tp_buf_t q = {0};
-        tp_buf_printf(&q, "LISTEN %s", c->lsn->channel);
-        int ok = PQsendQuery(c->pg, q.data);
-        tp_buf_free(&q);
-        if (!ok) {
-            conn_lost(c, PQerrorMessage(c->pg));
-            return;
-        }
-        c->st = C_LISTEN_SETUP;
-        flush_and_watch(c);
+        listen_start(c);
         return;
     }
     c->st = C_IDLE;
-    watch(c, EV_READ);
     const char *kv[] = {"pool", c->label, NULL};
     tp_logkv(TP_LOG_DEBUG, kv, "postgres connection ready");
     pool_dispatch(c->pool);
 }
 
-static void conn_poll(conn_t *c)
+/* The connection dropped while idle (or listening). */
+static void on_lost(tp_pgconn_t *pg, const char *err, void *arg)
 {
-    switch (PQconnectPoll(c->pg)) {
-    case PGRES_POLLING_READING: watch(c, EV_READ); break;
-    case PGRES_POLLING_WRITING: watch(c, EV_WRITE); break;
-    case PGRES_POLLING_OK: conn_up(c); break;
-    default: conn_lost(c, PQerrorMessage(c->pg)); break;
-    }
-}
-
-static void on_sock(evutil_socket_t fd, short what, void *arg)
-{
-    (void)fd;
-    conn_t *c = arg;
-    if (c->magic != CONN_MAGIC)
-        abort();
-    if (c->st == C_CONNECTING) {
-        conn_poll(c);
-        return;
-    }
-    if (!c->pg)
-        return;
-    if (what & EV_WRITE) {
-        flush_and_watch(c);
-        if (!c->pg)
-            return;
-    }
-    if (what & EV_READ)
-        conn_read(c);
+    (void)pg;
+    conn_lost(conn_of(arg), err);
 }
 
 static void on_timer(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     (void)what;
-    conn_t *c = arg;
-    if (c->magic != CONN_MAGIC)
-        abort();
-    if (c->st == C_CONNECTING)
-        conn_lost(c, "connect timed out");
-    else if (c->st == C_PASSWORD) {
-        c->pw->cancel(c->pw_wait);
-        c->pw_wait = NULL;
-        conn_lost(c, "timed out waiting for the database credential");
-    }
-    else if (c->st == C_DOWN)
+    conn_t *c = conn_of(arg);
+    if (c->st == C_DOWN)
         conn_start(c);
-}
-
-static void conn_connect(conn_t *c)
-{
-    if (c->password != NULL) {
-        const char *keys[] = {"dbname", "password", NULL};
-        const char *vals[] = {c->dsn, c->password, NULL};
-        c->pg = PQconnectStartParams(keys, vals, 1); /* dbname is expanded as a conninfo */
-    } else {
-        c->pg = PQconnectStart(c->dsn);
-    }
-    if (!c->pg || PQstatus(c->pg) == CONNECTION_BAD) {
-        conn_lost(c, c->pg ? PQerrorMessage(c->pg) : "out of memory");
-        return;
-    }
-    c->st = C_CONNECTING;
-    timer_in(c, c->connect_timeout_ms);
-    watch(c, EV_WRITE);
-}
-
-static void forget_password(conn_t *c)
-{
-    if (c->password != NULL) {
-        explicit_bzero(c->password, strlen(c->password));
-        free(c->password);
-        c->password = NULL;
-    }
-}
-
-static void on_password(const char *password, const char *err, void *arg)
-{
-    conn_t *c = arg;
-    if (c->magic != CONN_MAGIC)
-        abort();
-    c->pw_wait = NULL;
-    event_del(c->timer);
-    if (password == NULL) {
-        conn_lost(c, err ? err : "no database credential");
-        return;
-    }
-    c->password = tp_xstrdup(password);
-    conn_connect(c);
 }
 
 static void conn_start(conn_t *c)
 {
-    if (c->pw == NULL) {
-        conn_connect(c);
-        return;
-    }
-    char *refused = NULL;
-    if (c->refused) { /* handed to the provider, then burnt below */
-        refused = c->password;
-        c->password = NULL;
-    }
-    forget_password(c);
-    c->refused = false;
-    c->st = C_PASSWORD;
-    timer_in(c, c->connect_timeout_ms);
-    c->pw_wait = c->pw->get(c->pw->self, refused, on_password, c);
-    if (refused != NULL) {
-        explicit_bzero(refused, strlen(refused));
-        free(refused);
-    }
+    c->st = C_CONNECTING;
+    if (!tp_pgconn_connect(c->pg, c->connect_timeout_ms, on_connected, c))
+        conn_lost(c, tp_pgconn_error(c->pg));
 }
 
 static void conn_init(conn_t *c, struct event_base *base, const char *dsn, const char *label,
@@ -543,34 +359,22 @@ static void conn_init(conn_t *c, struct event_base *base, const char *dsn, const
 {
     memset(c, 0, sizeof *c);
     c->magic = CONN_MAGIC;
-    c->pw = pw;
-    c->base = base;
-    c->dsn = dsn;
+    c->has_pw = pw != NULL;
     c->label = label;
     c->connect_timeout_ms = connect_timeout_ms > 0 ? connect_timeout_ms : 5000;
-    c->sock = event_new(base, -1, 0, on_sock, c);
+    c->pg = tp_pgconn_new(base, dsn, NULL, pw);
+    tp_pgconn_on_lost(c->pg, on_lost, c);
     c->timer = evtimer_new(base, on_timer, c);
-    c->sock_fd = -1;
     c->st = C_DOWN;
 }
 
 static void conn_destroy(conn_t *c)
 {
-    if (c->sock) {
-        event_del(c->sock);
-        event_free(c->sock);
-    }
     if (c->timer) {
         event_del(c->timer);
         event_free(c->timer);
     }
-    if (c->last)
-        PQclear(c->last);
-    if (c->pg)
-        PQfinish(c->pg);
-    if (c->pw_wait)
-        c->pw->cancel(c->pw_wait);
-    forget_password(c);
+    tp_pgconn_free(c->pg);
     req_free(c->req);
     free(c->prepared);
     c->magic = 0;
@@ -581,10 +385,6 @@ tp_pgpool_t *tp_pgpool_new(struct event_base *base, const tp_pgpool_opts_t *o)
     tp_pgpool_t *p = tp_xcalloc(1, sizeof *p);
     p->base = base;
     p->dsn = tp_xstrdup(o->dsn ? o->dsn : "");
-    if (o->password != NULL) {
-        p->pw = *o->password;
-        p->has_pw = true;
-    }
     p->name = tp_xstrdup(o->name ? o->name : "pool");
     p->max_queue = o->max_queue > 0 ? o->max_queue : 0;
     p->nconns = o->size > 0 ? o->size : 1;
@@ -593,7 +393,7 @@ tp_pgpool_t *tp_pgpool_new(struct event_base *base, const tp_pgpool_opts_t *o)
     p->conns = tp_xcalloc((size_t)p->nconns, sizeof *p->conns);
     for (int i = 0; i < p->nconns; i++) {
         conn_t *c = &p->conns[i];
-        conn_init(c, base, p->dsn, p->name, o->connect_timeout_ms, p->has_pw ? &p->pw : NULL);
+        conn_init(c, base, p->dsn, p->name, o->connect_timeout_ms, o->password);
         c->pool = p;
         c->prepared = tp_xcalloc((size_t)p->max_stmts, sizeof(bool));
         conn_start(c);
@@ -728,6 +528,20 @@ void tp_pgpool_cancel(tp_pgreq_t *r)
     r->cancelled = true;
 }
 
+void tp_pgpool_abort(tp_pgreq_t *r)
+{
+    if (!r)
+        return;
+    if (r->magic != REQ_MAGIC)
+        abort();
+    if (r->conn) {
+        tp_pgconn_cancel(r->conn->pg);
+        return;
+    }
+    queue_remove(r->pool, r);
+    req_complete(r, NULL, "canceled");
+}
+
 bool tp_pgpool_up(const tp_pgpool_t *p)
 {
     return pool_connected(p) > 0;
@@ -766,18 +580,40 @@ void tp_pgpool_stats(const tp_pgpool_t *p, tp_pgpool_stats_t *out)
 
 /* ---- LISTEN connection ---- */
 
-static void listen_ready(conn_t *c)
+static void on_notify(tp_pgconn_t *pg, const char *channel, const char *payload, void *arg)
 {
+    (void)pg;
+    conn_t *c = conn_of(arg);
+    if (c->st == C_LISTENING)
+        c->lsn->cb(channel, payload, c->lsn->arg);
+}
+
+static void on_listening(tp_pgconn_t *pg, PGresult *res, const char *err, void *arg)
+{
+    (void)res;
+    conn_t *c = conn_of(arg);
+    if (err) {
+        conn_lost(c, err);
+        return;
+    }
     c->st = C_LISTENING;
-    watch(c, EV_READ);
     const char *kv[] = {"channel", c->lsn->channel, NULL};
     tp_logkv(TP_LOG_INFO, kv, "listening for notifications");
+    /* anything sent before now (also with the LISTEN's own reply) is covered by this */
     c->lsn->cb(NULL, NULL, c->lsn->arg);
-    PGnotify *nt; /* any that arrived with the LISTEN's own reply */
-    while ((nt = PQnotifies(c->pg)) != NULL) {
-        c->lsn->cb(nt->relname, nt->extra, c->lsn->arg);
-        PQfreemem(nt);
-    }
+    tp_pgconn_on_notify(pg, on_notify, c);
+}
+
+static void listen_start(conn_t *c)
+{
+    tp_buf_t q = {0};
+    tp_buf_printf(&q, "LISTEN %s", c->lsn->channel);
+    tp_pgconn_on_notify(c->pg, NULL, NULL);
+    c->st = C_LISTEN_SETUP;
+    bool ok = tp_pgconn_query(c->pg, q.data, 0, NULL, NULL, on_listening, c);
+    tp_buf_free(&q);
+    if (!ok)
+        conn_lost(c, tp_pgconn_error(c->pg));
 }
 
 tp_pglisten_t *tp_pglisten_new(struct event_base *base, const char *dsn, const char *channel,
@@ -791,16 +627,13 @@ tp_pglisten_t *tp_pglisten_new_pw(struct event_base *base, const char *dsn, cons
                                   tp_pg_notify_cb cb, void *arg)
 {
     tp_pglisten_t *l = tp_xcalloc(1, sizeof *l);
-    if (pw != NULL)
-        l->pw = *pw;
-    l->dsn = tp_xstrdup(dsn ? dsn : "");
     l->channel = tp_xstrdup(channel);
     for (char *s = l->channel; *s; s++)
         if (!((*s >= 'a' && *s <= 'z') || (*s >= '0' && *s <= '9') || *s == '_'))
             *s = '_';
     l->cb = cb;
     l->arg = arg;
-    conn_init(&l->c, base, l->dsn, "listen", connect_timeout_ms, pw != NULL ? &l->pw : NULL);
+    conn_init(&l->c, base, dsn ? dsn : "", "listen", connect_timeout_ms, pw);
     l->c.lsn = l;
     conn_start(&l->c);
     return l;
@@ -811,7 +644,6 @@ void tp_pglisten_free(tp_pglisten_t *l)
     if (!l)
         return;
     conn_destroy(&l->c);
-    free(l->dsn);
     free(l->channel);
     free(l);
 }

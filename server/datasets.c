@@ -37,6 +37,7 @@ typedef struct flight {
     int64_t ttl_ms;
     int *jobs; /* job registry indices of the dataset's @requires */
     size_t njobs;
+    tp_pgreq_t *pgh; /* the pool request, once sent */
     struct flight *next;
 } flight_t;
 
@@ -308,6 +309,7 @@ static bool content_type_json(const char *ct)
 }
 
 static void flight_run(rq_t *r);
+static void flight_gone(rq_t *r);
 static void flight_done(PGresult *res, const char *err, void *arg);
 
 void h_dataset(rq_t *r, const char *name)
@@ -505,6 +507,7 @@ void dataset_postgres(rq_t *r)
                 *pp = r;
                 r->flight = f;
                 atomic_fetch_add_explicit(&w->m.flights_joined, 1, memory_order_relaxed);
+                rq_watch_gone(r, flight_gone);
                 return;
             }
         }
@@ -524,7 +527,19 @@ void dataset_postgres(rq_t *r)
     f->next = w->flights;
     w->flights = f;
     r->flight = f;
+    rq_watch_gone(r, flight_gone);
     syncstate_then(r, flight_run);
+}
+
+/* A waiter's client left: once all have, the statement is cancelled and
+ * flight_done answers them all (499). */
+static void flight_gone(rq_t *r)
+{
+    flight_t *f = r->flight;
+    for (rq_t *q = f->waiters; q; q = q->fnext)
+        if (!q->gone)
+            return;
+    tp_pgpool_abort(f->pgh);
 }
 
 static void flight_unlink(flight_t *f)
@@ -558,7 +573,7 @@ static void flight_run(rq_t *r)
     for (size_t k = 0; k < b->n_names; k++)
         types[k] = tp_defs_type_oid(r->ds->params[b->index[k]].type);
     tp_pg_submit_t s = tp_pgpool_query(r->w->pool, b->sql, r->nvals, types,
-                                       (const char *const *)r->vals, flight_done, f, NULL);
+                                       (const char *const *)r->vals, flight_done, f, &f->pgh);
     if (s != TP_PG_QUEUED)
         flight_fail_refused(f, s);
 }

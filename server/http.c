@@ -13,6 +13,7 @@
 #include <time.h>
 
 #include <event2/buffer.h>
+#include <event2/bufferevent.h>
 #include <event2/keyvalq_struct.h>
 
 #include "tidepool/log.h"
@@ -92,6 +93,8 @@ rq_t *rq_new(worker_t *w, struct evhttp_request *req, int route, const char *rou
 
 static void rq_free(rq_t *r)
 {
+    if (r->gone_ev)
+        event_free(r->gone_ev);
     for (size_t i = 0; i < r->nq; i++) {
         free(r->q[i].key);
         free(r->q[i].val);
@@ -155,6 +158,7 @@ static const char *reason(int status)
     case 422: return "Unprocessable Content";
     case 429: return "Too Many Requests";
     case 431: return "Request Header Fields Too Large";
+    case 499: return "Client Closed Request";
     case 500: return "Internal Server Error";
     case 501: return "Not Implemented";
     case 503: return "Service Unavailable";
@@ -552,8 +556,38 @@ void rq_pool_refused(rq_t *r, tp_pg_submit_t why)
     }
 }
 
+static void on_client_gone(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    rq_t *r = arg;
+    if (r->magic != RQ_MAGIC)
+        abort();
+    r->gone = true;
+    const char *kv[] = {"request_id", r->id, NULL};
+    tp_logkv(TP_LOG_INFO, kv, "client left before its answer; cancelling its query");
+    r->on_gone(r);
+}
+
+void rq_watch_gone(rq_t *r, void (*fn)(rq_t *r))
+{
+    struct evhttp_connection *evcon = evhttp_request_get_connection(r->req);
+    struct bufferevent *bev = evcon ? evhttp_connection_get_bufferevent(evcon) : NULL;
+    evutil_socket_t fd = bev ? bufferevent_getfd(bev) : -1;
+    if (r->gone_ev || fd < 0 || !(event_base_get_features(r->w->base) & EV_FEATURE_EARLY_CLOSE))
+        return;
+    r->on_gone = fn;
+    r->gone_ev = event_new(r->w->base, fd, EV_CLOSED, on_client_gone, r);
+    if (r->gone_ev)
+        event_add(r->gone_ev, NULL);
+}
+
 void rq_pg_error(rq_t *r, PGresult *res, const char *err)
 {
+    if (r->gone) { /* nobody reads this; logged as such */
+        rq_reply(r, 499, NULL, NULL, 0);
+        return;
+    }
     if (!res) {
         rq_problem(r, 503, "postgres-unavailable", "the Postgres connection was lost", NULL, NULL,
                    1);

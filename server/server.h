@@ -219,10 +219,20 @@ struct rq {
     rq_t *fnext;    /* the flight's waiters (a leader is on both lists at once) */
     void (*cont)(rq_t *r); /* continuation after sync_state is fresh */
     struct fbreq *fbr; /* a fallback read or statement poll (fallback_routes.c) */
+    tp_pgreq_t *pgh;   /* table reads: the pool request in flight */
+    struct event *gone_ev; /* EV_CLOSED on the client's socket (rq_watch_gone) */
+    bool gone;             /* the client left before its answer */
+    void (*on_gone)(rq_t *r);
 };
 
 /* ---- http.c ---- */
 
+/* Calls fn(r) once if the client closes its connection before r is answered
+ * (EV_CLOSED on its socket: evhttp 2.1 does not read a connection while its
+ * request is pending); r->gone is set first. fn must not reply: the pending
+ * work's completion still answers (rq_pg_error sends 499 for a gone client).
+ * No-op where the loop cannot see early closes. */
+void rq_watch_gone(rq_t *r, void (*fn)(rq_t *r));
 /* Starts a request context (request id, defs reference, timing). */
 rq_t *rq_new(worker_t *w, struct evhttp_request *req, int route, const char *route_name);
 /* Sends status with body (may be NULL) of content type ctype, logs the request

@@ -388,6 +388,7 @@ static bool col_list(rq_t *r, const ttable_t *t, const char *field, const char *
 }
 
 static void table_done(PGresult *res, const char *err, void *arg);
+static void table_gone(rq_t *r);
 
 void h_table(rq_t *r, const char *name)
 {
@@ -470,9 +471,17 @@ void h_table(rq_t *r, const char *name)
     if (!ok)
         return;
     tp_pg_submit_t s = tp_pgpool_query(r->w->pool, r->sql, r->nvals, NULL, (const char *const *)r->vals,
-                                       table_done, r, NULL);
+                                       table_done, r, &r->pgh);
     if (s != TP_PG_QUEUED)
         rq_pool_refused(r, s);
+    else
+        rq_watch_gone(r, table_gone);
+}
+
+/* The client left: cancel its statement; table_done still answers (499). */
+static void table_gone(rq_t *r)
+{
+    tp_pgpool_abort(r->pgh);
 }
 
 static void table_done(PGresult *res, const char *err, void *arg)
@@ -480,6 +489,7 @@ static void table_done(PGresult *res, const char *err, void *arg)
     rq_t *r = arg;
     if (r->magic != RQ_MAGIC)
         abort();
+    r->pgh = NULL;
     if (err) {
         rq_pg_error(r, res, err);
         return;

@@ -26,7 +26,7 @@
 #include <libpq-fe.h>
 
 #include "tidepool/config.h"
-#include "tidepool/pgasync.h"
+#include "tidepool/pgconn.h"
 #include "tidepool/util.h"
 #include "tidepool/wh.h"
 

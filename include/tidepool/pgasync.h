@@ -1,5 +1,6 @@
 /* Asynchronous PostgreSQL for one libevent loop: a pool of non-blocking libpq
- * connections with lazily prepared statements, a bounded wait queue and
+ * connections (each a tidepool/pgconn.h connection) with lazily prepared
+ * statements, a bounded wait queue and
  * reconnection with backoff, plus a dedicated LISTEN connection that
  * reconnects by itself. Nothing here ever blocks the loop (DNS aside: pass a
  * host address or a socket directory in the conninfo). One pool belongs to one
@@ -13,6 +14,7 @@
 
 #include <libpq-fe.h>
 
+#include "tidepool/pgconn.h"
 #include "tidepool/util.h"
 
 struct event_base;
@@ -32,20 +34,8 @@ typedef enum tp_pg_submit {
  * is the error result (PQresultStatus PGRES_FATAL_ERROR) and err its message. */
 typedef void (*tp_pg_done_cb)(PGresult *res, const char *err, void *arg);
 
-/* Where a new connection's password comes from when it expires, such as a
- * Lakebase OAuth credential (lib/lakebase.c, tp_lakebase_pg_provider). Before
- * every NEW connection the pool calls get(self, refused, cb, cb_arg); refused
- * is NULL, or the password the server just refused at login (SQLSTATE 28P01,
- * so the provider drops it if it is still the cached one and mints anew). get
- * returns a handle and calls cb exactly once, later, from the loop (password
- * borrowed for the call; NULL with err on failure), unless cancel(handle) is
- * called first. The password overrides any in the dsn and is never logged. */
-typedef void (*tp_pg_password_cb)(const char *password, const char *err, void *arg);
-typedef struct tp_pg_password_provider {
-    void *(*get)(void *self, const char *refused, tp_pg_password_cb cb, void *cb_arg);
-    void (*cancel)(void *handle);
-    void *self;
-} tp_pg_password_provider_t;
+/* Passwords that expire (tp_pg_password_provider_t, such as Lakebase
+ * credentials) are described in tidepool/pgconn.h. */
 
 typedef struct tp_pgpool_opts {
     const char *dsn;          /* libpq conninfo; "" = libpq's environment */
@@ -80,6 +70,12 @@ tp_pg_submit_t tp_pgpool_query(tp_pgpool_t *pool, const char *sql, int nparams,
 /* The caller no longer wants the answer (client went away): the callback will
  * not run; a statement already sent finishes on its connection and is dropped. */
 void tp_pgpool_cancel(tp_pgreq_t *req);
+/* The answer is no longer needed but the callback must still run (the caller
+ * owns state it frees there): a queued request completes at once (res NULL,
+ * err "canceled"), a statement already sent is cancelled on the server
+ * without blocking the loop (tp_pgconn_cancel) and completes when Postgres
+ * answers, usually with SQLSTATE 57014. */
+void tp_pgpool_abort(tp_pgreq_t *req);
 /* True when at least one connection is up. */
 bool tp_pgpool_up(const tp_pgpool_t *pool);
 /* Milliseconds until the next reconnect attempt (for Retry-After); 0 if up. */
