@@ -4,9 +4,11 @@
  * the signal events and the --once pass. Each job runs on its @every with
  * +-10% jitter, never overlapping itself, at most sync.max_concurrent_jobs at
  * once; a failed run is retried sooner (5 s doubling, capped by @every).
- * SIGHUP reloads the definitions: a broken set is logged and the old one
- * keeps running; runs in flight finish with the definition they started
- * with (sets are reference-counted). SIGTERM/SIGINT cancel runs in flight and
+ * SIGHUP re-reads the config file (log.level, sync.definitions and
+ * sync.max_concurrent_jobs apply at once; other changed settings are logged
+ * as needing a restart) and reloads the definitions: a broken set is logged
+ * and the old one keeps running; runs in flight finish with the definition
+ * they started with (sets are reference-counted). SIGTERM/SIGINT cancel runs in flight and
  * leave the loop within the shutdown deadline. Does not touch Postgres itself
  * except for LISTEN: each run owns its own session (syncjob.c). */
 #include "syncd.h"
@@ -72,6 +74,7 @@ typedef struct syncd {
     slot_t *wait_head, *wait_tail;
     int running;
     int max_running;
+    char *defs_dir; /* sync.definitions, as of the last good config (re)load */
     /* --once */
     int once_pending;
     int once_failed;
@@ -364,13 +367,13 @@ static void install(syncd_t *d, defset_t *set, bool startup)
 static void reload(syncd_t *d)
 {
     tp_defs_diag_t diag = {0};
-    defset_t *set = defset_load(d->cfg->sync.definitions, &diag);
+    defset_t *set = defset_load(d->defs_dir, &diag);
     if (set == NULL) {
         for (size_t i = 0; i < diag.n; i++)
             tp_logkv(TP_LOG_ERROR, ((const char *[]){"problem", diag.msgs[i], NULL}),
                      "reload refused: %s", diag.msgs[i]);
         tp_error("reload refused: %zu problem(s) in %s; the previous definitions keep running", diag.n,
-                 d->cfg->sync.definitions);
+                 d->defs_dir);
         tp_defs_diag_free(&diag);
         return;
     }
@@ -461,13 +464,45 @@ static void begin_shutdown(syncd_t *d, const char *why)
     maybe_exit(d);
 }
 
+static int max_running_of(const tp_config_t *c)
+{
+    return c->sync.max_concurrent_jobs > 0 ? (int)c->sync.max_concurrent_jobs : 4;
+}
+
+/* SIGHUP, part one: the settings the daemon applies without a restart. The
+ * rest of the file (connections, warehouse client, shipper) stays as it
+ * started; tp_config_reload says which changed settings wait for a restart. */
+static void config_reload(syncd_t *d)
+{
+    static const char *const live[] = {"log.level", "sync.definitions",
+                                       "sync.max_concurrent_jobs", NULL};
+    static const char *const not_ours[] = {"server", "auth", NULL};
+    const tp_config_reload_scope_t scope = {.live = live, .ignored_sections = not_ours};
+    tp_config_t eff;
+    tp_config_t *fresh = tp_config_reload(d->cfg, &scope, &eff);
+    if (!fresh)
+        return;
+    tp_log_level_t lvl;
+    if (eff.log.level && tp_log_parse_level(eff.log.level, &lvl))
+        tp_log_set_level(lvl);
+    free(d->defs_dir);
+    d->defs_dir = tp_xstrdup(eff.sync.definitions);
+    d->max_running = max_running_of(&eff);
+    tp_config_free(fresh);
+    free(fresh);
+    start_waiting(d); /* a higher limit starts due jobs now */
+    tp_info("configuration reloaded: at most %d job(s) at once, definitions from %s",
+            d->max_running, d->defs_dir);
+}
+
 static void on_signal(evutil_socket_t sig, short what, void *arg)
 {
     (void)what;
     syncd_t *d = daemon_of(arg);
     if (sig == SIGHUP) {
-        tp_info("SIGHUP: reloading definitions");
+        tp_info("SIGHUP: reloading configuration and definitions");
         tp_notify_reloading();
+        config_reload(d);
         reload(d);
         tp_notify_ready();
         return;
@@ -737,7 +772,8 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
     d.env.daemon_id = d.daemon_id;
     d.env.connect_timeout_ms = cfg->postgres.connect_timeout_ms > 0 ? cfg->postgres.connect_timeout_ms : 10000;
     password_setup(&d);
-    d.max_running = cfg->sync.max_concurrent_jobs > 0 ? (int)cfg->sync.max_concurrent_jobs : 4;
+    d.max_running = max_running_of(cfg);
+    d.defs_dir = tp_xstrdup(cfg->sync.definitions);
 
     d.ev_term = evsignal_new(d.base, SIGTERM, on_signal, &d);
     d.ev_int = evsignal_new(d.base, SIGINT, on_signal, &d);
@@ -799,6 +835,7 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
             slot_free(d.slots[i]);
     }
     free(d.slots);
+    free(d.defs_dir);
     event_free(d.ev_term);
     event_free(d.ev_int);
     event_free(d.ev_hup);

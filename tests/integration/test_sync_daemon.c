@@ -3,7 +3,8 @@
  * a job now and tidepool_sync announces job:generation; two daemons run each
  * job once at a time (sync_runs intervals never overlap); SIGTERM cancels the
  * statement in flight and exits within 10 s; SIGHUP with a broken file keeps
- * the old jobs running; warehouse faults are survived. */
+ * the old jobs running, and re-reads the config file; warehouse faults are
+ * survived. */
 #include "sync_fixture.h"
 
 static const char lake_sql[] =
@@ -196,6 +197,51 @@ static void sighup_with_broken_file_keeps_old_jobs(void)
     free(conf);
 }
 
+/* SIGHUP re-reads the config file: a new sync.definitions directory and
+ * max_concurrent_jobs apply at once; a changed warehouse token is logged as
+ * needing a restart (without its value); a broken file keeps everything. */
+static void sighup_rereads_the_config_file(void)
+{
+    char *dir_a = fx_jobs_dir("jobs_cfg_a"), *dir_b = fx_jobs_dir("jobs_cfg_b");
+    fx_job(dir_a, "cfga", "-- @target sink.cfga\n-- @mode snapshot\n-- @every 1s\nSELECT id, v FROM src.flip\n");
+    fx_job(dir_b, "cfgb", "-- @target sink.cfgb\n-- @mode snapshot\n-- @every 1s\nSELECT id FROM src.flip\n");
+    char *conf = fx_config("cfg", dir_a, 2);
+    pid_t d = fx_daemon(conf, "cfg.log");
+    CHECK(fx_wait_value("SELECT (generation > 0)::text FROM tidepool.sync_state WHERE job = 'cfga'", "true", 15000));
+    char *text = fx_printf("[postgres]\ndsn = %s\n\n[warehouse]\nhost = http://127.0.0.1:%d\n"
+                           "warehouse_id = tidepool-local\ntoken = tok-changed-secret\n\n"
+                           "[sync]\ndefinitions = %s\nmax_concurrent_jobs = 3\n\n[log]\nlevel = info\n",
+                           fx.dsn, fx.port, dir_b);
+    free(tp_test_write_tmp("cfg.conf", text));
+    free(text);
+    kill(d, SIGHUP);
+    CHECK(fx_wait_value("SELECT count(*)::text FROM sink.cfgb", "200", 15000));
+    char *log = fx_read_log("cfg.log");
+    CHECK_CONTAINS(log, "at most 3 job(s) at once");
+    CHECK_CONTAINS(log, "\"setting\":\"warehouse.token\"");
+    CHECK(strstr(log, "tok-changed-secret") == NULL);
+    free(log);
+    /* the job of the old directory is gone: its generation stops moving */
+    long long g = fx_num(fx.dsn, "SELECT generation FROM tidepool.sync_state WHERE job = 'cfga'");
+    sleep(3);
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT generation FROM tidepool.sync_state WHERE job = 'cfga'"), g);
+    /* a broken file: refused with file:line, cfgb keeps running */
+    free(tp_test_write_tmp("cfg.conf", "[sync]\nmax_concurrent_jobs = lots\n"));
+    kill(d, SIGHUP);
+    g = fx_num(fx.dsn, "SELECT generation FROM tidepool.sync_state WHERE job = 'cfgb'");
+    char want[32];
+    snprintf(want, sizeof want, "%lld", g + 2);
+    CHECK(fx_wait_value("SELECT generation::text FROM tidepool.sync_state WHERE job = 'cfgb'", want, 15000));
+    log = fx_read_log("cfg.log");
+    CHECK_CONTAINS(log, "config reload failed");
+    CHECK_CONTAINS(log, "cfg.conf:2");
+    free(log);
+    CHECK_INT_EQ(tp_test_stop(d, 10000), 0);
+    free(dir_a);
+    free(dir_b);
+    free(conf);
+}
+
 static void warehouse_faults_are_survived(void)
 {
     char *dir = fx_jobs_dir("jobs_faults");
@@ -373,6 +419,7 @@ int main(void)
     TP_RUN(sigterm_cancels_the_run_in_flight);
     TP_RUN(sigterm_during_copy_records_the_cancel);
     TP_RUN(sighup_with_broken_file_keeps_old_jobs);
+    TP_RUN(sighup_rereads_the_config_file);
     TP_RUN(warehouse_faults_are_survived);
     TP_RUN(timeout_fails_the_run);
     TP_RUN(postgres_connection_loss_is_retried);
