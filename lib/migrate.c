@@ -516,11 +516,16 @@ bool tp_migrate_apply(PGconn *conn, const char *dir, int *applied_out, char *err
     if (!take_lock(conn, key, err, errlen))
         goto out;
     locked = true;
-    if (!tp_pg_exec(conn, bootstrap_sql, 0, NULL, perr, sizeof perr)) {
+    /* Read first: a role that may use the schema but not alter it (a
+     * production app role) starts fine when nothing is pending; the DDL of
+     * the bootstrap runs only on a database that has no migration yet. */
+    if (!read_applied(conn, &a, err, errlen))
+        goto out;
+    if (a.n == 0 && !tp_pg_exec(conn, bootstrap_sql, 0, NULL, perr, sizeof perr)) {
         snprintf(err, errlen, "creating tidepool.schema_migrations: %s", perr);
         goto out;
     }
-    if (!read_applied(conn, &a, err, errlen) || !check_applied(&s, &a, err, errlen))
+    if (!check_applied(&s, &a, err, errlen))
         goto out;
     for (int i = a.n; i < s.n; i++) {
         if (!apply_one(conn, &s.v[i], err, errlen))

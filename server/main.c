@@ -319,7 +319,7 @@ static void status_once(void)
 static bool migrate_at_start(void)
 {
     char err[600];
-    PGconn *c = tp_pg_connect(g_srv.dsn, g_srv.cfg.postgres.connect_timeout_ms, err, sizeof err);
+    PGconn *c = srv_pg_connect(g_srv.dsn, g_srv.cfg.postgres.connect_timeout_ms, err, sizeof err);
     if (!c) {
         const char *kv[] = {"error", err, NULL};
         tp_logkv(TP_LOG_WARN, kv, "postgres unreachable at start; answering 503 until it is back");

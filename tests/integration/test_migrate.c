@@ -241,6 +241,20 @@ static void test_rerun_is_noop(void)
     CHECK_STR_EQ(after, before);
     free(before);
     free(after);
+    /* An app role that may read the schema but not alter it (no CREATE on the
+     * database, not the owner) starts fine when nothing is pending. */
+    free(sql1(f.dsn, "DROP ROLE IF EXISTS tp_mig_app"));
+    free(sql1(f.dsn, "CREATE ROLE tp_mig_app LOGIN"));
+    free(sql1(f.dsn, "GRANT USAGE ON SCHEMA tidepool TO tp_mig_app; "
+                     "GRANT SELECT ON tidepool.schema_migrations TO tp_mig_app"));
+    char *app_dsn = tp_xasprintf("%s user=tp_mig_app", f.dsn);
+    PQfinish(f.c);
+    f.c = connect_or_fail(app_dsn);
+    APPLY_OK(&f, 0);
+    PQfinish(f.c);
+    f.c = connect_or_fail(f.dsn);
+    free(sql1(f.dsn, "DROP OWNED BY tp_mig_app; DROP ROLE tp_mig_app"));
+    free(app_dsn);
 out:
     fixture_close(&f);
 }
