@@ -66,11 +66,11 @@ tpb_psql() {
     psql -qX -v ON_ERROR_STOP=1 "$@"
 }
 
+# The project's own migrator (records schema_migrations, so the server, which
+# migrates at start, finds nothing pending); Postgres from the PG* variables.
 tpb_migrate() {
-    local f
-    for f in "$TPB_ROOT"/sql/migrations/[0-9][0-9][0-9][0-9]_*.sql; do
-        tpb_psql -1 -f "$f" >/dev/null || tpb_die "migration $f failed"
-    done
+    TIDEPOOL_MIGRATIONS_DIR="$TPB_ROOT/sql/migrations" "$TPB_ROOT/bin/tidepool-sync" --migrate \
+        >"$TPB_DIR/migrate.log" 2>&1 || { cat "$TPB_DIR/migrate.log" >&2; tpb_die "migrations failed"; }
 }
 
 tpb_port_busy() {
