@@ -125,6 +125,7 @@ pool_size = ${TPB_POOL:-16}
 [server]
 listen = 127.0.0.1:$port
 definitions = $defs
+${TPB_SERVER_THREADS:+threads = $TPB_SERVER_THREADS}
 [auth]
 mode = none
 rate_per_identity = 0
