@@ -33,6 +33,9 @@ struct tp_notify_wd {
     uint32_t magic;
     struct event *timer;
     uint64_t sent;
+    bool (*healthy)(void *arg, char *why, size_t whylen);
+    void *healthy_arg;
+    bool withholding; /* the last tick withheld its keep-alive (logged once) */
 };
 
 /* Fills *sa from NOTIFY_SOCKET's value; returns the address length or 0 with
@@ -171,8 +174,32 @@ static void on_watchdog_tick(evutil_socket_t fd, short what, void *arg)
     tp_notify_wd_t *wd = arg;
     if (wd == NULL || wd->magic != WD_MAGIC)
         abort();
+    char why[256] = "";
+    if (wd->healthy && !wd->healthy(wd->healthy_arg, why, sizeof why)) {
+        if (!wd->withholding) {
+            const char *kv[] = {"why", why, NULL};
+            tp_logkv(TP_LOG_ERROR, kv, "watchdog: keep-alives withheld; the service manager "
+                                       "will restart this process");
+        }
+        wd->withholding = true;
+        return;
+    }
+    if (wd->withholding)
+        tp_warn("watchdog: healthy again; keep-alives resumed");
+    wd->withholding = false;
     if (tp_notify_send("WATCHDOG=1"))
         wd->sent++;
+}
+
+void tp_notify_wd_set_check(tp_notify_wd_t *wd, bool (*healthy)(void *arg, char *why, size_t whylen),
+                            void *arg)
+{
+    if (wd == NULL)
+        return;
+    if (wd->magic != WD_MAGIC)
+        abort();
+    wd->healthy = healthy;
+    wd->healthy_arg = arg;
 }
 
 bool tp_notify_wd_start(struct event_base *base, tp_notify_wd_t **out)

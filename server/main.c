@@ -442,6 +442,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     worker_t *w = arg;
     if (w->magic != WORKER_MAGIC)
         abort();
+    atomic_store_explicit(&w->beat_ms, tp_now_ms(), memory_order_relaxed);
     tp_pgpool_stats_t st;
     tp_pgpool_stats(w->pool, &st);
     atomic_store_explicit(&w->m.pool_size, st.size, memory_order_relaxed);
@@ -563,6 +564,7 @@ static bool worker_init(worker_t *w, int id, int pool_size, char *err, size_t er
     w->stop_ev = event_new(w->base, -1, 0, on_stop, w);
     w->drain_timer = evtimer_new(w->base, on_drain_tick, w);
     worker_limits_refresh(w);
+    atomic_init(&w->beat_ms, tp_now_ms());
     w->tick = event_new(w->base, -1, EV_PERSIST, on_tick, w);
     struct timeval sec = {1, 0};
     event_add(w->tick, &sec);
@@ -607,6 +609,29 @@ static void on_auth_notify(const char *channel, const char *payload, void *arg)
 }
 
 static struct event_base *g_main_base;
+
+/* The watchdog's health check: keep-alives come from the main loop, so they
+ * also vouch for the worker loops, each of which ticks once a second. A
+ * worker silent for half the watchdog interval (at least 3 s) is stuck. While
+ * draining, workers stop ticking on purpose. */
+static bool workers_turning(void *arg, char *why, size_t whylen)
+{
+    (void)arg;
+    if (atomic_load(&g_srv.draining))
+        return true;
+    int64_t limit = (int64_t)(tp_notify_watchdog_usec() / 2000u);
+    if (limit < 3000)
+        limit = 3000;
+    int64_t now = tp_now_ms();
+    for (int i = 0; i < g_srv.nthreads; i++) {
+        int64_t quiet = now - atomic_load_explicit(&g_srv.workers[i].beat_ms, memory_order_relaxed);
+        if (quiet > limit) {
+            snprintf(why, whylen, "worker loop %d has not turned for %lld ms", i, (long long)quiet);
+            return false;
+        }
+    }
+    return true;
+}
 
 /* Applies the settings of c that take effect without a restart (the verifier
  * is already built from c). */
@@ -888,6 +913,7 @@ int main(int argc, char **argv)
     tp_notify_wd_t *wd = NULL;
     if (!tp_notify_wd_start(g_main_base, &wd))
         tp_warn("systemd watchdog timer could not be armed");
+    tp_notify_wd_set_check(wd, workers_turning, NULL);
     tp_notify_ready();
 
     event_base_dispatch(g_main_base);

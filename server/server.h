@@ -113,6 +113,7 @@ typedef struct worker {
     struct event *stop_ev;
     struct event *drain_timer;
     struct event *tick; /* publishes pool gauges into metrics once a second */
+    _Atomic int64_t beat_ms; /* tp_now_ms() of the last tick: the watchdog's proof of life */
     tp_ratelimit_t *rl_addr, *rl_ident; /* per thread: not shared, no lock */
     int64_t drain_deadline_ms;
     tp_pgpool_t *pool;

@@ -46,6 +46,13 @@ typedef struct tp_notify_wd tp_notify_wd_t;
  * Returns false (with *out NULL) only if libevent refuses the timer. The handle
  * must be freed with tp_notify_wd_free before base is freed. */
 bool tp_notify_wd_start(struct event_base *base, tp_notify_wd_t **out) TP_WUR;
+/* Makes each keep-alive depend on healthy(arg, why, whylen) too: while it
+ * returns false (why says what is stuck) no keep-alive is sent, so the service
+ * manager restarts a process one of whose other threads no longer turns, not
+ * only one whose main loop is stuck. The first withheld keep-alive is logged.
+ * Call from the thread of wd's loop; NULL healthy removes the check. */
+void tp_notify_wd_set_check(tp_notify_wd_t *wd, bool (*healthy)(void *arg, char *why, size_t whylen),
+                            void *arg);
 /* Disarms and frees the timer; NULL is a no-op. */
 void tp_notify_wd_free(tp_notify_wd_t *wd);
 /* Keep-alives sent so far by this handle (for tests and /metrics). */

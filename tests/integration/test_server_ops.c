@@ -6,6 +6,10 @@
  * and SIGTERM draining an in-flight request. */
 #include "server_harness.h"
 
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
 static srv_h_t S;
 static const char *DSN;
 
@@ -180,6 +184,49 @@ static void test_queue_full(void)
     CHECK_INT_EQ(tp_test_stop(q.pid, 10000), 0);
     free(q.conf);
     free(q.log);
+}
+
+/* Under systemd's watchdog (NOTIFY_SOCKET, WATCHDOG_USEC) the server says
+ * READY=1 and then keeps sending WATCHDOG=1: its main loop ticks and every
+ * worker loop has turned recently. */
+static void test_watchdog_keepalives(void)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    char *path = sa.sun_path;
+    int len = snprintf(path, sizeof sa.sun_path, "%s/notify.sock", tp_test_tmpdir());
+    CHECK(len > 0 && (size_t)len < sizeof sa.sun_path);
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    unlink(path);
+    CHECK(fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0);
+    setenv("NOTIFY_SOCKET", path, 1);
+    setenv("WATCHDOG_USEC", "1000000", 1); /* a keep-alive every 500 ms */
+    srv_h_t q = {0};
+    snprintf(q.qdir, sizeof q.qdir, "%s", S.qdir);
+    bool up = harness_start(&q, DSN, 2) && harness_ready(&q);
+    unsetenv("NOTIFY_SOCKET");
+    unsetenv("WATCHDOG_USEC");
+    CHECK(up);
+    int ready = 0, alive = 0;
+    for (int64_t end = tp_now_ms() + 10000; tp_now_ms() < end && alive < 3;) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, 200) != 1)
+            continue;
+        char buf[512];
+        ssize_t n = recv(fd, buf, sizeof buf - 1, 0);
+        if (n <= 0)
+            continue;
+        buf[n] = '\0';
+        ready += strstr(buf, "READY=1") != NULL;
+        alive += strcmp(buf, "WATCHDOG=1") == 0;
+    }
+    CHECK_INT_EQ(ready, 1);
+    CHECK_MSG(alive >= 3, "%d keep-alives in 10 s", alive);
+    if (q.pid > 0)
+        CHECK_INT_EQ(tp_test_stop(q.pid, 10000), 0);
+    free(q.conf);
+    free(q.log);
+    close(fd);
+    unlink(path);
 }
 
 static void test_backends_terminated(void)
@@ -366,6 +413,7 @@ int main(void)
     TP_RUN(test_invalidation_by_notify);
     TP_RUN(test_single_flight);
     TP_RUN(test_queue_full);
+    TP_RUN(test_watchdog_keepalives);
     TP_RUN(test_backends_terminated);
     TP_RUN(test_postgres_restart);
     TP_RUN(test_reload);

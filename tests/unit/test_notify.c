@@ -262,6 +262,62 @@ static void watchdog_timer_fires_on_the_loop(void)
     close(fd);
 }
 
+static int checks_made;
+static bool health_flag;
+
+static bool health_check(void *arg, char *why, size_t whylen)
+{
+    (void)arg;
+    checks_made++;
+    if (!health_flag)
+        snprintf(why, whylen, "worker loop 1 has not turned");
+    return health_flag;
+}
+
+static void flip_health(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+    health_flag = true;
+}
+
+/* Another thread's loop is stuck (the check says so): keep-alives are
+ * withheld although the watchdog's own loop turns, then resume. */
+static void unhealthy_check_withholds_keepalives(void)
+{
+    int fd = listen_notify(false);
+    CHECK(fd >= 0);
+    char pid[32];
+    snprintf(pid, sizeof(pid), "%d", (int)getpid());
+    setenv("WATCHDOG_USEC", "100000", 1);
+    setenv("WATCHDOG_PID", pid, 1);
+    struct event_base *base = event_base_new();
+    tp_notify_wd_t *wd = NULL;
+    CHECK(tp_notify_wd_start(base, &wd));
+    health_flag = false;
+    checks_made = 0;
+    tp_notify_wd_set_check(wd, health_check, NULL);
+    struct timeval flip = {.tv_sec = 0, .tv_usec = 300000}, stop = {.tv_sec = 0, .tv_usec = 600000};
+    struct event *fl = evtimer_new(base, flip_health, NULL), *ev = evtimer_new(base, stop_loop_cb, base);
+    evtimer_add(fl, &flip);
+    evtimer_add(ev, &stop);
+    /* first 300 ms unhealthy: checks made, nothing sent; then keep-alives */
+    event_base_dispatch(base);
+    CHECK_MSG(checks_made >= 4, "%d checks", checks_made);
+    int got = drain_expect(fd, "WATCHDOG=1");
+    CHECK_INT_EQ(tp_notify_wd_sent(wd), got);
+    CHECK_MSG(got >= 1 && got < checks_made, "%d keep-alives for %d checks", got, checks_made);
+    tp_notify_wd_free(wd);
+    event_free(fl);
+    event_free(ev);
+    event_base_free(base);
+    unsetenv("WATCHDOG_USEC");
+    unsetenv("WATCHDOG_PID");
+    unsetenv("NOTIFY_SOCKET");
+    close(fd);
+}
+
 /* A callback that never returns in time: the loop is stuck, so no keep-alive. */
 static void stuck_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -314,5 +370,6 @@ int main(void)
     TP_RUN(watchdog_interval_from_environment);
     TP_RUN(watchdog_timer_fires_on_the_loop);
     TP_RUN(stuck_loop_sends_no_keepalive);
+    TP_RUN(unhealthy_check_withholds_keepalives);
     return tp_test_done();
 }
