@@ -138,17 +138,25 @@ static bool exec_admin(const char *sql)
     return ok;
 }
 
+/* Without PGHOST/PGPORT there is no harness and NULL means "skip". With them,
+ * a database that cannot be made is a broken harness: a failure, so that a
+ * program skipping its cases for it cannot pass `make check` unnoticed. */
 char *tp_test_new_db(const char *name)
 {
     if (tp_test_admin_dsn() == NULL)
         return NULL;
     char sql[512];
     snprintf(sql, sizeof sql, "DROP DATABASE IF EXISTS \"%s\" WITH (FORCE)", name);
-    if (!exec_admin(sql))
+    bool ok = exec_admin(sql);
+    if (ok) {
+        snprintf(sql, sizeof sql, "CREATE DATABASE \"%s\"", name);
+        ok = exec_admin(sql);
+    }
+    if (!ok) {
+        tp_test_fail(__FILE__, __LINE__, "cannot create test database %s on the harness Postgres",
+                     name);
         return NULL;
-    snprintf(sql, sizeof sql, "CREATE DATABASE \"%s\"", name);
-    if (!exec_admin(sql))
-        return NULL;
+    }
     return conninfo_for(name);
 }
 
