@@ -173,6 +173,11 @@ const tp_setting_t tp_settings[] = {
      .default_value = "10s", .reloadable = true, .offset = OFF(server.drain_timeout_ms),
      .min = 0, .max = 10 * MS_M,
      .help = "on SIGTERM, wait this long for in-flight requests before exiting"},
+    {.section = "server", .key = "idempotency_ttl", .type = TP_CFG_DURATION,
+     .default_value = "24h", .reloadable = true, .offset = OFF(server.idempotency_ttl_ms),
+     .min = MS_S, .max = 30 * MS_D,
+     .help = "write-back: how long an `Idempotency-Key` and its first answer are kept (a "
+             "retry after that writes again)"},
     {.section = "server", .key = "max_event_streams", .type = TP_CFG_INT,
      .default_value = "1000", .offset = OFF(server.max_event_streams), .min = 1,
      .max = 1000000, .help = "open `/api/v1/events` streams at most (503 beyond)"},

@@ -642,6 +642,7 @@ static void settings_apply(const tp_config_t *c)
         tp_log_set_level(lvl);
     atomic_store(&g_srv.drain_ms, c->server.drain_timeout_ms);
     atomic_store(&g_srv.table_max_limit, c->server.table_max_limit);
+    atomic_store(&g_srv.idem_ttl_ms, c->server.idempotency_ttl_ms);
     g_srv.defs_dir = c->server.definitions;
     limits_publish(c);
 }

@@ -160,6 +160,7 @@ typedef struct srv {
     atomic_int_fast64_t drain_ms;        /* server.drain_timeout (reloadable) */
     int64_t cache_bytes; /* per worker */
     atomic_int_fast64_t table_max_limit; /* reloadable: read when tables are reflected */
+    atomic_int_fast64_t idem_ttl_ms;     /* reloadable: server.idempotency_ttl */
     int pool_queue;
     int64_t started_ms;
     tp_auth_t *auth; /* guarded by lock, swapped on SIGHUP: use auth_acquire */

@@ -362,7 +362,7 @@ static void h_write(rq_t *r, enum evhttp_cmd_type m, const char *table, const ch
         .idem_key = rq_in_header(r, "Idempotency-Key"),
         .actor = r->auth.principal->id,
         .request_id = r->id,
-        .key_ttl_s = env_or("TIDEPOOL_WB_KEY_TTL_S", 86400),
+        .key_ttl_s = atomic_load(&g_srv.idem_ttl_ms) / 1000,
     };
     tp_wb_call_t *call = NULL;
     tp_wb_answer_t ans;

@@ -75,6 +75,7 @@ typedef struct tp_config {
         int64_t pool_queue;       /* per thread */
         int64_t table_max_limit;
         int64_t drain_timeout_ms;
+        int64_t idempotency_ttl_ms;
         int64_t max_event_streams; /* GET /api/v1/events streams, whole process */
         char *tls_listen;         /* "" = no HTTPS listener */
         char *tls_cert, *tls_key; /* PEM files; both needed with tls_listen */

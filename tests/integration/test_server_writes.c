@@ -703,6 +703,18 @@ static void test_purge_expired_keys(void)
     CHECK(sql_int("SELECT count(*) FROM tidepool.idempotency_keys") > 0); /* live keys stay */
 }
 
+/* server.idempotency_ttl sets how long a key is kept (90m in this config). */
+static void test_key_ttl_from_config(void)
+{
+    resp_t r = wr(ALICE, "POST", "/api/v1/tables/app.user_notes",
+                  "{\"user_id\": 3, \"note\": \"ttl\"}", NULL, "ttl-key");
+    CHECK_INT_EQ(r.status, 201);
+    resp_free(&r);
+    CHECK_INT_EQ(sql_int("SELECT extract(epoch FROM expires_at - created_at)::bigint "
+                         "FROM tidepool.idempotency_keys WHERE key = 'ttl-key'"),
+                 90 * 60);
+}
+
 static void test_sighup_reflects(void)
 {
     free(tp_test_sql(DSN, "CREATE TABLE app.targets(id int PRIMARY KEY, steps int NOT NULL,"
@@ -764,7 +776,8 @@ int main(void)
     snprintf(conf, sizeof conf,
              "[auth]\nmode = token\ntokens = alice:writer:%s, bob:writer:%s, rdr:reader:%s, "
              "boss:admin:%s\nrate_per_identity = 1000000\nburst_per_identity = 1000000\n"
-             "rate_per_address = 1000000\nburst_per_address = 1000000\n",
+             "rate_per_address = 1000000\nburst_per_address = 1000000\n"
+             "[server]\nidempotency_ttl = 90m\n",
              ah, bh, rh, xh);
     S.extra_conf = conf;
     setenv("TIDEPOOL_WB_PURGE_MS", "300", 1);
@@ -796,6 +809,7 @@ int main(void)
     TP_RUN(test_sync_trigger);
     TP_RUN(test_openapi);
     TP_RUN(test_purge_expired_keys);
+    TP_RUN(test_key_ttl_from_config);
     TP_RUN(test_sighup_reflects);
     TP_RUN(test_writes_use_primary_with_read_dsn);
     harness_finish(&S);
