@@ -7,6 +7,8 @@
  *   truncate_chunk=K            the next K chunk bodies are cut, with an honest Content-Length
  *   expire_links[=K]            links are issued already expired (all, or the next K)
  *   token_fail=K[:CODE]         the next K token requests fail (default 500)
+ *   proxy_page=K[@CLASS]        the next K answers are a proxy's HTML 502 page
+ *   bad_json=K[@CLASS]          the next K answers are HTTP 200 with JSON cut off mid-way
  * CLASS: execute, get, chunk, cancel, close, link, token, any. Without one,
  * latency applies everywhere but /admin, and status everywhere but /admin and
  * the token endpoint (which has token_fail and @token). Counters live in
@@ -96,6 +98,14 @@ static bool parse_item(char *item, emu_faults_t *f, char *err, size_t errlen)
     } else if (strcmp(item, "truncate_chunk") == 0) {
         if (parse_int(val, 0, 1000000, &f->truncate_chunk))
             return true;
+    } else if (strcmp(item, "proxy_page") == 0 || strcmp(item, "bad_json") == 0) {
+        bool proxy = item[0] == 'p';
+        if (split_class(val, cls, sizeof cls) &&
+            parse_int(val, 0, 1000000, proxy ? &f->proxy_page : &f->bad_json)) {
+            snprintf(proxy ? f->proxy_page_cls : f->bad_json_cls, sizeof f->proxy_page_cls, "%s",
+                     cls);
+            return true;
+        }
     } else if (strcmp(item, "token_fail") == 0) {
         char *colon = strchr(val, ':');
         f->token_fail_code = 500;
@@ -108,7 +118,8 @@ static bool parse_item(char *item, emu_faults_t *f, char *err, size_t errlen)
             return true;
     } else {
         snprintf(err, errlen, "unknown fault '%s' (known: latency, status, retry_after, "
-                              "drop_chunk, truncate_chunk, expire_links, token_fail)", item);
+                              "drop_chunk, truncate_chunk, expire_links, token_fail, proxy_page, "
+                              "bad_json)", item);
         return false;
     }
 bad:
@@ -158,9 +169,10 @@ void emu_faults_describe(const emu_faults_t *f, tp_buf_t *out)
     }
     tp_buf_printf(out,
                   "],\"retry_after\":%d,\"drop_chunk\":%d,\"truncate_chunk\":%d,"
-                  "\"expire_links\":%d,\"token_fail\":%d,\"token_fail_code\":%d}",
+                  "\"expire_links\":%d,\"token_fail\":%d,\"token_fail_code\":%d,"
+                  "\"proxy_page\":%d,\"bad_json\":%d}",
                   f->retry_after, f->drop_chunk, f->truncate_chunk, f->expire_links,
-                  f->token_fail, f->token_fail_code);
+                  f->token_fail, f->token_fail_code, f->proxy_page, f->bad_json);
 }
 
 int emu_faults_take_status(const char *cls)
@@ -175,6 +187,13 @@ int emu_faults_take_status(const char *cls)
         return s->code;
     }
     return 0;
+}
+
+bool emu_faults_take_in(int *counter, const char *want, const char *cls)
+{
+    if (want[0] == '\0' ? strcmp(cls, "token") == 0 : strcmp(want, cls) != 0)
+        return false;
+    return emu_faults_take(counter);
 }
 
 int emu_faults_latency(const char *cls)

@@ -865,6 +865,20 @@ static void dispatch(struct evhttp_request *req, int64_t t0_us, bool after_laten
             send_injected_status(req, &ri, code);
             return;
         }
+        if (emu_faults_take_in(&g.faults.proxy_page, g.faults.proxy_page_cls, ri.cls)) {
+            static const char page[] = "<html><head><title>502 Bad Gateway</title></head>"
+                                       "<body><center><h1>502 Bad Gateway</h1></center>"
+                                       "</body></html>\n";
+            tp_info("fault: answering a proxy's HTML 502 page");
+            send_buf(req, &ri, 502, "text/html", page, sizeof page - 1);
+            return;
+        }
+        if (emu_faults_take_in(&g.faults.bad_json, g.faults.bad_json_cls, ri.cls)) {
+            static const char cut[] = "{\"statement_id\":\"01f0-cut\",\"status\":{\"sta";
+            tp_info("fault: answering cut-off JSON");
+            send_buf(req, &ri, 200, "application/json", cut, sizeof cut - 1);
+            return;
+        }
     }
     char host[256];
     tp_buf_t b;

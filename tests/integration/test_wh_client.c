@@ -889,6 +889,41 @@ static void fault_500_on_submit_not_retried(void)
     sink_free(&s);
 }
 
+/* What a proxy or a broken answer looks like: a precise error naming the
+ * statement (once it has an id), never a result handed over as complete. */
+static void fault_proxy_page_and_bad_json(void)
+{
+    /* a load balancer's HTML page instead of the submit's answer */
+    if (!faults(&E, "proxy_page=1@execute"))
+        return;
+    sink_t s;
+    go(&s, &E, NULL, "SELECT 1", 0);
+    CHECK_ERR(s, TP_WH_ERR_HTTP);
+    CHECK_INT_EQ(s.res.http_status, 502);
+    CHECK_CONTAINS(s.res.message, "502");
+    CHECK(s.res.rows == 0);
+    sink_free(&s);
+    /* cut-off JSON while polling: a protocol error naming the statement */
+    if (!faults(&E, "bad_json=1@get"))
+        return;
+    go(&s, &E, NULL, "SELECT pg_sleep(0.2), 1", M_ASYNC);
+    CHECK_ERR(s, TP_WH_ERR_PROTOCOL);
+    CHECK(s.res.statement_id != NULL);
+    CHECK_CONTAINS(s.res.message, s.res.statement_id ? s.res.statement_id : "?");
+    CHECK(s.res.rows == 0);
+    sink_free(&s);
+    /* cut-off JSON as a chunk's answer: the chunk is named, rows short */
+    if (!faults(&E, "bad_json=1@chunk"))
+        return;
+    go(&s, &E, NULL, SEQ_SQL, M_SEQ);
+    CHECK_ERR(s, TP_WH_ERR_PROTOCOL);
+    CHECK(s.res.chunk_index > 0);
+    CHECK_CONTAINS(s.res.message, "chunk ");
+    CHECK_MSG(s.res.rows < 2500, "a broken chunk delivered all %lld rows", (long long)s.res.rows);
+    faults(&E, NULL);
+    sink_free(&s);
+}
+
 static void fault_dropped_connection_mid_chunk(void)
 {
     for (int m = 0; m < 3; m++) {
@@ -1297,6 +1332,7 @@ int main(void)
     TP_RUN(fault_429_retry_after);
     TP_RUN(fault_503_on_get_and_chunk);
     TP_RUN(fault_500_on_submit_not_retried);
+    TP_RUN(fault_proxy_page_and_bad_json);
     TP_RUN(fault_dropped_connection_mid_chunk);
     TP_RUN(fault_truncated_chunk);
     TP_RUN(fault_expired_links_rerequested);
