@@ -7,8 +7,10 @@
  * streams (a list on its loop, no lock but for copying out of the ring).
  * Event ids are "<boot-id>-<seq>" (boot id random per process): a client's
  * Last-Event-ID from this process still in the ring gets the missed events
- * replayed, anything else one `event: reset` (refetch everything). A LISTEN
- * reconnect (notifications may have been lost) also sends reset to everyone.
+ * replayed, anything else one `event: reset` (refetch everything). So does a
+ * live stream whose worker wakes only after more than SSE_RING events came in
+ * (one big transaction while the thread was busy): its gap left the ring. A
+ * LISTEN reconnect (notifications may have been lost) sends reset to everyone.
  * Streams are bounded: server.max_event_streams per process (503 beyond); at
  * most SSE_MAX_PENDING bytes wait unsent per stream (the rest follows as the
  * client reads; one that reads nothing is closed after server.timeout); a
