@@ -25,8 +25,10 @@ static long metric(const char *name)
 
 /* Runs n GETs at once; fills status[i] (and retry_after[i] if non-NULL).
  * on_started (may be NULL) runs once every request has been sent. */
-static void parallel_get(srv_h_t *s, const char *const *paths, int n, long *status,
-                         void (*on_started)(void))
+/* n GETs at once; status[i] gets each answer's code and, when heads is not
+ * NULL, heads[i] its header lines and bodies (the caller frees them). */
+static void parallel_get_h(srv_h_t *s, const char *const *paths, int n, long *status,
+                           void (*on_started)(void), tp_buf_t *heads)
 {
     CURLM *m = curl_multi_init();
     CURL *h[64];
@@ -40,6 +42,11 @@ static void parallel_get(srv_h_t *s, const char *const *paths, int n, long *stat
         curl_easy_setopt(h[i], CURLOPT_WRITEFUNCTION, on_body);
         curl_easy_setopt(h[i], CURLOPT_WRITEDATA, &bodies[i]);
         curl_easy_setopt(h[i], CURLOPT_TIMEOUT, 20L);
+        if (heads) {
+            tp_buf_init(&heads[i]);
+            curl_easy_setopt(h[i], CURLOPT_HEADERFUNCTION, on_body);
+            curl_easy_setopt(h[i], CURLOPT_HEADERDATA, &heads[i]);
+        }
         curl_multi_add_handle(m, h[i]);
     }
     int running = 1;
@@ -58,9 +65,17 @@ static void parallel_get(srv_h_t *s, const char *const *paths, int n, long *stat
         curl_easy_getinfo(h[i], CURLINFO_RESPONSE_CODE, &status[i]);
         curl_multi_remove_handle(m, h[i]);
         curl_easy_cleanup(h[i]);
+        if (heads)
+            tp_buf_puts(&heads[i], bodies[i].data ? bodies[i].data : "");
         tp_buf_free(&bodies[i]);
     }
     curl_multi_cleanup(m);
+}
+
+static void parallel_get(srv_h_t *s, const char *const *paths, int n, long *status,
+                         void (*on_started)(void))
+{
+    parallel_get_h(s, paths, n, status, on_started, NULL);
 }
 
 static void test_cache_hit_and_bypass(void)
@@ -172,11 +187,18 @@ static void test_queue_full(void)
         paths[i] = paths_buf[i];
     }
     long st[8];
-    parallel_get(&q, paths, 8, st, NULL);
+    tp_buf_t heads[8];
+    parallel_get_h(&q, paths, 8, st, NULL, heads);
     int ok = 0, refused = 0;
     for (int i = 0; i < 8; i++) {
         ok += st[i] == 200;
         refused += st[i] == 503;
+        if (st[i] == 503) { /* told when to come back, in a problem body */
+            CHECK_CONTAINS(heads[i].data, "Retry-After: ");
+            CHECK_CONTAINS(heads[i].data, "application/problem+json");
+            CHECK_CONTAINS(heads[i].data, "\"status\":503");
+        }
+        tp_buf_free(&heads[i]);
     }
     /* 4 connections + 1 queued; a background sync_state read may hold a slot */
     CHECK_MSG(ok == 5 || ok == 4, "%d answered, want 4 or 5", ok);
@@ -336,6 +358,40 @@ static void test_postgres_restart(void)
     resp_free(&r);
 }
 
+/* /readyz follows the schema: a migration this build does not know (a newer
+ * binary migrated the database) makes it 503 naming migrations, until it is gone. */
+static void test_readyz_migrations(void)
+{
+    free(tp_test_sql(DSN, "INSERT INTO tidepool.schema_migrations (version, name, checksum) "
+                          "VALUES (9999, '9999_from_the_future.sql', repeat('0', 64)); SELECT 1"));
+    resp_t r = await_status(&S, "/readyz", 503, 100);
+    CHECK_PROBLEM(r, 503, "migrations");
+    CHECK_CONTAINS(json_string_value(json_object_get(r.json, "detail")), "9999");
+    resp_free(&r);
+    free(tp_test_sql(DSN, "DELETE FROM tidepool.schema_migrations WHERE version = 9999; SELECT 1"));
+    r = await_status(&S, "/readyz", 200, 100);
+    CHECK_INT_EQ(r.status, 200);
+    resp_free(&r);
+}
+
+/* @cache TTL: an answer is served from the cache until it is older than the TTL. */
+static void test_cache_ttl(void)
+{
+    harness_def(&S, "ttl_one.sql", "-- @cache 1s\nSELECT 1 AS one\n");
+    kill(S.pid, SIGHUP);
+    resp_t r = await_status(&S, "/api/v1/datasets/ttl_one", 200, 50);
+    CHECK_INT_EQ(r.status, 200);
+    resp_free(&r);
+    r = get(&S, "/api/v1/datasets/ttl_one");
+    CHECK_STR_EQ(hdr(&r, "X-Tidepool-Source"), "cache");
+    resp_free(&r);
+    usleep(1300000);
+    r = get(&S, "/api/v1/datasets/ttl_one");
+    CHECK_INT_EQ(r.status, 200);
+    CHECK_STR_EQ(hdr(&r, "X-Tidepool-Source"), "postgres");
+    resp_free(&r);
+}
+
 static void test_reload(void)
 {
     harness_def(&S, "fresh_one.sql", "-- @param n INT = 2\nSELECT generate_series(1, :n) AS i\n");
@@ -416,6 +472,8 @@ int main(void)
     TP_RUN(test_watchdog_keepalives);
     TP_RUN(test_backends_terminated);
     TP_RUN(test_postgres_restart);
+    TP_RUN(test_readyz_migrations);
+    TP_RUN(test_cache_ttl);
     TP_RUN(test_reload);
     TP_RUN(test_sigterm_drains);
     harness_finish(&S);
