@@ -51,8 +51,8 @@ static resp_t wr(const char *token, const char *method, const char *path, const 
         snprintf(im, sizeof im, "If-Match: %s", if_match);
         hs[n++] = im;
     }
-    if (key) {
-        snprintf(k, sizeof k, "Idempotency-Key: %s", key);
+    if (key) { /* "Name;" is how curl sends a header with an empty value */
+        snprintf(k, sizeof k, *key ? "Idempotency-Key: %s" : "Idempotency-Key;", key);
         hs[n++] = k;
     }
     hs[n] = NULL;
@@ -355,11 +355,10 @@ static void test_bad_input(void)
     CHECK_PROBLEM(r, 422, "note");
     resp_free(&r);
     r = wr(ALICE, "PATCH", path, "{\"note\": \"x\"}", "W/\"1\"", NULL);
-    CHECK_PROBLEM(r, 400, NULL);
-    CHECK_CONTAINS(r.body, "If-Match");
+    CHECK_PROBLEM(r, 400, "If-Match");
     resp_free(&r);
     r = wr(ALICE, "PATCH", path, "{\"note\": \"x\"}", "\"abc\"", NULL);
-    CHECK_PROBLEM(r, 400, NULL);
+    CHECK_PROBLEM(r, 400, "If-Match");
     resp_free(&r);
     r = wr(ALICE, "DELETE", "/api/v1/tables/app.device_assignments/2", NULL, NULL, NULL);
     CHECK_PROBLEM(r, 428, NULL);
@@ -369,15 +368,13 @@ static void test_bad_input(void)
     CHECK_PROBLEM(r, 422, "id");
     resp_free(&r);
     r = wr(ALICE, "PATCH", "/api/v1/tables/app.user_notes/1%2C2", "{\"note\": \"x\"}", NULL, NULL);
-    CHECK(r.status == 422 || r.status == 400);
+    CHECK_PROBLEM(r, 422, "id");
     resp_free(&r);
     r = wr(ALICE, "POST", T, "{\"user_id\": 1, \"note\": \"n\"}", NULL, "bad\x01key");
-    CHECK(r.status == 400);
+    CHECK_PROBLEM(r, 400, "Idempotency-Key");
     resp_free(&r);
     r = wr(ALICE, "POST", T, "{\"user_id\": 1, \"note\": \"n\"}", NULL, "");
-    CHECK(r.status == 400 || r.status == 201);
-    if (r.status == 201)
-        before++;
+    CHECK_PROBLEM(r, 400, "Idempotency-Key");
     resp_free(&r);
     CHECK_INT_EQ(audit_count(), before);
     CHECK_INT_EQ(sql_int("SELECT count(*) FROM app.user_notes WHERE note = 'x'"), 0);
