@@ -556,8 +556,14 @@ static bool build_jwt(tp_auth_t *a, const tp_config_t *c, char *err, size_t errl
         return build_fail(err, errlen, c, "mode",
                           "jwt mode needs auth.jwt_secret, auth.jwt_jwks_file or "
                           "auth.jwt_public_key_file");
-    a->jwt_audience = tp_xstrdup(c->auth.jwt_audience ? c->auth.jwt_audience : "");
-    a->jwt_issuer = tp_xstrdup(c->auth.jwt_issuer ? c->auth.jwt_issuer : "");
+    /* tp_config_load refuses this already; a config built any other way must not
+     * give a verifier that skips aud or iss (tp_jwt_verify skips empty ones) */
+    if (c->auth.jwt_audience == NULL || *c->auth.jwt_audience == '\0')
+        return build_fail(err, errlen, c, "jwt_audience", "jwt mode needs an audience");
+    if (c->auth.jwt_issuer == NULL || *c->auth.jwt_issuer == '\0')
+        return build_fail(err, errlen, c, "jwt_issuer", "jwt mode needs an issuer");
+    a->jwt_audience = tp_xstrdup(c->auth.jwt_audience);
+    a->jwt_issuer = tp_xstrdup(c->auth.jwt_issuer);
     a->jwt_roles_claim = tp_xstrdup(c->auth.jwt_roles_claim ? c->auth.jwt_roles_claim : "");
     a->jwt_groups_claim = tp_xstrdup(c->auth.jwt_groups_claim ? c->auth.jwt_groups_claim : "");
     a->jwt_skew_s = c->auth.jwt_clock_skew_ms / 1000;
