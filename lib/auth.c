@@ -931,16 +931,36 @@ static bool check_jwt(const tp_auth_t *a, const tp_auth_request_t *r, tp_auth_re
     return grant(out, p);
 }
 
+/* Modes none, token and jwt: the granted principal takes the on-behalf-of
+ * X-Forwarded-Access-Token only from a trusted proxy, as databricks-apps mode
+ * does. From anyone else it is ignored: a client must not get warehouse
+ * queries run with a user token its own credential does not vouch for. A
+ * malformed one from a trusted proxy is refused (the principal is freed). */
+static bool take_access_token(const tp_auth_t *a, const tp_auth_request_t *r,
+                              tp_auth_result_t *out)
+{
+    const char *atok = r->hdr[TP_AUTH_HDR_FWD_ACCESS_TOKEN].value;
+    if (atok == NULL || !peer_trusted(a, r->peer))
+        return true;
+    if (!clean_value(atok, MAX_ACCESS_TOKEN_LEN) || *atok == '\0') {
+        tp_auth_result_clear(out);
+        return refuse(out, 401, TP_AUTH_CODE_INVALID,
+                      "X-Forwarded-Access-Token is empty, too long or has control characters");
+    }
+    out->principal->access_token = tp_xstrdup(atok);
+    return true;
+}
+
 /* The headers a mode reads (and so refuses when repeated). X-Real-Ip is not
  * one: a repeated one only makes tp_auth_client_address fall back to the peer. */
 static bool header_used(tp_auth_mode_t mode, tp_auth_hdr_t h)
 {
     switch (mode) {
     case TP_AUTH_MODE_NONE:
-        return false;
+        return h == TP_AUTH_HDR_FWD_ACCESS_TOKEN;
     case TP_AUTH_MODE_TOKEN:
     case TP_AUTH_MODE_JWT:
-        return h == TP_AUTH_HDR_AUTHORIZATION;
+        return h == TP_AUTH_HDR_AUTHORIZATION || h == TP_AUTH_HDR_FWD_ACCESS_TOKEN;
     case TP_AUTH_MODE_DATABRICKS_APPS:
         return h != TP_AUTH_HDR_AUTHORIZATION && h != TP_AUTH_HDR_REAL_IP;
     }
@@ -958,13 +978,13 @@ bool tp_auth_check(tp_auth_t *a, const tp_auth_request_t *r, tp_auth_result_t *o
                           tp_auth_header_names[i], r->hdr[i].count);
     switch (a->mode) {
     case TP_AUTH_MODE_NONE:
-        return check_none(a, out);
+        return check_none(a, out) && take_access_token(a, r, out);
     case TP_AUTH_MODE_TOKEN:
-        return check_token(a, r, out);
+        return check_token(a, r, out) && take_access_token(a, r, out);
     case TP_AUTH_MODE_DATABRICKS_APPS:
         return check_apps(a, r, out);
     case TP_AUTH_MODE_JWT:
-        return check_jwt(a, r, out);
+        return check_jwt(a, r, out) && take_access_token(a, r, out);
     }
     return refuse(out, 401, TP_AUTH_CODE_INVALID, "unknown mode");
 }

@@ -74,8 +74,9 @@ typedef struct tp_principal {
     char *email;  /* NULL when unknown */
     char **roles; /* NULL-terminated, deduplicated, never NULL itself */
     char **groups; /* NULL-terminated (databricks-apps header, jwt groups claim) */
-    /* X-Forwarded-Access-Token, for on-behalf-of warehouse calls. Never log,
-     * print or store it: tp_principal_describe redacts it. NULL when absent. */
+    /* X-Forwarded-Access-Token from a trusted proxy, for on-behalf-of warehouse
+     * calls. Never log, print or store it: tp_principal_describe redacts it.
+     * NULL when absent or sent by a peer outside auth.trusted_proxies. */
     char *access_token;
     char credential_id[17]; /* first 16 hex digits of SHA-256(credential); "" */
 } tp_principal_t;
@@ -139,7 +140,9 @@ tp_auth_tokens_t *tp_auth_get_tokens(tp_auth_t *a);
  * Refused: a header the mode reads appearing more than once, a missing or malformed credential, an
  * unknown, wrong, expired or revoked token, a JWT failing any check, forwarded
  * identity from a peer outside auth.trusted_proxies, header values with
- * control characters or over their size limits. */
+ * control characters or over their size limits. In every mode the principal's
+ * access_token is X-Forwarded-Access-Token only when the peer is a trusted
+ * proxy (from anyone else the header is ignored). */
 bool tp_auth_check(tp_auth_t *a, const tp_auth_request_t *r, tp_auth_result_t *out) TP_WUR;
 
 /* The address to rate-limit and log: X-Real-Ip when the peer is a trusted

@@ -428,6 +428,44 @@ static void token_entries_errors(void)
     free(h);
 }
 
+/* Modes none and token (jwt shares the code): X-Forwarded-Access-Token is
+ * kept only from a trusted proxy, ignored from anyone else, refused twice. */
+static void access_token_only_from_trusted_proxy(void)
+{
+    tp_auth_t *a = token_auth(false); /* trusted_proxies: loopback (the default) */
+    tp_auth_request_t r;
+    bearer_request(&r, TOK_CI); /* peer 198.51.100.4: not a trusted proxy */
+    tp_auth_request_header(&r, "X-Forwarded-Access-Token", OBO);
+    tp_principal_t *p = GRANTED(a, &r);
+    CHECK(p != NULL && p->access_token == NULL);
+    tp_principal_free(p);
+    r.peer = "127.0.0.1";
+    p = GRANTED(a, &r);
+    CHECK(p != NULL && p->access_token != NULL && strcmp(p->access_token, OBO) == 0);
+    tp_principal_free(p);
+    r.peer = "::1";
+    r.hdr[TP_AUTH_HDR_FWD_ACCESS_TOKEN].value = "obo\r\nX-Evil: 1";
+    REFUSED(a, &r, 401, TP_AUTH_CODE_INVALID, "X-Forwarded-Access-Token is empty, too long");
+    r.hdr[TP_AUTH_HDR_FWD_ACCESS_TOKEN].value = OBO;
+    tp_auth_request_header(&r, "X-Forwarded-Access-Token", "obo-secret-two");
+    REFUSED(a, &r, 401, TP_AUTH_CODE_INVALID, "X-Forwarded-Access-Token appears 2 times");
+    tp_auth_free(a);
+    /* mode none: the same rule, with the proxies configured */
+    char err[512] = "";
+    a = auth_from("[auth]\nmode = none\ntrusted_proxies = 10.9.0.0/16\n", err, sizeof err);
+    CHECK_MSG(a != NULL, "%s", err);
+    tp_auth_request_t n = {.peer = "127.0.0.1", .now_s = g_now};
+    tp_auth_request_header(&n, "X-Forwarded-Access-Token", OBO);
+    p = GRANTED(a, &n);
+    CHECK(p != NULL && p->access_token == NULL);
+    tp_principal_free(p);
+    n.peer = "10.9.3.4";
+    p = GRANTED(a, &n);
+    CHECK(p != NULL && p->access_token != NULL);
+    tp_principal_free(p);
+    tp_auth_free(a);
+}
+
 /* ---- databricks-apps ---- */
 
 static void apps_request(tp_auth_request_t *r, const char *peer)
@@ -713,6 +751,7 @@ int main(void)
     TP_RUN(token_lookup_many);
     TP_RUN(snapshot_swaps_under_load);
     TP_RUN(token_entries_errors);
+    TP_RUN(access_token_only_from_trusted_proxy);
     TP_RUN(mode_databricks_apps);
     TP_RUN(apps_groups_and_fallbacks);
     TP_RUN(apps_config_errors);
