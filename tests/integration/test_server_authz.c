@@ -2,7 +2,8 @@
  * table read roles (@expose roles=), row-level scoping (@expose owner=)
  * enforced in the SQL, a bad @expose option keeping a table unexposed,
  * /metrics needing admin, datasets (GET and POST) by @roles, the open
- * operational endpoints; rate limits per address (X-Real-Ip from a trusted
+ * probes, /api/v1/openapi.json needing credentials and listing only what the
+ * caller's roles allow; rate limits per address (X-Real-Ip from a trusted
  * proxy) and per identity with 429 + Retry-After; failed authentication
  * logged without the credential; SIGHUP reloading [auth] and the limits (a
  * broken file keeps the old settings and logs file:line; a setting needing a
@@ -218,11 +219,54 @@ static void test_dataset_roles(void)
 
 static void test_operational_endpoints_open(void)
 {
-    /* probes and the API description answer without credentials */
+    /* the probes answer without credentials */
     CHECK_INT_EQ(status_as(NULL, "/healthz"), 200);
     CHECK_INT_EQ(status_as(NULL, "/readyz"), 200);
-    CHECK_INT_EQ(status_as(NULL, "/api/v1/openapi.json"), 200);
     CHECK_INT_EQ(status_as(NULL, "/no/such/route"), 404);
+}
+
+/* Whether the OpenAPI document token sees has path (1) or not (0). */
+static int openapi_has(const char *token, const char *path)
+{
+    resp_t r = as(token, "/api/v1/openapi.json");
+    CHECK_INT_EQ(r.status, 200);
+    int has = json_object_get(json_object_get(r.json, "paths"), path) != NULL;
+    resp_free(&r);
+    return has;
+}
+
+/* The API description needs credentials and lists only what the caller's
+ * roles may use, as /api/v1/datasets does: it must not undo that filter. */
+static void test_openapi_filtered_by_role(void)
+{
+    resp_t r = as(NULL, "/api/v1/openapi.json");
+    CHECK_PROBLEM(r, 401, NULL);
+    CHECK(strstr(r.body, "admin_only") == NULL && strstr(r.body, "iot.finance") == NULL);
+    resp_free(&r);
+    r = as("tpk_wrong-token", "/api/v1/openapi.json");
+    CHECK_PROBLEM(r, 401, NULL);
+    resp_free(&r);
+    /* reader: @roles reader datasets and reader tables, not admin or analyst ones */
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/datasets/users"), 1);
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/datasets/daily_metrics"), 1); /* no @roles */
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/datasets/admin_only"), 0);
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/tables/iot.notes"), 1);
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/tables/iot.finance"), 0);
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/tables/iot.users"), 1);
+    /* analyst (a custom role only) */
+    CHECK_INT_EQ(openapi_has(ANA, "/api/v1/datasets/users"), 0);
+    CHECK_INT_EQ(openapi_has(ANA, "/api/v1/tables/iot.finance"), 1);
+    CHECK_INT_EQ(openapi_has(ANA, "/api/v1/tables/iot.notes"), 0);
+    /* writable tables: reader sees no write operations, admin does */
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/tables/app.user_notes/{pk}"), 0);
+    CHECK_INT_EQ(openapi_has(BOSS, "/api/v1/tables/app.user_notes/{pk}"), 1);
+    /* admin: everything */
+    CHECK_INT_EQ(openapi_has(BOSS, "/api/v1/datasets/admin_only"), 1);
+    CHECK_INT_EQ(openapi_has(BOSS, "/api/v1/tables/iot.finance"), 1);
+    /* and it agrees with /api/v1/datasets */
+    r = as(VIEWER, "/api/v1/datasets");
+    CHECK(r.status == 200 && strstr(r.body, "admin_only") == NULL);
+    resp_free(&r);
 }
 
 static void test_failed_auth_logged_without_secrets(void)
@@ -562,6 +606,7 @@ int main(void)
     TP_RUN(test_metrics_needs_admin);
     TP_RUN(test_dataset_roles);
     TP_RUN(test_operational_endpoints_open);
+    TP_RUN(test_openapi_filtered_by_role);
     TP_RUN(test_failed_auth_logged_without_secrets);
     TP_RUN(test_rate_limits_and_reload);
     TP_RUN(test_databricks_apps_mode);
