@@ -77,6 +77,7 @@ struct tp_auth {
     role_rule_t *rules;
     size_t nrules;
     char **anonymous_roles;
+    char **sync_roles; /* auth.sync_roles: never empty */
     tp_auth_tokens_t *config_tokens;
     bool token_table;
     tp_jwt_keys_t *jwt_keys;
@@ -570,6 +571,20 @@ static bool build_jwt(tp_auth_t *a, const tp_config_t *c, char *err, size_t errl
     return true;
 }
 
+/* auth.sync_roles: an empty list would let any caller run every sync job, so
+ * it is refused rather than read as "anyone". */
+static bool build_sync_roles(tp_auth_t *a, const tp_config_t *c, char *err, size_t errlen)
+{
+    char rerr[160];
+    if (!tp_auth_roles_parse(c->auth.sync_roles ? c->auth.sync_roles : "admin", &a->sync_roles,
+                             rerr, sizeof rerr))
+        return build_fail(err, errlen, c, "sync_roles", "%s", rerr);
+    if (a->sync_roles[0] == NULL)
+        return build_fail(err, errlen, c, "sync_roles",
+                          "name at least one role that may run sync jobs (default: admin)");
+    return true;
+}
+
 tp_auth_t *tp_auth_new(const tp_config_t *c, char *err, size_t errlen)
 {
     tp_auth_t *a = tp_xcalloc(1, sizeof *a);
@@ -577,7 +592,8 @@ tp_auth_t *tp_auth_new(const tp_config_t *c, char *err, size_t errlen)
     atomic_init(&a->refs, 1);
     pthread_mutex_init(&a->mu, NULL);
     const char *mode = c->auth.mode ? c->auth.mode : "none";
-    bool ok = build_proxies(a, c, err, errlen) && build_rules(a, c, err, errlen);
+    bool ok = build_proxies(a, c, err, errlen) && build_rules(a, c, err, errlen) &&
+              build_sync_roles(a, c, err, errlen);
     if (ok && strcmp(mode, "none") == 0) {
         a->mode = TP_AUTH_MODE_NONE;
         char rerr[160];
@@ -622,6 +638,7 @@ void tp_auth_free(tp_auth_t *a)
     }
     free(a->rules);
     tp_auth_strv_free(a->anonymous_roles);
+    tp_auth_strv_free(a->sync_roles);
     tp_auth_tokens_release(a->config_tokens);
     tp_auth_tokens_release(a->db_tokens);
     tp_jwt_keys_free(a->jwt_keys);
@@ -637,6 +654,11 @@ void tp_auth_free(tp_auth_t *a)
 tp_auth_mode_t tp_auth_mode(const tp_auth_t *a)
 {
     return a->mode;
+}
+
+const char *const *tp_auth_sync_roles(const tp_auth_t *a)
+{
+    return (const char *const *)a->sync_roles;
 }
 
 bool tp_auth_wants_token_table(const tp_auth_t *a)

@@ -220,6 +220,10 @@ const tp_setting_t tp_settings[] = {
      .reloadable = true, .offset = OFF(auth.roles),
      .help = "modes databricks-apps and jwt: `user:role+role`, `group:NAME:role`, `*:role` "
              "entries, comma-separated"},
+    {.section = "auth", .key = "sync_roles", .type = TP_CFG_STRING, .default_value = "admin",
+     .reloadable = true, .offset = OFF(auth.sync_roles),
+     .help = "roles that may run a sync job now (`POST /api/v1/sync/{job}/run`), any one of "
+             "them, comma-separated; `admin` implies every role"},
     {.section = "auth", .key = "jwt_secret", .type = TP_CFG_STRING, .default_value = "",
      .reloadable = true, .secret = true, .offset = OFF(auth.jwt_secret),
      .help = "mode jwt: HS256 shared secret (at least 32 bytes)"},

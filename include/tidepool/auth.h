@@ -125,6 +125,9 @@ tp_auth_t *tp_auth_ref(tp_auth_t *a);
 void tp_auth_free(tp_auth_t *a);
 /* The mode a was built for. */
 tp_auth_mode_t tp_auth_mode(const tp_auth_t *a);
+/* The roles that may run a sync job (auth.sync_roles; any one of them, never
+ * empty), NULL-terminated. Borrowed: valid while the caller holds a. */
+const char *const *tp_auth_sync_roles(const tp_auth_t *a);
 /* True when mode is token and auth.token_table is on: the server should load
  * the tidepool.api_tokens snapshot and keep it fresh (auth_tokens.h). */
 bool tp_auth_wants_token_table(const tp_auth_t *a);

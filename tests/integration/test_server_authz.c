@@ -3,7 +3,7 @@
  * enforced in the SQL, a bad @expose option keeping a table unexposed,
  * /metrics needing admin, datasets (GET and POST) by @roles, the open
  * probes, /api/v1/openapi.json needing credentials and listing only what the
- * caller's roles allow; rate limits per address (X-Real-Ip from a trusted
+ * caller's roles allow; running a sync job by auth.sync_roles; rate limits per address (X-Real-Ip from a trusted
  * proxy) and per identity with 429 + Retry-After; failed authentication
  * logged without the credential; SIGHUP reloading [auth] and the limits (a
  * broken file keeps the old settings and logs file:line; a setting needing a
@@ -267,6 +267,28 @@ static void test_openapi_filtered_by_role(void)
     r = as(VIEWER, "/api/v1/datasets");
     CHECK(r.status == 200 && strstr(r.body, "admin_only") == NULL);
     resp_free(&r);
+}
+
+/* Running a sync job needs a role of auth.sync_roles (here: analyst; admin
+ * implies it); reading the sync status needs only credentials. */
+static void test_sync_roles(void)
+{
+    resp_t r = as_from(&S, NULL, NULL, "POST", "/api/v1/sync/users/run", NULL);
+    CHECK_PROBLEM(r, 401, NULL);
+    resp_free(&r);
+    r = as_from(&S, VIEWER, NULL, "POST", "/api/v1/sync/users/run", NULL);
+    CHECK_PROBLEM(r, 403, NULL);
+    CHECK_STR_EQ(json_string_value(json_object_get(r.json, "code")), "forbidden");
+    resp_free(&r);
+    r = as_from(&S, ANA, NULL, "POST", "/api/v1/sync/users/run", NULL);
+    CHECK_INT_EQ(r.status, 202);
+    CHECK_CONTAINS(r.body, "\"triggered\":true");
+    resp_free(&r);
+    r = as_from(&S, BOSS, NULL, "POST", "/api/v1/sync/daily_metrics/run", NULL);
+    CHECK_INT_EQ(r.status, 202);
+    resp_free(&r);
+    CHECK(log_has(&S, "\"actor\":\"token:ana\""));
+    CHECK_INT_EQ(status_as(VIEWER, "/api/v1/sync"), 200);
 }
 
 static void test_failed_auth_logged_without_secrets(void)
@@ -591,7 +613,7 @@ int main(void)
     sha_hex(BOB, hbo);
     snprintf(conf, sizeof conf,
              "[auth]\nmode = token\ntokens = viewer:reader:%s, boss:admin:%s, ana:analyst:%s, "
-             "alice:reader:%s, bob:reader:%s\n",
+             "alice:reader:%s, bob:reader:%s\nsync_roles = analyst\n",
              hv, hb, ha, hal, hbo);
     S.extra_conf = conf;
     snprintf(S.qdir, sizeof S.qdir, "%s/queries", tp_test_tmpdir());
@@ -607,6 +629,7 @@ int main(void)
     TP_RUN(test_dataset_roles);
     TP_RUN(test_operational_endpoints_open);
     TP_RUN(test_openapi_filtered_by_role);
+    TP_RUN(test_sync_roles);
     TP_RUN(test_failed_auth_logged_without_secrets);
     TP_RUN(test_rate_limits_and_reload);
     TP_RUN(test_databricks_apps_mode);

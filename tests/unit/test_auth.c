@@ -466,6 +466,32 @@ static void access_token_only_from_trusted_proxy(void)
     tp_auth_free(a);
 }
 
+/* auth.sync_roles: admin by default, custom lists, never empty. */
+static void sync_roles_setting(void)
+{
+    char err[512] = "";
+    tp_auth_t *a = auth_from("[auth]\nmode = none\n", err, sizeof err);
+    CHECK_MSG(a != NULL, "%s", err);
+    const char *const *sr = a ? tp_auth_sync_roles(a) : NULL;
+    CHECK(sr != NULL && sr[0] != NULL && strcmp(sr[0], "admin") == 0 && sr[1] == NULL);
+    tp_auth_free(a);
+    a = auth_from("[auth]\nmode = none\nsync_roles = operator, data.eng\n", err, sizeof err);
+    CHECK_MSG(a != NULL, "%s", err);
+    sr = a ? tp_auth_sync_roles(a) : NULL;
+    CHECK(sr != NULL && tp_auth_strv_len(sr) == 2);
+    tp_auth_request_t r = {.peer = "127.0.0.1", .now_s = g_now};
+    tp_principal_t *p = GRANTED(a, &r); /* anonymous: reader, writer, admin */
+    CHECK(sr != NULL && tp_auth_allowed(p, sr)); /* admin implies operator */
+    tp_principal_free(p);
+    tp_auth_free(a);
+    a = auth_from("[auth]\nsync_roles = ,\n", err, sizeof err);
+    CHECK(a == NULL);
+    CHECK_CONTAINS(err, ":2: auth.sync_roles: name at least one role");
+    a = auth_from("[auth]\n\nsync_roles = admin, ops!\n", err, sizeof err);
+    CHECK(a == NULL);
+    CHECK_CONTAINS(err, ":3: auth.sync_roles: role \"ops!\" is not");
+}
+
 /* ---- databricks-apps ---- */
 
 static void apps_request(tp_auth_request_t *r, const char *peer)
@@ -752,6 +778,7 @@ int main(void)
     TP_RUN(snapshot_swaps_under_load);
     TP_RUN(token_entries_errors);
     TP_RUN(access_token_only_from_trusted_proxy);
+    TP_RUN(sync_roles_setting);
     TP_RUN(mode_databricks_apps);
     TP_RUN(apps_groups_and_fallbacks);
     TP_RUN(apps_config_errors);
