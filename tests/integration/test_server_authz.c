@@ -8,8 +8,10 @@
  * Retry-After; failed authentication (a bearer token over 8 KiB, a header
  * block over server.max_header_bytes) logged without the credential; SIGHUP reloading [auth] and the limits (a
  * broken file keeps the old settings and logs file:line; a setting needing a
- * restart is logged); and Databricks Apps mode started with only the
- * variables the Apps runtime injects. */
+ * restart is logged); mode databricks-apps refusing forwarded identity from
+ * a peer outside trusted_proxies and identity headers sent twice; and
+ * Databricks Apps mode started with only the variables the Apps runtime
+ * injects. */
 #include "server_harness.h"
 
 #include <ifaddrs.h>
@@ -551,6 +553,80 @@ static long apps_get(const char *host, int port, const char *path, const char *e
     return apps_get_h(host, port, path, email, NULL);
 }
 
+/* Mode databricks-apps outside Databricks Apps (no DATABRICKS_APP_NAME), over
+ * HTTP: with trusted_proxies naming loopback the forwarded identity is
+ * believed, but each identity header sent twice is refused; with
+ * trusted_proxies elsewhere the same headers from 127.0.0.1 are refused 401,
+ * and the answer does not say why beyond the code. */
+static void test_databricks_apps_trusted_proxies(void)
+{
+    static const char *const confs[] = {
+        "[auth]\nmode = databricks-apps\ntrusted_proxies = 127.0.0.1/32, ::1\nroles = *:reader\n",
+        "[auth]\nmode = databricks-apps\ntrusted_proxies = 192.0.2.0/24, 2001:db8::/32\n"
+        "roles = *:reader\n"};
+    static const char *const alice[] = {"X-Forwarded-Email: alice@example.com",
+                                        "X-Forwarded-User: 4242", NULL};
+    for (int i = 0; i < 2; i++) {
+        srv_h_t A = {0};
+        snprintf(A.qdir, sizeof A.qdir, "%s", S.qdir);
+        A.extra_conf = confs[i];
+        bool up = harness_start(&A, DSN, 1) && harness_ready(&A);
+        CHECK_MSG(up, "server did not start; see %s", A.log);
+        resp_t r = http(&A, "GET", "/api/v1/datasets/users", alice, NULL, 0);
+        if (i == 0) {
+            CHECK_INT_EQ(r.status, 200);
+            resp_free(&r);
+            /* each forwarded identity header injected twice: refused */
+            static const char *const twice[][3] = {
+                {"X-Forwarded-Email: alice@example.com", "X-Forwarded-Email: boss@example.com", NULL},
+                {"X-Forwarded-User: 4242", "X-Forwarded-User: 1", NULL},
+                {"X-Forwarded-Preferred-Username: alice", "X-Forwarded-Preferred-Username: boss",
+                 NULL},
+            };
+            for (size_t k = 0; k < TP_ARRAY_LEN(twice); k++) {
+                r = http(&A, "GET", "/api/v1/datasets/users", twice[k], NULL, 0);
+                CHECK_PROBLEM(r, 401, NULL);
+                CHECK_STR_EQ(json_string_value(json_object_get(r.json, "code")),
+                             "invalid-credentials");
+                CHECK(strstr(r.body, "boss") == NULL && strstr(r.body, "twice") == NULL);
+                resp_free(&r);
+            }
+            CHECK(log_has(&A, "X-Forwarded-Email appears 2 times"));
+        } else {
+            /* loopback is not a trusted proxy here: the identity is not believed */
+            CHECK_PROBLEM(r, 401, NULL);
+            CHECK_STR_EQ(json_string_value(json_object_get(r.json, "code")),
+                         "invalid-credentials");
+            CHECK(strstr(r.body, "alice") == NULL && strstr(r.body, "proxy") == NULL);
+            resp_free(&r);
+            const char *with_token[] = {"X-Forwarded-Email: alice@example.com",
+                                        "X-Forwarded-Access-Token: obo-untrusted-never-logged",
+                                        NULL};
+            r = http(&A, "GET", "/api/v1/tables/iot.users?limit=1", with_token, NULL, 0);
+            CHECK_PROBLEM(r, 401, NULL);
+            resp_free(&r);
+            r = http(&A, "GET", "/api/v1/datasets", NULL, NULL, 0);
+            CHECK_PROBLEM(r, 401, NULL);
+            CHECK_STR_EQ(json_string_value(json_object_get(r.json, "code")),
+                         "missing-credentials");
+            resp_free(&r);
+            CHECK(log_has(&A, "peer 127.0.0.1 is not a trusted proxy"));
+            char *log = tp_read_file(A.log, NULL);
+            CHECK(log && strstr(log, "obo-untrusted-never-logged") == NULL);
+            free(log);
+        }
+        if (A.pid > 0)
+            CHECK_INT_EQ(tp_test_stop(A.pid, 15000), 0);
+        if (tp_test_failed_checks) {
+            char *log = tp_read_file(A.log, NULL);
+            printf("# apps server %d log:\n%s\n", i, log ? log : "");
+            free(log);
+        }
+        free(A.conf);
+        free(A.log);
+    }
+}
+
 /* Databricks Apps: no config file, only what the runtime injects. */
 static void test_databricks_apps_mode(void)
 {
@@ -651,6 +727,7 @@ int main(void)
     TP_RUN(test_sync_roles);
     TP_RUN(test_failed_auth_logged_without_secrets);
     TP_RUN(test_rate_limits_and_reload);
+    TP_RUN(test_databricks_apps_trusted_proxies);
     TP_RUN(test_databricks_apps_mode);
     harness_finish(&S);
     return tp_test_done();
