@@ -77,6 +77,7 @@ struct tp_auth {
     role_rule_t *rules;
     size_t nrules;
     char **anonymous_roles;
+    char **sync_roles; /* auth.sync_roles: never empty */
     tp_auth_tokens_t *config_tokens;
     bool token_table;
     tp_jwt_keys_t *jwt_keys;
@@ -556,11 +557,31 @@ static bool build_jwt(tp_auth_t *a, const tp_config_t *c, char *err, size_t errl
         return build_fail(err, errlen, c, "mode",
                           "jwt mode needs auth.jwt_secret, auth.jwt_jwks_file or "
                           "auth.jwt_public_key_file");
-    a->jwt_audience = tp_xstrdup(c->auth.jwt_audience ? c->auth.jwt_audience : "");
-    a->jwt_issuer = tp_xstrdup(c->auth.jwt_issuer ? c->auth.jwt_issuer : "");
+    /* tp_config_load refuses this already; a config built any other way must not
+     * give a verifier that skips aud or iss (tp_jwt_verify skips empty ones) */
+    if (c->auth.jwt_audience == NULL || *c->auth.jwt_audience == '\0')
+        return build_fail(err, errlen, c, "jwt_audience", "jwt mode needs an audience");
+    if (c->auth.jwt_issuer == NULL || *c->auth.jwt_issuer == '\0')
+        return build_fail(err, errlen, c, "jwt_issuer", "jwt mode needs an issuer");
+    a->jwt_audience = tp_xstrdup(c->auth.jwt_audience);
+    a->jwt_issuer = tp_xstrdup(c->auth.jwt_issuer);
     a->jwt_roles_claim = tp_xstrdup(c->auth.jwt_roles_claim ? c->auth.jwt_roles_claim : "");
     a->jwt_groups_claim = tp_xstrdup(c->auth.jwt_groups_claim ? c->auth.jwt_groups_claim : "");
     a->jwt_skew_s = c->auth.jwt_clock_skew_ms / 1000;
+    return true;
+}
+
+/* auth.sync_roles: an empty list would let any caller run every sync job, so
+ * it is refused rather than read as "anyone". */
+static bool build_sync_roles(tp_auth_t *a, const tp_config_t *c, char *err, size_t errlen)
+{
+    char rerr[160];
+    if (!tp_auth_roles_parse(c->auth.sync_roles ? c->auth.sync_roles : "admin", &a->sync_roles,
+                             rerr, sizeof rerr))
+        return build_fail(err, errlen, c, "sync_roles", "%s", rerr);
+    if (a->sync_roles[0] == NULL)
+        return build_fail(err, errlen, c, "sync_roles",
+                          "name at least one role that may run sync jobs (default: admin)");
     return true;
 }
 
@@ -571,7 +592,8 @@ tp_auth_t *tp_auth_new(const tp_config_t *c, char *err, size_t errlen)
     atomic_init(&a->refs, 1);
     pthread_mutex_init(&a->mu, NULL);
     const char *mode = c->auth.mode ? c->auth.mode : "none";
-    bool ok = build_proxies(a, c, err, errlen) && build_rules(a, c, err, errlen);
+    bool ok = build_proxies(a, c, err, errlen) && build_rules(a, c, err, errlen) &&
+              build_sync_roles(a, c, err, errlen);
     if (ok && strcmp(mode, "none") == 0) {
         a->mode = TP_AUTH_MODE_NONE;
         char rerr[160];
@@ -616,6 +638,7 @@ void tp_auth_free(tp_auth_t *a)
     }
     free(a->rules);
     tp_auth_strv_free(a->anonymous_roles);
+    tp_auth_strv_free(a->sync_roles);
     tp_auth_tokens_release(a->config_tokens);
     tp_auth_tokens_release(a->db_tokens);
     tp_jwt_keys_free(a->jwt_keys);
@@ -631,6 +654,11 @@ void tp_auth_free(tp_auth_t *a)
 tp_auth_mode_t tp_auth_mode(const tp_auth_t *a)
 {
     return a->mode;
+}
+
+const char *const *tp_auth_sync_roles(const tp_auth_t *a)
+{
+    return (const char *const *)a->sync_roles;
 }
 
 bool tp_auth_wants_token_table(const tp_auth_t *a)
@@ -925,16 +953,36 @@ static bool check_jwt(const tp_auth_t *a, const tp_auth_request_t *r, tp_auth_re
     return grant(out, p);
 }
 
+/* Modes none, token and jwt: the granted principal takes the on-behalf-of
+ * X-Forwarded-Access-Token only from a trusted proxy, as databricks-apps mode
+ * does. From anyone else it is ignored: a client must not get warehouse
+ * queries run with a user token its own credential does not vouch for. A
+ * malformed one from a trusted proxy is refused (the principal is freed). */
+static bool take_access_token(const tp_auth_t *a, const tp_auth_request_t *r,
+                              tp_auth_result_t *out)
+{
+    const char *atok = r->hdr[TP_AUTH_HDR_FWD_ACCESS_TOKEN].value;
+    if (atok == NULL || !peer_trusted(a, r->peer))
+        return true;
+    if (!clean_value(atok, MAX_ACCESS_TOKEN_LEN) || *atok == '\0') {
+        tp_auth_result_clear(out);
+        return refuse(out, 401, TP_AUTH_CODE_INVALID,
+                      "X-Forwarded-Access-Token is empty, too long or has control characters");
+    }
+    out->principal->access_token = tp_xstrdup(atok);
+    return true;
+}
+
 /* The headers a mode reads (and so refuses when repeated). X-Real-Ip is not
  * one: a repeated one only makes tp_auth_client_address fall back to the peer. */
 static bool header_used(tp_auth_mode_t mode, tp_auth_hdr_t h)
 {
     switch (mode) {
     case TP_AUTH_MODE_NONE:
-        return false;
+        return h == TP_AUTH_HDR_FWD_ACCESS_TOKEN;
     case TP_AUTH_MODE_TOKEN:
     case TP_AUTH_MODE_JWT:
-        return h == TP_AUTH_HDR_AUTHORIZATION;
+        return h == TP_AUTH_HDR_AUTHORIZATION || h == TP_AUTH_HDR_FWD_ACCESS_TOKEN;
     case TP_AUTH_MODE_DATABRICKS_APPS:
         return h != TP_AUTH_HDR_AUTHORIZATION && h != TP_AUTH_HDR_REAL_IP;
     }
@@ -952,13 +1000,13 @@ bool tp_auth_check(tp_auth_t *a, const tp_auth_request_t *r, tp_auth_result_t *o
                           tp_auth_header_names[i], r->hdr[i].count);
     switch (a->mode) {
     case TP_AUTH_MODE_NONE:
-        return check_none(a, out);
+        return check_none(a, out) && take_access_token(a, r, out);
     case TP_AUTH_MODE_TOKEN:
-        return check_token(a, r, out);
+        return check_token(a, r, out) && take_access_token(a, r, out);
     case TP_AUTH_MODE_DATABRICKS_APPS:
         return check_apps(a, r, out);
     case TP_AUTH_MODE_JWT:
-        return check_jwt(a, r, out);
+        return check_jwt(a, r, out) && take_access_token(a, r, out);
     }
     return refuse(out, 401, TP_AUTH_CODE_INVALID, "unknown mode");
 }

@@ -225,6 +225,10 @@ const tp_setting_t tp_settings[] = {
      .reloadable = true, .offset = OFF(auth.roles),
      .help = "modes databricks-apps and jwt: `user:role+role`, `group:NAME:role`, `*:role` "
              "entries, comma-separated"},
+    {.section = "auth", .key = "sync_roles", .type = TP_CFG_STRING, .default_value = "admin",
+     .reloadable = true, .offset = OFF(auth.sync_roles),
+     .help = "roles that may run a sync job now (`POST /api/v1/sync/{job}/run`), any one of "
+             "them, comma-separated; `admin` implies every role"},
     {.section = "auth", .key = "jwt_secret", .type = TP_CFG_STRING, .default_value = "",
      .reloadable = true, .secret = true, .offset = OFF(auth.jwt_secret),
      .help = "mode jwt: HS256 shared secret (at least 32 bytes)"},
@@ -236,10 +240,10 @@ const tp_setting_t tp_settings[] = {
      .help = "mode jwt: PEM RSA public key for RS256 (any kid)"},
     {.section = "auth", .key = "jwt_audience", .type = TP_CFG_STRING, .default_value = "",
      .reloadable = true, .offset = OFF(auth.jwt_audience),
-     .help = "mode jwt: required `aud` value; empty skips the check"},
+     .help = "mode jwt: the `aud` every token must carry (string or array); required in mode jwt"},
     {.section = "auth", .key = "jwt_issuer", .type = TP_CFG_STRING, .default_value = "",
      .reloadable = true, .offset = OFF(auth.jwt_issuer),
-     .help = "mode jwt: required `iss` value; empty skips the check"},
+     .help = "mode jwt: the `iss` every token must carry; required in mode jwt"},
     {.section = "auth", .key = "jwt_clock_skew", .type = TP_CFG_DURATION,
      .default_value = "60s", .reloadable = true, .offset = OFF(auth.jwt_clock_skew_ms),
      .min = 0, .max = 10 * MS_M, .help = "mode jwt: leeway for `exp` and `nbf`"},
@@ -843,6 +847,15 @@ static bool check_consistency(const tp_config_t *c, char *err, size_t errlen)
                     "auth.mode = none is only allowed on a loopback server.listen (not %s); "
                     "set auth.mode to token, databricks-apps or jwt",
                     c->server.listen);
+    }
+    if (strcmp(c->auth.mode, "jwt") == 0 &&
+        (*c->auth.jwt_audience == '\0' || *c->auth.jwt_issuer == '\0')) {
+        /* a token minted for another service of the same IdP must not pass */
+        where_of(c, "auth", "mode", &w);
+        return fail(err, errlen, &w,
+                    "auth.mode = jwt needs auth.%s: every token's aud and iss are checked "
+                    "against auth.jwt_audience and auth.jwt_issuer",
+                    *c->auth.jwt_audience == '\0' ? "jwt_audience" : "jwt_issuer");
     }
     if (*c->server.tls_listen != '\0') {
         const char *missing = *c->server.tls_cert == '\0' ? "tls_cert"

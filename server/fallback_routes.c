@@ -196,14 +196,12 @@ static void owner_of(rq_t *r, const char *token, char *out, size_t n)
         k += snprintf(out + k, n - (size_t)k, "%02x", md[i]);
 }
 
-/* The caller's forwarded access token: the one auth took from the proxy, else
- * the header itself (modes that do not read it); NULL when absent. */
+/* The caller's forwarded access token: the one auth took from a trusted proxy
+ * (in every mode; the header from any other peer is ignored); NULL when absent. */
 static const char *access_token(rq_t *r)
 {
     const tp_principal_t *p = r->auth.principal;
-    if (p && p->access_token && *p->access_token)
-        return p->access_token;
-    return nonempty(rq_in_header(r, "X-Forwarded-Access-Token"));
+    return p && p->access_token && *p->access_token ? p->access_token : NULL;
 }
 
 /* The wait budget: Prefer: wait=N (RFC 7240) capped by warehouse.max_wait;

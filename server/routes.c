@@ -9,7 +9,9 @@
  * handler. Also here: /healthz, /readyz (Postgres reachable through this
  * worker's pool, LISTEN connection up, migrations current), /metrics
  * (Prometheus text, summed over workers) and /api/v1/openapi.json (OpenAPI 3.1
- * generated from the current datasets and exposed tables). */
+ * generated from the current datasets and exposed tables; it needs a caller
+ * and describes only what that caller's roles may read or write, as
+ * /api/v1/datasets lists only what the caller may read). */
 #include "server.h"
 #include "static.h"
 
@@ -228,7 +230,8 @@ void route_request(struct evhttp_request *req, void *arg)
         if (metrics_allowed(r))
             h_metrics(r);
     } else if (route == RT_OPENAPI) {
-        h_openapi(r);
+        if (rq_authenticate(r)) /* mode none: the anonymous principal */
+            h_openapi(r);
     } else if (!rq_authenticate(r) || !parse_format(r)) {
         /* problem sent */
     } else if (route == RT_DATASETS) {
@@ -414,6 +417,8 @@ void h_openapi(rq_t *r)
     const tp_defs_set_t *s = r->gen->set;
     for (size_t i = 0; i < s->n_datasets; i++) {
         const tp_defs_dataset_t *ds = &s->datasets[i];
+        if (!rq_allowed(r, ds->roles, ds->n_roles))
+            continue; /* only what the caller may read (fb_openapi skips it too) */
         json_t *params = json_array(), *props = json_object(), *required = json_array();
         for (size_t k = 0; k < ds->n_params; k++) {
             const tp_defs_param_t *p = &ds->params[k];
@@ -448,6 +453,8 @@ void h_openapi(rq_t *r)
     const tables_t *t = r->tables;
     for (size_t i = 0; i < t->n; i++) {
         const ttable_t *tb = &t->t[i];
+        if (!rq_allowed(r, tb->roles, tp_auth_strv_len((const char *const *)tb->roles)))
+            continue; /* read roles (@expose roles=) */
         json_t *params = json_array();
         const char *std[] = {"select", "order", "limit", "offset"};
         for (size_t k = 0; k < TP_ARRAY_LEN(std); k++)
@@ -471,7 +478,7 @@ void h_openapi(rq_t *r)
         json_object_set_new(paths, path, json_pack("{s:o}", "get", get));
         free(path);
     }
-    writes_openapi(paths);
+    writes_openapi(r, paths);
     sync_openapi(paths);
     events_openapi(paths);
     json_t *doc = json_pack(

@@ -372,7 +372,9 @@ void writes_worker_stop(worker_t *w);
 /* The pool writes go through (the primary, even when reads use read_dsn). */
 tp_pgpool_t *writes_pool(worker_t *w);
 void writes_metrics(tp_buf_t *b);
-void writes_openapi(void *paths); /* json_t *: adds the writable tables' operations */
+/* Adds to paths (json_t *) the operations of the writable tables r's principal
+ * may write (@writable roles). */
+void writes_openapi(rq_t *r, void *paths);
 char *writes_mirrored_array(void);
 /* A job name: 1..1024 of [A-Za-z0-9_.-]. */
 bool sync_job_name_ok(const char *s);

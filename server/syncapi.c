@@ -3,8 +3,9 @@
  *                                last attempt, success, error) and the write-back
  *                                outbox backlog per table (mirrored writable tables
  *                                are listed with 0 when nothing waits)
- *   POST /api/v1/sync/{job}/run  role admin: NOTIFY tidepool_trigger with the job
- *                                name, which tidepool-sync answers by running it now
+ *   POST /api/v1/sync/{job}/run  a role of auth.sync_roles (default admin):
+ *                                NOTIFY tidepool_trigger with the job name, which
+ *                                tidepool-sync answers by running it now
  * Both are one statement on the worker's async pool (never a blocking call on the
  * loop); any authenticated caller may read the status. */
 #include "server.h"
@@ -167,9 +168,11 @@ bool sync_route(rq_t *r, const char *path)
         free(mirrored);
         return true;
     }
-    static char *const admin[] = {"admin"};
     x->job = tp_xstrndup(rest + 1, rl - sizeof run);
-    if (!rq_authorize(r, admin, 1)) {
+    tp_auth_t *a = auth_acquire(); /* auth.sync_roles, as in force now */
+    bool allowed = rq_require(r, tp_auth_sync_roles(a));
+    tp_auth_free(a);
+    if (!allowed) {
         sctx_free(x);
     } else if (!sync_job_name_ok(x->job)) {
         rq_problem(r, 422, "invalid-value", "a job name is 1..1024 of [A-Za-z0-9_.-]", "job",
@@ -193,8 +196,9 @@ void sync_openapi(void *paths_v)
     json_object_set_new(
         paths, "/api/v1/sync/{job}/run",
         json_pack("{s:{s:s,s:[{s:s,s:s,s:b,s:{s:s}}],s:{s:{s:s},s:{s:s},s:{s:s}}}}", "post",
-                  "summary", "run a sync job now (role admin; NOTIFY tidepool_trigger)",
+                  "summary", "run a sync job now (a role of auth.sync_roles, admin by default; "
+                  "NOTIFY tidepool_trigger)",
                   "parameters", "name", "job", "in", "path", "required", 1, "schema", "type",
                   "string", "responses", "202", "description", "triggered", "403", "description",
-                  "not an admin", "404", "description", "unknown job"));
+                  "no role of auth.sync_roles", "404", "description", "unknown job"));
 }

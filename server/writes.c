@@ -459,12 +459,17 @@ static json_t *op(const char *summary, json_t *body_schema, const char *ok, json
     return o;
 }
 
-void writes_openapi(void *paths_v)
+void writes_openapi(rq_t *r, void *paths_v)
 {
     json_t *paths = paths_v;
     tp_wb_schema_t *s = snap_acquire();
     for (int i = 0; s && i < tp_wb_count(s); i++) {
         const tp_wb_table_t *t = tp_wb_table_at(s, i);
+        size_t nroles = 0;
+        while (t->write_roles && t->write_roles[nroles])
+            nroles++;
+        if (!rq_allowed(r, t->write_roles, nroles))
+            continue; /* as the write handlers would answer 403 */
         tp_buf_t b = {0};
         tp_wb_json_schema(t, &b);
         json_t *row = json_loadb(b.data, b.len, 0, NULL);

@@ -74,8 +74,9 @@ typedef struct tp_principal {
     char *email;  /* NULL when unknown */
     char **roles; /* NULL-terminated, deduplicated, never NULL itself */
     char **groups; /* NULL-terminated (databricks-apps header, jwt groups claim) */
-    /* X-Forwarded-Access-Token, for on-behalf-of warehouse calls. Never log,
-     * print or store it: tp_principal_describe redacts it. NULL when absent. */
+    /* X-Forwarded-Access-Token from a trusted proxy, for on-behalf-of warehouse
+     * calls. Never log, print or store it: tp_principal_describe redacts it.
+     * NULL when absent or sent by a peer outside auth.trusted_proxies. */
     char *access_token;
     char credential_id[17]; /* first 16 hex digits of SHA-256(credential); "" */
 } tp_principal_t;
@@ -124,6 +125,9 @@ tp_auth_t *tp_auth_ref(tp_auth_t *a);
 void tp_auth_free(tp_auth_t *a);
 /* The mode a was built for. */
 tp_auth_mode_t tp_auth_mode(const tp_auth_t *a);
+/* The roles that may run a sync job (auth.sync_roles; any one of them, never
+ * empty), NULL-terminated. Borrowed: valid while the caller holds a. */
+const char *const *tp_auth_sync_roles(const tp_auth_t *a);
 /* True when mode is token and auth.token_table is on: the server should load
  * the tidepool.api_tokens snapshot and keep it fresh (auth_tokens.h). */
 bool tp_auth_wants_token_table(const tp_auth_t *a);
@@ -139,7 +143,9 @@ tp_auth_tokens_t *tp_auth_get_tokens(tp_auth_t *a);
  * Refused: a header the mode reads appearing more than once, a missing or malformed credential, an
  * unknown, wrong, expired or revoked token, a JWT failing any check, forwarded
  * identity from a peer outside auth.trusted_proxies, header values with
- * control characters or over their size limits. */
+ * control characters or over their size limits. In every mode the principal's
+ * access_token is X-Forwarded-Access-Token only when the peer is a trusted
+ * proxy (from anyone else the header is ignored). */
 bool tp_auth_check(tp_auth_t *a, const tp_auth_request_t *r, tp_auth_result_t *out) TP_WUR;
 
 /* The address to rate-limit and log: X-Real-Ip when the peer is a trusted

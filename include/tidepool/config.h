@@ -90,6 +90,7 @@ typedef struct tp_config {
         bool token_table;       /* also accept tokens from tidepool.api_tokens */
         char *trusted_proxies;  /* addresses/CIDRs allowed to send X-Forwarded-* */
         char *roles;            /* "user:role+role, group:NAME:role, *:role" */
+        char *sync_roles;       /* who may run sync jobs: "role, role" (any one) */
         char *jwt_secret;       /* HS256 shared secret */
         char *jwt_jwks_file;    /* RS256 keys (JWKS JSON) */
         char *jwt_public_key_file; /* RS256 key (PEM) */

@@ -5,7 +5,8 @@
  * Location + polling past it, DELETE, single flight across concurrent clients
  * (one execution in the emulator's log), a client that disconnects cancels its
  * statement (the emulator's backend stops), the in-flight limit (429 +
- * Retry-After), OBO isolation between two users' tokens (401 without one),
+ * Retry-After), OBO isolation between two users' tokens (401 without one;
+ * the token believed only from a trusted proxy),
  * failure mapping, and Postgres-served datasets unaffected while the
  * warehouse is slow. Two worker threads: polls may land on either. */
 #include "server_harness.h"
@@ -806,6 +807,43 @@ static void handles_belong_to_their_principal(void)
     stop_server(&A);
 }
 
+/* Token mode: the on-behalf-of X-Forwarded-Access-Token is honoured only from
+ * a trusted proxy. Loopback is trusted by default (the @obo read runs with the
+ * user's token); with trusted_proxies elsewhere the header is ignored and the
+ * @obo read answers 401 as if it were absent, while the bearer token still
+ * authenticates. */
+static void obo_token_only_from_trusted_proxy(void)
+{
+    char ha[65], extra[512];
+    sha_hex("carol-secret-token-3", ha);
+    const char *as_carol[] = {"Authorization: Bearer carol-secret-token-3",
+                              "X-Forwarded-Access-Token: " TOK_A, NULL};
+    static const char *const proxies[] = {"", "trusted_proxies = 192.0.2.0/24\n"};
+    for (int i = 0; i < 2; i++) {
+        snprintf(extra, sizeof extra,
+                 "[auth]\nmode = token\ntoken_table = false\ntokens = carol:reader:%s\n%s", ha,
+                 proxies[i]);
+        srv_h_t T = {0};
+        if (!start_server(&T, extra, i ? "obo-untrusted" : "obo-trusted", DSN, true)) {
+            CHECK_MSG(false, "server did not start; see %s", T.log);
+            stop_server(&T);
+            return;
+        }
+        resp_t r = http(&T, "GET", "/api/v1/datasets/mine?dev=9", as_carol, NULL, 0);
+        if (i == 0) {
+            CHECK_WH(r, "warehouse-only");
+        } else {
+            CHECK_PROBLEM(r, 401, NULL);
+            CHECK(strstr(r.body, TOK_A) == NULL);
+        }
+        resp_free(&r);
+        r = http(&T, "GET", "/api/v1/datasets/pgfast", as_carol, NULL, 0);
+        CHECK_INT_EQ(r.status, 200);
+        resp_free(&r);
+        stop_server(&T);
+    }
+}
+
 /* A server whose Postgres is unreachable answers datasets with a twin from
  * the warehouse; the others say 503. */
 static void postgres_down_routes_to_the_warehouse(void)
@@ -850,6 +888,7 @@ int main(void)
         TP_RUN(failures);
         TP_RUN(postgres_unaffected_while_warehouse_slow);
         TP_RUN(handles_belong_to_their_principal);
+        TP_RUN(obo_token_only_from_trusted_proxy);
         TP_RUN(postgres_down_routes_to_the_warehouse);
     }
     harness_finish(&S);

@@ -2,12 +2,16 @@
  * table read roles (@expose roles=), row-level scoping (@expose owner=)
  * enforced in the SQL, a bad @expose option keeping a table unexposed,
  * /metrics needing admin, datasets (GET and POST) by @roles, the open
- * operational endpoints; rate limits per address (X-Real-Ip from a trusted
- * proxy) and per identity with 429 + Retry-After; failed authentication
- * logged without the credential; SIGHUP reloading [auth] and the limits (a
+ * probes, /api/v1/openapi.json needing credentials and listing only what the
+ * caller's roles allow; running a sync job by auth.sync_roles; rate limits
+ * per address (X-Real-Ip from a trusted proxy) and per identity with 429 +
+ * Retry-After; failed authentication (a bearer token over 8 KiB, a header
+ * block over server.max_header_bytes) logged without the credential; SIGHUP reloading [auth] and the limits (a
  * broken file keeps the old settings and logs file:line; a setting needing a
- * restart is logged); and Databricks Apps mode started with only the
- * variables the Apps runtime injects. */
+ * restart is logged); mode databricks-apps refusing forwarded identity from
+ * a peer outside trusted_proxies and identity headers sent twice; and
+ * Databricks Apps mode started with only the variables the Apps runtime
+ * injects. */
 #include "server_harness.h"
 
 #include <ifaddrs.h>
@@ -38,20 +42,22 @@ static void sha_hex(const char *s, char out[65])
 static resp_t as_from(srv_h_t *s, const char *token, const char *ip, const char *method,
                       const char *path, const char *body)
 {
-    char auth[4096], rip[64];
+    char *auth = NULL, rip[64];
     const char *hs[4] = {NULL, NULL, NULL, NULL};
     int n = 0;
     if (body)
         hs[n++] = "Content-Type: application/json";
     if (token) {
-        snprintf(auth, sizeof auth, "Authorization: Bearer %s", token);
+        auth = tp_xasprintf("Authorization: Bearer %s", token); /* any length */
         hs[n++] = auth;
     }
     if (ip) {
         snprintf(rip, sizeof rip, "X-Real-Ip: %s", ip);
         hs[n++] = rip;
     }
-    return http(s, method, path, hs, body, body ? strlen(body) : 0);
+    resp_t r = http(s, method, path, hs, body, body ? strlen(body) : 0);
+    free(auth);
+    return r;
 }
 
 static resp_t as(const char *token, const char *path)
@@ -218,15 +224,82 @@ static void test_dataset_roles(void)
 
 static void test_operational_endpoints_open(void)
 {
-    /* probes and the API description answer without credentials */
+    /* the probes answer without credentials */
     CHECK_INT_EQ(status_as(NULL, "/healthz"), 200);
     CHECK_INT_EQ(status_as(NULL, "/readyz"), 200);
-    CHECK_INT_EQ(status_as(NULL, "/api/v1/openapi.json"), 200);
     CHECK_INT_EQ(status_as(NULL, "/no/such/route"), 404);
+}
+
+/* Whether the OpenAPI document token sees has path (1) or not (0). */
+static int openapi_has(const char *token, const char *path)
+{
+    resp_t r = as(token, "/api/v1/openapi.json");
+    CHECK_INT_EQ(r.status, 200);
+    int has = json_object_get(json_object_get(r.json, "paths"), path) != NULL;
+    resp_free(&r);
+    return has;
+}
+
+/* The API description needs credentials and lists only what the caller's
+ * roles may use, as /api/v1/datasets does: it must not undo that filter. */
+static void test_openapi_filtered_by_role(void)
+{
+    resp_t r = as(NULL, "/api/v1/openapi.json");
+    CHECK_PROBLEM(r, 401, NULL);
+    CHECK(strstr(r.body, "admin_only") == NULL && strstr(r.body, "iot.finance") == NULL);
+    resp_free(&r);
+    r = as("tpk_wrong-token", "/api/v1/openapi.json");
+    CHECK_PROBLEM(r, 401, NULL);
+    resp_free(&r);
+    /* reader: @roles reader datasets and reader tables, not admin or analyst ones */
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/datasets/users"), 1);
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/datasets/daily_metrics"), 1); /* no @roles */
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/datasets/admin_only"), 0);
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/tables/iot.notes"), 1);
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/tables/iot.finance"), 0);
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/tables/iot.users"), 1);
+    /* analyst (a custom role only) */
+    CHECK_INT_EQ(openapi_has(ANA, "/api/v1/datasets/users"), 0);
+    CHECK_INT_EQ(openapi_has(ANA, "/api/v1/tables/iot.finance"), 1);
+    CHECK_INT_EQ(openapi_has(ANA, "/api/v1/tables/iot.notes"), 0);
+    /* writable tables: reader sees no write operations, admin does */
+    CHECK_INT_EQ(openapi_has(VIEWER, "/api/v1/tables/app.user_notes/{pk}"), 0);
+    CHECK_INT_EQ(openapi_has(BOSS, "/api/v1/tables/app.user_notes/{pk}"), 1);
+    /* admin: everything */
+    CHECK_INT_EQ(openapi_has(BOSS, "/api/v1/datasets/admin_only"), 1);
+    CHECK_INT_EQ(openapi_has(BOSS, "/api/v1/tables/iot.finance"), 1);
+    /* and it agrees with /api/v1/datasets */
+    r = as(VIEWER, "/api/v1/datasets");
+    CHECK(r.status == 200 && strstr(r.body, "admin_only") == NULL);
+    resp_free(&r);
+}
+
+/* Running a sync job needs a role of auth.sync_roles (here: analyst; admin
+ * implies it); reading the sync status needs only credentials. */
+static void test_sync_roles(void)
+{
+    resp_t r = as_from(&S, NULL, NULL, "POST", "/api/v1/sync/users/run", NULL);
+    CHECK_PROBLEM(r, 401, NULL);
+    resp_free(&r);
+    r = as_from(&S, VIEWER, NULL, "POST", "/api/v1/sync/users/run", NULL);
+    CHECK_PROBLEM(r, 403, NULL);
+    CHECK_STR_EQ(json_string_value(json_object_get(r.json, "code")), "forbidden");
+    resp_free(&r);
+    r = as_from(&S, ANA, NULL, "POST", "/api/v1/sync/users/run", NULL);
+    CHECK_INT_EQ(r.status, 202);
+    CHECK_CONTAINS(r.body, "\"triggered\":true");
+    resp_free(&r);
+    r = as_from(&S, BOSS, NULL, "POST", "/api/v1/sync/daily_metrics/run", NULL);
+    CHECK_INT_EQ(r.status, 202);
+    resp_free(&r);
+    CHECK(log_has(&S, "\"actor\":\"token:ana\""));
+    CHECK_INT_EQ(status_as(VIEWER, "/api/v1/sync"), 200);
 }
 
 static void test_failed_auth_logged_without_secrets(void)
 {
+    /* (a JWT, alg none included, is just an unknown token in this mode; the JWT
+     * checks themselves are exercised over HTTP by test_server_jwt) */
     static const char *bad[] = {
         "tpk_guessed-secret-value-one",
         "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJtYWxsb3J5In0.",
@@ -239,13 +312,26 @@ static void test_failed_auth_logged_without_secrets(void)
         CHECK(strstr(r.body, bad[i]) == NULL);
         resp_free(&r);
     }
-    char big[3001];
+    /* A token over the 8 KiB bearer limit of lib/auth.c, within this server's
+     * 16k header limit: refused by the length check, before any lookup. */
+    char big[8 * 1024 + 2];
     memset(big, 'k', sizeof big - 1);
     big[sizeof big - 1] = '\0';
     memcpy(big, "tpk_", 4);
-    resp_t r = as(big, "/api/v1/datasets/users"); /* oversized for a token, within the header limit */
+    resp_t r = as(big, "/api/v1/datasets/users");
     CHECK_PROBLEM(r, 401, NULL);
+    CHECK_STR_EQ(json_string_value(json_object_get(r.json, "code")), "invalid-credentials");
+    CHECK(strstr(r.body, "8 KiB") == NULL); /* the client is not told which check */
     resp_free(&r);
+    CHECK(log_has(&S, "bearer token longer than 8 KiB"));
+    /* beyond server.max_header_bytes the header block itself is refused */
+    char *huge = tp_xmalloc(20 * 1024);
+    memset(huge, 'k', 20 * 1024 - 1);
+    huge[20 * 1024 - 1] = '\0';
+    r = as(huge, "/api/v1/datasets/users");
+    CHECK_PROBLEM(r, 431, NULL);
+    resp_free(&r);
+    free(huge);
     /* the same header twice */
     char h[128];
     snprintf(h, sizeof h, "Authorization: Bearer %s", VIEWER);
@@ -467,6 +553,80 @@ static long apps_get(const char *host, int port, const char *path, const char *e
     return apps_get_h(host, port, path, email, NULL);
 }
 
+/* Mode databricks-apps outside Databricks Apps (no DATABRICKS_APP_NAME), over
+ * HTTP: with trusted_proxies naming loopback the forwarded identity is
+ * believed, but each identity header sent twice is refused; with
+ * trusted_proxies elsewhere the same headers from 127.0.0.1 are refused 401,
+ * and the answer does not say why beyond the code. */
+static void test_databricks_apps_trusted_proxies(void)
+{
+    static const char *const confs[] = {
+        "[auth]\nmode = databricks-apps\ntrusted_proxies = 127.0.0.1/32, ::1\nroles = *:reader\n",
+        "[auth]\nmode = databricks-apps\ntrusted_proxies = 192.0.2.0/24, 2001:db8::/32\n"
+        "roles = *:reader\n"};
+    static const char *const alice[] = {"X-Forwarded-Email: alice@example.com",
+                                        "X-Forwarded-User: 4242", NULL};
+    for (int i = 0; i < 2; i++) {
+        srv_h_t A = {0};
+        snprintf(A.qdir, sizeof A.qdir, "%s", S.qdir);
+        A.extra_conf = confs[i];
+        bool up = harness_start(&A, DSN, 1) && harness_ready(&A);
+        CHECK_MSG(up, "server did not start; see %s", A.log);
+        resp_t r = http(&A, "GET", "/api/v1/datasets/users", alice, NULL, 0);
+        if (i == 0) {
+            CHECK_INT_EQ(r.status, 200);
+            resp_free(&r);
+            /* each forwarded identity header injected twice: refused */
+            static const char *const twice[][3] = {
+                {"X-Forwarded-Email: alice@example.com", "X-Forwarded-Email: boss@example.com", NULL},
+                {"X-Forwarded-User: 4242", "X-Forwarded-User: 1", NULL},
+                {"X-Forwarded-Preferred-Username: alice", "X-Forwarded-Preferred-Username: boss",
+                 NULL},
+            };
+            for (size_t k = 0; k < TP_ARRAY_LEN(twice); k++) {
+                r = http(&A, "GET", "/api/v1/datasets/users", twice[k], NULL, 0);
+                CHECK_PROBLEM(r, 401, NULL);
+                CHECK_STR_EQ(json_string_value(json_object_get(r.json, "code")),
+                             "invalid-credentials");
+                CHECK(strstr(r.body, "boss") == NULL && strstr(r.body, "twice") == NULL);
+                resp_free(&r);
+            }
+            CHECK(log_has(&A, "X-Forwarded-Email appears 2 times"));
+        } else {
+            /* loopback is not a trusted proxy here: the identity is not believed */
+            CHECK_PROBLEM(r, 401, NULL);
+            CHECK_STR_EQ(json_string_value(json_object_get(r.json, "code")),
+                         "invalid-credentials");
+            CHECK(strstr(r.body, "alice") == NULL && strstr(r.body, "proxy") == NULL);
+            resp_free(&r);
+            const char *with_token[] = {"X-Forwarded-Email: alice@example.com",
+                                        "X-Forwarded-Access-Token: obo-untrusted-never-logged",
+                                        NULL};
+            r = http(&A, "GET", "/api/v1/tables/iot.users?limit=1", with_token, NULL, 0);
+            CHECK_PROBLEM(r, 401, NULL);
+            resp_free(&r);
+            r = http(&A, "GET", "/api/v1/datasets", NULL, NULL, 0);
+            CHECK_PROBLEM(r, 401, NULL);
+            CHECK_STR_EQ(json_string_value(json_object_get(r.json, "code")),
+                         "missing-credentials");
+            resp_free(&r);
+            CHECK(log_has(&A, "peer 127.0.0.1 is not a trusted proxy"));
+            char *log = tp_read_file(A.log, NULL);
+            CHECK(log && strstr(log, "obo-untrusted-never-logged") == NULL);
+            free(log);
+        }
+        if (A.pid > 0)
+            CHECK_INT_EQ(tp_test_stop(A.pid, 15000), 0);
+        if (tp_test_failed_checks) {
+            char *log = tp_read_file(A.log, NULL);
+            printf("# apps server %d log:\n%s\n", i, log ? log : "");
+            free(log);
+        }
+        free(A.conf);
+        free(A.log);
+    }
+}
+
 /* Databricks Apps: no config file, only what the runtime injects. */
 static void test_databricks_apps_mode(void)
 {
@@ -547,9 +707,10 @@ int main(void)
     sha_hex(BOB, hbo);
     snprintf(conf, sizeof conf,
              "[auth]\nmode = token\ntokens = viewer:reader:%s, boss:admin:%s, ana:analyst:%s, "
-             "alice:reader:%s, bob:reader:%s\n",
+             "alice:reader:%s, bob:reader:%s\nsync_roles = analyst\n",
              hv, hb, ha, hal, hbo);
     S.extra_conf = conf;
+    S.max_header_bytes = "16k"; /* room for a bearer token over lib/auth.c's 8 KiB */
     snprintf(S.qdir, sizeof S.qdir, "%s/queries", tp_test_tmpdir());
     mkdir(S.qdir, 0755);
     harness_def(&S, "admin_only.sql", "-- @roles admin\nSELECT 42 AS answer\n");
@@ -562,8 +723,11 @@ int main(void)
     TP_RUN(test_metrics_needs_admin);
     TP_RUN(test_dataset_roles);
     TP_RUN(test_operational_endpoints_open);
+    TP_RUN(test_openapi_filtered_by_role);
+    TP_RUN(test_sync_roles);
     TP_RUN(test_failed_auth_logged_without_secrets);
     TP_RUN(test_rate_limits_and_reload);
+    TP_RUN(test_databricks_apps_trusted_proxies);
     TP_RUN(test_databricks_apps_mode);
     harness_finish(&S);
     return tp_test_done();

@@ -672,7 +672,18 @@ static void test_sync_trigger(void)
 
 static void test_openapi(void)
 {
+    /* the description needs a caller, and shows only what the caller may do */
     resp_t r = get(&S, "/api/v1/openapi.json");
+    CHECK_PROBLEM(r, 401, NULL);
+    resp_free(&r);
+    r = wr(READER, "GET", "/api/v1/openapi.json", NULL, NULL, NULL);
+    CHECK_INT_EQ(r.status, 200);
+    json_t *rt = json_object_get(json_object_get(r.json, "paths"), "/api/v1/tables/app.user_notes");
+    CHECK(json_object_get(rt, "post") == NULL); /* @writable roles=writer */
+    CHECK(json_object_get(json_object_get(r.json, "paths"),
+                          "/api/v1/tables/app.user_notes/{pk}") == NULL);
+    resp_free(&r);
+    r = wr(ALICE, "GET", "/api/v1/openapi.json", NULL, NULL, NULL);
     CHECK_INT_EQ(r.status, 200);
     json_t *paths = json_object_get(r.json, "paths");
     json_t *t = json_object_get(paths, "/api/v1/tables/app.user_notes");

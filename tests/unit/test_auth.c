@@ -428,6 +428,70 @@ static void token_entries_errors(void)
     free(h);
 }
 
+/* Modes none and token (jwt shares the code): X-Forwarded-Access-Token is
+ * kept only from a trusted proxy, ignored from anyone else, refused twice. */
+static void access_token_only_from_trusted_proxy(void)
+{
+    tp_auth_t *a = token_auth(false); /* trusted_proxies: loopback (the default) */
+    tp_auth_request_t r;
+    bearer_request(&r, TOK_CI); /* peer 198.51.100.4: not a trusted proxy */
+    tp_auth_request_header(&r, "X-Forwarded-Access-Token", OBO);
+    tp_principal_t *p = GRANTED(a, &r);
+    CHECK(p != NULL && p->access_token == NULL);
+    tp_principal_free(p);
+    r.peer = "127.0.0.1";
+    p = GRANTED(a, &r);
+    CHECK(p != NULL && p->access_token != NULL && strcmp(p->access_token, OBO) == 0);
+    tp_principal_free(p);
+    r.peer = "::1";
+    r.hdr[TP_AUTH_HDR_FWD_ACCESS_TOKEN].value = "obo\r\nX-Evil: 1";
+    REFUSED(a, &r, 401, TP_AUTH_CODE_INVALID, "X-Forwarded-Access-Token is empty, too long");
+    r.hdr[TP_AUTH_HDR_FWD_ACCESS_TOKEN].value = OBO;
+    tp_auth_request_header(&r, "X-Forwarded-Access-Token", "obo-secret-two");
+    REFUSED(a, &r, 401, TP_AUTH_CODE_INVALID, "X-Forwarded-Access-Token appears 2 times");
+    tp_auth_free(a);
+    /* mode none: the same rule, with the proxies configured */
+    char err[512] = "";
+    a = auth_from("[auth]\nmode = none\ntrusted_proxies = 10.9.0.0/16\n", err, sizeof err);
+    CHECK_MSG(a != NULL, "%s", err);
+    tp_auth_request_t n = {.peer = "127.0.0.1", .now_s = g_now};
+    tp_auth_request_header(&n, "X-Forwarded-Access-Token", OBO);
+    p = GRANTED(a, &n);
+    CHECK(p != NULL && p->access_token == NULL);
+    tp_principal_free(p);
+    n.peer = "10.9.3.4";
+    p = GRANTED(a, &n);
+    CHECK(p != NULL && p->access_token != NULL);
+    tp_principal_free(p);
+    tp_auth_free(a);
+}
+
+/* auth.sync_roles: admin by default, custom lists, never empty. */
+static void sync_roles_setting(void)
+{
+    char err[512] = "";
+    tp_auth_t *a = auth_from("[auth]\nmode = none\n", err, sizeof err);
+    CHECK_MSG(a != NULL, "%s", err);
+    const char *const *sr = a ? tp_auth_sync_roles(a) : NULL;
+    CHECK(sr != NULL && sr[0] != NULL && strcmp(sr[0], "admin") == 0 && sr[1] == NULL);
+    tp_auth_free(a);
+    a = auth_from("[auth]\nmode = none\nsync_roles = operator, data.eng\n", err, sizeof err);
+    CHECK_MSG(a != NULL, "%s", err);
+    sr = a ? tp_auth_sync_roles(a) : NULL;
+    CHECK(sr != NULL && tp_auth_strv_len(sr) == 2);
+    tp_auth_request_t r = {.peer = "127.0.0.1", .now_s = g_now};
+    tp_principal_t *p = GRANTED(a, &r); /* anonymous: reader, writer, admin */
+    CHECK(sr != NULL && tp_auth_allowed(p, sr)); /* admin implies operator */
+    tp_principal_free(p);
+    tp_auth_free(a);
+    a = auth_from("[auth]\nsync_roles = ,\n", err, sizeof err);
+    CHECK(a == NULL);
+    CHECK_CONTAINS(err, ":2: auth.sync_roles: name at least one role");
+    a = auth_from("[auth]\n\nsync_roles = admin, ops!\n", err, sizeof err);
+    CHECK(a == NULL);
+    CHECK_CONTAINS(err, ":3: auth.sync_roles: role \"ops!\" is not");
+}
+
 /* ---- databricks-apps ---- */
 
 static void apps_request(tp_auth_request_t *r, const char *peer)
@@ -713,6 +777,8 @@ int main(void)
     TP_RUN(token_lookup_many);
     TP_RUN(snapshot_swaps_under_load);
     TP_RUN(token_entries_errors);
+    TP_RUN(access_token_only_from_trusted_proxy);
+    TP_RUN(sync_roles_setting);
     TP_RUN(mode_databricks_apps);
     TP_RUN(apps_groups_and_fallbacks);
     TP_RUN(apps_config_errors);

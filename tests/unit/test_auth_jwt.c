@@ -24,6 +24,7 @@
 #define HS_SECRET "hs256-test-secret-0123456789abcdefghijkl"
 #define AUD "tidepool-api"
 #define ISS "https://idp.example.com/"
+#define AUD_ISS "jwt_audience = " AUD "\njwt_issuer = " ISS "\n"
 
 static EVP_PKEY *g_key1, *g_key2, *g_other; /* key1/key2 in the JWKS; other is not */
 static char *g_pem1;                        /* public PEM of key1 */
@@ -299,7 +300,7 @@ static void hs256_and_rs256_verify(void)
 static void pem_key_verifies_any_kid(void)
 {
     char *pem = tp_test_write_tmp("pub.pem", g_pem1);
-    char *conf = tp_xasprintf("[auth]\nmode = jwt\njwt_public_key_file = %s\n", pem);
+    char *conf = tp_xasprintf("[auth]\nmode = jwt\njwt_public_key_file = %s\n" AUD_ISS, pem);
     char err[512] = "";
     tp_auth_t *a = auth_from(conf, err, sizeof err);
     CHECK_MSG(a != NULL, "%s", err);
@@ -446,7 +447,7 @@ static void alg_confusion_with_rsa_only(void)
     char *j1 = jwk(g_key1, "k1");
     char *jwks = tp_xasprintf("{\"keys\":[%s]}", j1);
     char *jpath = tp_test_write_tmp("jwks1.json", jwks);
-    char *conf = tp_xasprintf("[auth]\nmode = jwt\njwt_jwks_file = %s\n", jpath);
+    char *conf = tp_xasprintf("[auth]\nmode = jwt\njwt_jwks_file = %s\n" AUD_ISS, jpath);
     char err[512] = "";
     tp_auth_t *a = auth_from(conf, err, sizeof err);
     CHECK_MSG(a != NULL, "%s", err);
@@ -532,14 +533,39 @@ static void key_configuration_errors(void)
     CHECK_INT_EQ(tp_jwt_keys_rsa_count(k), 0);
     tp_jwt_keys_free(k);
     /* through the config: each error names the setting */
-    tp_auth_t *a = auth_from("[auth]\nmode = jwt\n", err, sizeof err);
+    tp_auth_t *a = auth_from("[auth]\nmode = jwt\n" AUD_ISS, err, sizeof err);
     CHECK(a == NULL);
     CHECK_CONTAINS(err, "auth.mode: jwt mode needs auth.jwt_secret");
-    a = auth_from("[auth]\nmode = jwt\njwt_secret = tooshort-secret-value\n", err, sizeof err);
+    /* aud and iss are always checked: the config names the missing one */
+    a = auth_from("[auth]\nmode = jwt\njwt_secret = " HS_SECRET "\njwt_issuer = " ISS "\n", err,
+                  sizeof err);
+    CHECK(a == NULL);
+    CHECK_CONTAINS(err, "jwt.conf:2: auth.mode = jwt needs auth.jwt_audience");
+    a = auth_from("[auth]\nmode = jwt\njwt_secret = " HS_SECRET "\njwt_audience = " AUD "\n", err,
+                  sizeof err);
+    CHECK(a == NULL);
+    CHECK_CONTAINS(err, "jwt.conf:2: auth.mode = jwt needs auth.jwt_issuer");
+    CHECK(strstr(err, HS_SECRET) == NULL);
+    /* and a config built without the loader cannot skip them either */
+    tp_config_t bare = {0};
+    char cerr[512] = "";
+    CHECK(tp_config_load(&bare, NULL, cerr, sizeof cerr));
+    char *old_mode = bare.auth.mode, *old_secret = bare.auth.jwt_secret;
+    bare.auth.mode = (char *)"jwt";
+    bare.auth.jwt_secret = (char *)HS_SECRET;
+    a = tp_auth_new(&bare, err, sizeof err);
+    CHECK(a == NULL);
+    CHECK_CONTAINS(err, "auth.jwt_audience: jwt mode needs an audience");
+    bare.auth.mode = old_mode;
+    bare.auth.jwt_secret = old_secret;
+    tp_config_free(&bare);
+    a = auth_from("[auth]\nmode = jwt\njwt_secret = tooshort-secret-value\n" AUD_ISS, err,
+                  sizeof err);
     CHECK(a == NULL);
     CHECK_CONTAINS(err, ":3: auth.jwt_secret: HS256 secret is 21 bytes");
     CHECK(strstr(err, "tooshort-secret-value") == NULL);
-    a = auth_from("[auth]\nmode = jwt\njwt_jwks_file = /nonexistent/jwks.json\n", err, sizeof err);
+    a = auth_from("[auth]\nmode = jwt\njwt_jwks_file = /nonexistent/jwks.json\n" AUD_ISS, err,
+                  sizeof err);
     CHECK(a == NULL);
     CHECK_CONTAINS(err, "auth.jwt_jwks_file: cannot read /nonexistent/jwks.json");
 }

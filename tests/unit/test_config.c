@@ -462,8 +462,10 @@ static void auth_none_needs_loopback(void)
     EXPECT_ERR("[auth]\nmode = none\n[server]\nlisten = 0.0.0.0:8080\n", 4,
                "auth.mode = none is only allowed on a loopback server.listen (not "
                "0.0.0.0:8080); set auth.mode to token, databricks-apps or jwt");
-    CHECK_MSG(load_text(&c, "[auth]\nmode = jwt\n[server]\nlisten = 0.0.0.0:8080\n", err,
-                        sizeof err),
+    CHECK_MSG(load_text(&c,
+                        "[auth]\nmode = jwt\njwt_audience = api\njwt_issuer = https://idp/\n"
+                        "[server]\nlisten = 0.0.0.0:8080\n",
+                        err, sizeof err),
               "%s", err);
     tp_config_free(&c);
     /* listen from the environment, auth.mode = none from the file: points at the file line */
@@ -697,12 +699,21 @@ static void auth_settings(void)
     free(out);
     /* auth settings take effect on reload */
     tp_config_t d = {0};
-    CHECK(load_text(&d, "[auth]\nmode = jwt\njwt_audience = other\nrate_per_address = 5\n", err,
-                    sizeof err));
+    CHECK(load_text(&d,
+                    "[auth]\nmode = jwt\njwt_audience = other\njwt_issuer = https://idp/\n"
+                    "rate_per_address = 5\n",
+                    err, sizeof err));
     CHECK(tp_config_restart_needed(&c, &d) == NULL);
     tp_config_free(&d);
     tp_config_free(&c);
 
+    /* jwt mode always checks aud and iss: both must be configured */
+    EXPECT_ERR("[auth]\nmode = jwt\njwt_issuer = https://idp/\n", 2,
+               "auth.mode = jwt needs auth.jwt_audience: every token's aud and iss are checked "
+               "against auth.jwt_audience and auth.jwt_issuer");
+    EXPECT_ERR("[auth]\njwt_audience = api\nmode = jwt\n", 3,
+               "auth.mode = jwt needs auth.jwt_issuer: every token's aud and iss are checked "
+               "against auth.jwt_audience and auth.jwt_issuer");
     EXPECT_ERR("[auth]\njwt_clock_skew = 11m\n", 2,
                "invalid value \"11m\" for auth.jwt_clock_skew: expected a duration from 0 to "
                "10m (like 30s, 5m, 250ms)");
