@@ -155,6 +155,7 @@ typedef struct srv {
     atomic_bool listen_up;
     atomic_bool migrations_ok;
     atomic_bool migrations_known;
+    atomic_bool migrate_pending; /* Postgres was unreachable at start: the status thread migrates */
     atomic_bool tables_ready; /* exposed tables reflected at least once */
     char migrations_why[600]; /* guarded by lock */
     atomic_int_fast64_t drain_ms;        /* server.drain_timeout (reloadable) */
@@ -181,6 +182,13 @@ extern srv_t g_srv;
  * command, table reflection): with Lakebase, the password is a fresh credential
  * (tp_lakebase_connect). Thread-safe. */
 PGconn *srv_pg_connect(const char *dsn, int64_t timeout_ms, char *err, size_t errlen);
+
+/* Readiness as /readyz answers it and as READY=1 waits for it (routes.c): the
+ * Postgres pool up (w's, or with w NULL every worker's as last published by
+ * its tick), migrations current, the LISTEN connection up, exposed tables
+ * reflected. When not ready, appends the reasons to why and sets *field to the
+ * first check that failed (either may be NULL). Any thread (w: its own). */
+bool srv_readiness(const worker_t *w, tp_buf_t *why, const char **field);
 
 /* ---- request context ---- */
 
