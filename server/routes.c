@@ -243,8 +243,11 @@ void route_request(struct evhttp_request *req, void *arg)
     } else if (route == RT_READYZ) {
         h_readyz(r);
     } else if (route == RT_METRICS) {
-        if (metrics_allowed(r))
+        if (metrics_allowed(r)) {
+            /* per-job gauges: this answer uses the view as it is, the next a fresher one */
+            syncstate_refresh(r->w);
             h_metrics(r);
+        }
     } else if (route == RT_OPENAPI) {
         h_openapi(r);
     } else if (!rq_authenticate(r) || !parse_format(r)) {
@@ -354,7 +357,10 @@ void h_metrics(rq_t *r)
                   atomic_load(&g_srv.migrations_ok) ? 1 : 0);
     tp_buf_puts(&b, "# HELP tidepool_job_freshness_seconds Seconds since the job's last successful sync.\n"
                     "# TYPE tidepool_job_freshness_seconds gauge\n"
-                    "# TYPE tidepool_job_generation gauge\n");
+                    "# TYPE tidepool_job_generation gauge\n"
+                    "# HELP tidepool_job_consecutive_failures Failed runs of the job since its last "
+                    "success (tidepool.sync_state).\n"
+                    "# TYPE tidepool_job_consecutive_failures gauge\n");
     int64_t now = tp_wall_ms();
     pthread_mutex_lock(&g_srv.lock);
     int nj = g_srv.njobs;
@@ -369,6 +375,8 @@ void h_metrics(rq_t *r)
                           (double)(now - js->last_success_ms) / 1000.0);
         tp_buf_printf(&b, "tidepool_job_generation{job=\"%s\"} %lld\n", name,
                       (long long)js->generation);
+        tp_buf_printf(&b, "tidepool_job_consecutive_failures{job=\"%s\"} %lld\n", name,
+                      (long long)js->failures);
     }
     writes_metrics(&b);
     events_metrics(&b);

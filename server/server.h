@@ -96,6 +96,7 @@ typedef struct jobstate {
     bool known;
     int64_t generation;
     int64_t last_success_ms; /* wall clock; 0 = never */
+    int64_t failures;        /* consecutive failed runs (0 after a success) */
 } jobstate_t;
 
 typedef struct rq rq_t;
@@ -316,6 +317,10 @@ void h_datasets(rq_t *r);
 void h_dataset(rq_t *r, const char *name);
 /* Ensures the worker's sync_state view is fresh, then runs r->cont(r). */
 void syncstate_then(rq_t *r, void (*cont)(rq_t *r));
+/* Starts a background read of the worker's sync_state view when it is older
+ * than a second, announced stale or never read; never waits (for /metrics,
+ * which must answer while the pool is saturated or down). */
+void syncstate_refresh(worker_t *w);
 /* Fills Last-Modified / generation for a dataset's required jobs. */
 void freshness_headers(worker_t *w, const defgen_t *g, int ds_idx, centry_t *meta);
 

@@ -1,5 +1,6 @@
 /* tidepool-server operations against the harness Postgres: response cache
- * hits, bypass, invalidation by NOTIFY tidepool_sync (per job), single flight,
+ * hits, bypass, invalidation by NOTIFY tidepool_sync (per job), the per-job
+ * failure gauge on /metrics, single flight,
  * a full pool queue (503 + Retry-After), Postgres going away (backends
  * terminated; the cluster stopped and started: 503 + Retry-After, /readyz
  * failing, recovery without restart), the sd_notify protocol of a server
@@ -126,6 +127,33 @@ static void test_invalidation_by_notify(void)
     CHECK_STR_EQ(hdr(&r, "X-Tidepool-Source"), "cache");
     resp_free(&r);
     free(old_body);
+}
+
+/* Polls /metrics (at most 5 s) until name has value want; returns the last value. */
+static long await_metric(const char *name, long want)
+{
+    long v = -1;
+    for (int i = 0; i < 50; i++) {
+        v = metric(name);
+        if (v == want)
+            break;
+        usleep(100000);
+    }
+    return v;
+}
+
+/* Failing sync runs show on /metrics: tidepool_job_consecutive_failures per job,
+ * read from tidepool.sync_state (no dataset read needed to refresh it), and
+ * back to 0 after a success. */
+static void test_job_failures_metric(void)
+{
+    CHECK_INT_EQ(metric("tidepool_job_consecutive_failures{job=\"daily_metrics\"}"), 0);
+    sql("UPDATE tidepool.sync_state SET consecutive_failures = 3, last_error = 'boom',"
+        " last_error_at = now() WHERE job = 'users'");
+    CHECK_INT_EQ(await_metric("tidepool_job_consecutive_failures{job=\"users\"}", 3), 3);
+    CHECK_INT_EQ(metric("tidepool_job_consecutive_failures{job=\"daily_metrics\"}"), 0);
+    sql("UPDATE tidepool.sync_state SET consecutive_failures = 0, last_error = NULL WHERE job = 'users'");
+    CHECK_INT_EQ(await_metric("tidepool_job_consecutive_failures{job=\"users\"}", 0), 0);
 }
 
 static void test_single_flight(void)
@@ -460,6 +488,7 @@ int main(void)
         return tp_test_done();
     TP_RUN(test_cache_hit_and_bypass);
     TP_RUN(test_invalidation_by_notify);
+    TP_RUN(test_job_failures_metric);
     TP_RUN(test_single_flight);
     TP_RUN(test_queue_full);
     TP_RUN(test_backends_terminated);
