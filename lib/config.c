@@ -763,7 +763,8 @@ static bool password_given(const char *dsn)
         if (v != NULL && *v != '\0')
             return true;
     }
-    bool expanded = dsn != NULL && (strchr(dsn, '=') != NULL || strncmp(dsn, "postgresql://", 13) == 0 ||
+    bool expanded = dsn != NULL && (strchr(dsn, '=') != NULL ||
+                                    strncmp(dsn, "postgresql://", 13) == 0 ||
                                     strncmp(dsn, "postgres://", 11) == 0);
     PQconninfoOption *opts = expanded ? PQconninfoParse(dsn, NULL) : NULL;
     bool found = false;

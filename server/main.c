@@ -707,7 +707,8 @@ static void status_publish(void)
             connected += atomic_load_explicit(&g_srv.workers[i].m.pool_connected,
                                               memory_order_relaxed);
         const char *tls = g_srv.cfg.server.tls_listen;
-        snprintf(line, sizeof line, "listening on %s%s%s, %d thread%s, %zu dataset%s; PostgreSQL %s%s%.300s%s",
+        snprintf(line, sizeof line,
+                 "listening on %s%s%s, %d thread%s, %zu dataset%s; PostgreSQL %s%s%.300s%s",
                  g_srv.cfg.server.listen, *tls ? " and https " : "", tls, g_srv.nthreads,
                  g_srv.nthreads == 1 ? "" : "s", nds, nds == 1 ? "" : "s",
                  connected > 0 ? "up" : "down", ready || connected == 0 ? "" : "; not ready: ",
@@ -739,7 +740,8 @@ static void on_status_tick(evutil_socket_t fd, short what, void *arg)
         char ms[24];
         snprintf(ms, sizeof ms, "%lld", (long long)(tp_wall_ms() - g_srv.started_ms));
         const char *kv[] = {"after_ms", ms, NULL};
-        tp_logkv(TP_LOG_INFO, kv, "ready: migrations current, Postgres and LISTEN up, tables reflected");
+        tp_logkv(TP_LOG_INFO, kv,
+                 "ready: migrations current, Postgres and LISTEN up, tables reflected");
     }
     status_publish();
     struct timeval tv = {g_ready_sent ? 1 : 0, g_ready_sent ? 0 : 200000};

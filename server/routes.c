@@ -358,8 +358,8 @@ void h_metrics(rq_t *r)
     tp_buf_puts(&b, "# HELP tidepool_job_freshness_seconds Seconds since the job's last successful sync.\n"
                     "# TYPE tidepool_job_freshness_seconds gauge\n"
                     "# TYPE tidepool_job_generation gauge\n"
-                    "# HELP tidepool_job_consecutive_failures Failed runs of the job since its last "
-                    "success (tidepool.sync_state).\n"
+                    "# HELP tidepool_job_consecutive_failures Failed runs of the job since its "
+                    "last success (tidepool.sync_state).\n"
                     "# TYPE tidepool_job_consecutive_failures gauge\n");
     int64_t now = tp_wall_ms();
     pthread_mutex_lock(&g_srv.lock);

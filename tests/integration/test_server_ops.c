@@ -9,10 +9,6 @@
  * and broken files) and SIGTERM draining an in-flight request. */
 #include "server_harness.h"
 
-#include <poll.h>
-#include <sys/socket.h>
-#include <sys/un.h>
-
 static srv_h_t S;
 static const char *DSN;
 
@@ -152,7 +148,8 @@ static void test_job_failures_metric(void)
         " last_error_at = now() WHERE job = 'users'");
     CHECK_INT_EQ(await_metric("tidepool_job_consecutive_failures{job=\"users\"}", 3), 3);
     CHECK_INT_EQ(metric("tidepool_job_consecutive_failures{job=\"daily_metrics\"}"), 0);
-    sql("UPDATE tidepool.sync_state SET consecutive_failures = 0, last_error = NULL WHERE job = 'users'");
+    sql("UPDATE tidepool.sync_state SET consecutive_failures = 0, last_error = NULL"
+        " WHERE job = 'users'");
     CHECK_INT_EQ(await_metric("tidepool_job_consecutive_failures{job=\"users\"}", 0), 0);
 }
 
@@ -378,8 +375,8 @@ static void test_notify_waits_for_postgres(void)
     CHECK_STR_EQ(n, "t"); /* migrated once Postgres answered */
     free(n);
     char want[128];
-    snprintf(want, sizeof want, "STATUS=listening on 127.0.0.1:%d, 1 thread, 1 dataset; PostgreSQL up",
-             q.port);
+    snprintf(want, sizeof want,
+             "STATUS=listening on 127.0.0.1:%d, 1 thread, 1 dataset; PostgreSQL up", q.port);
     CHECK_MSG(tp_test_notify_wait(&nt, ready > 0 ? (size_t)ready : 0, want, 5000) >= 0,
               "no \"%s\"", want);
     CHECK_MSG(tp_test_notify_wait(&nt, ready > 0 ? (size_t)ready + 1 : 0, "WATCHDOG=1", 3000) >= 0,
@@ -401,7 +398,8 @@ static void test_notify_waits_for_postgres(void)
 
     mark = nt.n;
     kill(q.pid, SIGTERM);
-    CHECK_MSG(tp_test_notify_wait(&nt, mark, "STOPPING=1", 5000) >= 0, "no STOPPING=1 after SIGTERM");
+    CHECK_MSG(tp_test_notify_wait(&nt, mark, "STOPPING=1", 5000) >= 0,
+              "no STOPPING=1 after SIGTERM");
     CHECK_INT_EQ(tp_test_stop(q.pid, 15000), 0);
     if (tp_test_failed_checks > fails0)
         tp_test_notify_dump(&nt, 0);

@@ -434,7 +434,8 @@ static void notify_protocol(void)
 
     mark = nt.n;
     kill(d, SIGTERM);
-    CHECK_MSG(tp_test_notify_wait(&nt, mark, "STOPPING=1", 5000) >= 0, "no STOPPING=1 after SIGTERM");
+    CHECK_MSG(tp_test_notify_wait(&nt, mark, "STOPPING=1", 5000) >= 0,
+              "no STOPPING=1 after SIGTERM");
     CHECK_INT_EQ(tp_test_stop(d, 10000), 0);
     if (tp_test_failed_checks > fails0)
         tp_test_notify_dump(&nt, 0);

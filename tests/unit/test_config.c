@@ -850,8 +850,8 @@ static void lakebase_auto(void)
     CHECK_STR_EQ(c.postgres.password_source, "none");
     tp_config_free(&c);
     unsetenv("PGPASSWORD");
-    CHECK_MSG(load_text(&c, "[postgres]\ndsn = host=h password=" SECRET "\n", err, sizeof err), "%s",
-              err);
+    CHECK_MSG(load_text(&c, "[postgres]\ndsn = host=h password=" SECRET "\n", err, sizeof err),
+              "%s", err);
     CHECK_STR_EQ(c.postgres.password_source, "none");
     tp_config_free(&c);
     /* so does the environment's explicit choice */
