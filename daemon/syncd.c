@@ -237,6 +237,56 @@ static void maybe_exit(syncd_t *d)
         event_base_loopexit(d->base, NULL);
 }
 
+/* Jobs defined, and how many of them failed their last run. */
+static void job_counts(const syncd_t *d, size_t *jobs, size_t *failing)
+{
+    *jobs = *failing = 0;
+    for (size_t i = 0; i < d->n_slots; i++) {
+        if (d->slots[i]->removed)
+            continue;
+        (*jobs)++;
+        if (d->slots[i]->failures > 0)
+            (*failing)++;
+    }
+}
+
+/* STATUS= after a run of s ended (daemon mode; one datagram per run, never per
+ * row): "daily_metrics ok 90000 rows in 1.2s; 3 jobs", or the failure (its
+ * message cut short; the log has it whole) and how many jobs are failing. */
+static void status_run_done(const syncd_t *d, const slot_t *s, tp_syncjob_t *r,
+                            tp_syncjob_outcome_t outcome)
+{
+    if (d->opts->once || d->stopping)
+        return;
+    size_t jobs, failing;
+    job_counts(d, &jobs, &failing);
+    double secs = (double)(tp_now_ms() - tp_syncjob_started_ms(r)) / 1000.0;
+    char tail[64];
+    snprintf(tail, sizeof tail, "%zu job%s", jobs, jobs == 1 ? "" : "s");
+    if (failing > 0)
+        snprintf(tail + strlen(tail), sizeof tail - strlen(tail), ", %zu failing", failing);
+    switch (outcome) {
+    case TP_SYNCJOB_SUCCEEDED:
+        tp_notify_status("%s ok %lld rows in %.1fs; %s", s->name, (long long)tp_syncjob_rows(r),
+                         secs, tail);
+        break;
+    case TP_SYNCJOB_FAILED: {
+        const char *e = tp_syncjob_error(r);
+        size_t plen = strlen(s->name);
+        if (strncmp(e, "job ", 4) == 0 && strncmp(e + 4, s->name, plen) == 0 &&
+            strncmp(e + 4 + plen, ": ", 2) == 0)
+            e += 4 + plen + 2; /* the job is named already */
+        tp_notify_status("%s failed after %.1fs: %.400s; %s", s->name, secs, e, tail);
+        break;
+    }
+    case TP_SYNCJOB_SKIPPED:
+        tp_notify_status("%s skipped: another tidepool-sync runs it; %s", s->name, tail);
+        break;
+    case TP_SYNCJOB_CANCELED:
+        break;
+    }
+}
+
 static void on_run_done(tp_syncjob_t *r, tp_syncjob_outcome_t outcome, void *arg)
 {
     slot_t *s = arg;
@@ -273,6 +323,7 @@ static void on_run_done(tp_syncjob_t *r, tp_syncjob_outcome_t outcome, void *arg
     } else if (outcome == TP_SYNCJOB_CANCELED && d->opts->once) {
         d->once_failed++;
     }
+    status_run_done(d, s, r, outcome);
     tp_syncjob_free(r);
     defset_unref(s->run_set);
     s->run_set = NULL;
@@ -364,7 +415,7 @@ static void install(syncd_t *d, defset_t *set, bool startup)
     defset_unref(old);
 }
 
-static void reload(syncd_t *d)
+static bool reload(syncd_t *d)
 {
     tp_defs_diag_t diag = {0};
     defset_t *set = defset_load(d->defs_dir, &diag);
@@ -375,11 +426,12 @@ static void reload(syncd_t *d)
         tp_error("reload refused: %zu problem(s) in %s; the previous definitions keep running", diag.n,
                  d->defs_dir);
         tp_defs_diag_free(&diag);
-        return;
+        return false;
     }
     tp_defs_diag_free(&diag);
     install(d, set, false);
     tp_info("definitions reloaded: %zu job(s)", set->set->n_jobs);
+    return true;
 }
 
 /* ---- triggers (LISTEN tidepool_trigger) ---- */
@@ -472,7 +524,7 @@ static int max_running_of(const tp_config_t *c)
 /* SIGHUP, part one: the settings the daemon applies without a restart. The
  * rest of the file (connections, warehouse client, shipper) stays as it
  * started; tp_config_reload says which changed settings wait for a restart. */
-static void config_reload(syncd_t *d)
+static bool config_reload(syncd_t *d)
 {
     static const char *const live[] = {"log.level", "sync.definitions",
                                        "sync.max_concurrent_jobs", NULL};
@@ -481,7 +533,7 @@ static void config_reload(syncd_t *d)
     tp_config_t eff;
     tp_config_t *fresh = tp_config_reload(d->cfg, &scope, &eff);
     if (!fresh)
-        return;
+        return false;
     tp_log_level_t lvl;
     if (eff.log.level && tp_log_parse_level(eff.log.level, &lvl))
         tp_log_set_level(lvl);
@@ -493,6 +545,16 @@ static void config_reload(syncd_t *d)
     start_waiting(d); /* a higher limit starts due jobs now */
     tp_info("configuration reloaded: at most %d job(s) at once, definitions from %s",
             d->max_running, d->defs_dir);
+    return true;
+}
+
+/* STATUS= of the daemon at rest: at start and after each SIGHUP. */
+static void status_jobs(const syncd_t *d, const char *what)
+{
+    size_t jobs, failing;
+    job_counts(d, &jobs, &failing);
+    tp_notify_status("%s %zu job%s, at most %d at once%s", what, jobs, jobs == 1 ? "" : "s",
+                     d->max_running, failing > 0 ? "; some failing (see log)" : "");
 }
 
 static void on_signal(evutil_socket_t sig, short what, void *arg)
@@ -502,9 +564,11 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     if (sig == SIGHUP) {
         tp_info("SIGHUP: reloading configuration and definitions");
         tp_notify_reloading();
-        config_reload(d);
-        reload(d);
+        bool cfg_ok = config_reload(d);
+        bool defs_ok = reload(d);
         tp_notify_ready();
+        status_jobs(d, cfg_ok && defs_ok ? "reloaded: running"
+                                         : "reload failed (see log), still running");
         return;
     }
     begin_shutdown(d, sig == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -812,7 +876,7 @@ int tp_syncd_run(const tp_config_t *cfg, const tp_syncd_opts_t *opts)
         if (!tp_notify_wd_start(d.base, &d.wd))
             tp_warn("systemd watchdog timer could not be armed");
         tp_notify_ready();
-        tp_notify_status("running %zu job(s)", d.n_slots);
+        status_jobs(&d, "running");
     }
     if (!(opts->once && d.once_pending == 0))
         event_base_dispatch(d.base);

@@ -37,7 +37,7 @@
 #define MASK "********"
 
 static const char *const auth_modes[] = {"none", "token", "databricks-apps", "jwt", NULL};
-static const char *const password_sources[] = {"none", "lakebase", NULL};
+static const char *const password_sources[] = {"auto", "none", "lakebase", NULL};
 static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL};
 
 #define OFF(field) offsetof(tp_config_t, field)
@@ -56,9 +56,12 @@ const tp_setting_t tp_settings[] = {
      .default_value = "10s", .offset = OFF(postgres.connect_timeout_ms), .min = 100,
      .max = 10 * MS_M, .help = "give up on a Postgres connection attempt after this long"},
     {.section = "postgres", .key = "password_source", .type = TP_CFG_ENUM,
-     .default_value = "none", .offset = OFF(postgres.password_source), .choices = password_sources,
+     .default_value = "auto", .env = "TIDEPOOL_PG_PASSWORD_SOURCE",
+     .offset = OFF(postgres.password_source), .choices = password_sources,
      .help = "`lakebase`: every new connection's password is a Lakebase OAuth credential minted "
-             "with the [warehouse] workspace credentials; `none`: the dsn's or libpq's"},
+             "with the [warehouse] workspace credentials; `none`: the dsn's or libpq's; `auto`: "
+             "`lakebase` when lakebase_instance or lakebase_endpoint is set and no password is "
+             "given (dsn, `PGPASSWORD`, `TIDEPOOL_PGPASSWORD_FILE`), else `none`"},
     {.section = "postgres", .key = "lakebase_instance", .type = TP_CFG_STRING, .default_value = "",
      .env = "LAKEBASE_INSTANCE", .offset = OFF(postgres.lakebase_instance),
      .help = "Lakebase Provisioned database instance name (credentials from "
@@ -757,6 +760,49 @@ static bool resolve(tp_config_t *c, const file_value_t *vals, char *err, size_t 
     return true;
 }
 
+/* ---- derived settings ---- */
+
+/* True when a Postgres password is given outright: in the dsn, PGPASSWORD (libpq
+ * reads it when the dsn has none) or TIDEPOOL_PGPASSWORD_FILE (the daemon's). */
+static bool password_given(const char *dsn)
+{
+    const char *env[] = {"PGPASSWORD", "TIDEPOOL_PGPASSWORD_FILE"};
+    for (size_t i = 0; i < TP_ARRAY_LEN(env); i++) {
+        const char *v = getenv(env[i]);
+        if (v != NULL && *v != '\0')
+            return true;
+    }
+    bool expanded = dsn != NULL && (strchr(dsn, '=') != NULL ||
+                                    strncmp(dsn, "postgresql://", 13) == 0 ||
+                                    strncmp(dsn, "postgres://", 11) == 0);
+    PQconninfoOption *opts = expanded ? PQconninfoParse(dsn, NULL) : NULL;
+    bool found = false;
+    for (PQconninfoOption *o = opts; o != NULL && o->keyword != NULL; o++)
+        if (strcmp(o->keyword, "password") == 0 && o->val != NULL && *o->val != '\0')
+            found = true;
+    PQconninfoFree(opts);
+    return found;
+}
+
+/* password_source = auto (the default) becomes lakebase or none here, so that
+ * every user of the config sees one of those two: naming a Lakebase instance or
+ * endpoint has no other use than minting, so it asks for lakebase, unless a
+ * password is given outright. */
+static void resolve_password_source(tp_config_t *c)
+{
+    c->postgres.password_source_why = NULL;
+    if (strcmp(c->postgres.password_source, "auto") != 0)
+        return;
+    bool named = *c->postgres.lakebase_instance != '\0' || *c->postgres.lakebase_endpoint != '\0';
+    bool given = named && password_given(c->postgres.dsn);
+    c->postgres.password_source_why =
+        !named  ? "auto: no Lakebase instance or endpoint is set"
+        : given ? "auto: a Lakebase instance or endpoint is set, but so is a password"
+                : "auto: a Lakebase instance or endpoint is set";
+    free(c->postgres.password_source);
+    c->postgres.password_source = tp_xstrdup(named && !given ? "lakebase" : "none");
+}
+
 /* ---- cross-setting checks ---- */
 
 static void where_of(const tp_config_t *c, const char *section, const char *key, where_t *w)
@@ -822,6 +868,17 @@ static bool check_consistency(const tp_config_t *c, char *err, size_t errlen)
     if (strcmp(c->postgres.password_source, "lakebase") == 0) {
         bool inst = *c->postgres.lakebase_instance != '\0';
         bool ep = *c->postgres.lakebase_endpoint != '\0';
+        if (c->postgres.password_source_why != NULL &&
+            (*c->warehouse.host == '\0' || tp_config_warehouse_auth(c) == TP_WH_AUTH_NONE)) {
+            where_of(c, "postgres", inst ? "lakebase_instance" : "lakebase_endpoint", &w);
+            return fail(err, errlen, &w,
+                        "postgres.%s is set, so Postgres passwords are minted by Lakebase "
+                        "(password_source = auto), which needs warehouse.host and workspace "
+                        "credentials (warehouse.token, or client_id and client_secret); set "
+                        "password_source = none (env TIDEPOOL_PG_PASSWORD_SOURCE) to log in "
+                        "with libpq's password instead",
+                        inst ? "lakebase_instance" : "lakebase_endpoint");
+        }
         if (inst == ep) {
             where_of(c, "postgres", inst ? "lakebase_endpoint" : "password_source", &w);
             return fail(err, errlen, &w,
@@ -886,7 +943,10 @@ bool tp_config_load(tp_config_t *out, const char *path, char *err, size_t errlen
     if (ok) {
         out->path = path ? tp_xstrdup(path) : NULL;
         out->origin = tp_xcalloc(tp_settings_count, sizeof *out->origin);
-        ok = resolve(out, vals, err, errlen) && check_consistency(out, err, errlen);
+        ok = resolve(out, vals, err, errlen);
+        if (ok)
+            resolve_password_source(out);
+        ok = ok && check_consistency(out, err, errlen);
     }
     for (size_t i = 0; i < tp_settings_count; i++)
         free(vals[i].text);
@@ -951,12 +1011,16 @@ void tp_config_print(const tp_config_t *c, FILE *f)
         tp_buf_printf(&b, "%s.%s = ", s->section, s->key);
         put_value(&b, c, s);
         tp_cfg_source_t src = c->origin ? c->origin[i].source : TP_CFG_SRC_DEFAULT;
+        const char *why = field(c, s) == (void *)&c->postgres.password_source
+                              ? c->postgres.password_source_why
+                              : NULL;
         if (src == TP_CFG_SRC_FILE)
-            tp_buf_puts(&b, "  (file)\n");
+            tp_buf_puts(&b, "  (file");
         else if (src == TP_CFG_SRC_ENV)
-            tp_buf_printf(&b, "  (env %s)\n", s->env);
+            tp_buf_printf(&b, "  (env %s", s->env);
         else
-            tp_buf_puts(&b, "  (default)\n");
+            tp_buf_puts(&b, "  (default");
+        tp_buf_printf(&b, "%s%s)\n", why ? "; " : "", why ? why : "");
         fputs(b.data, f);
     }
     tp_buf_free(&b);

@@ -101,10 +101,10 @@ static void put_err(char *err, size_t errlen, tp_buf_t *b)
     tp_buf_free(b);
 }
 
-const char *tp_pg_where(const PGconn *conn, char *buf, size_t len)
+/* "HOST:PORT" of host and port, each falling back to PGHOST/PGPORT and then
+ * libpq's defaults (localhost, 5432). */
+static const char *where_of(const char *host, const char *port, char *buf, size_t len)
 {
-    const char *host = conn ? PQhost(conn) : NULL;
-    const char *port = conn ? PQport(conn) : NULL;
     if (host == NULL || host[0] == '\0')
         host = getenv("PGHOST");
     if (host == NULL || host[0] == '\0')
@@ -118,6 +118,11 @@ const char *tp_pg_where(const PGconn *conn, char *buf, size_t len)
     else
         snprintf(buf, len, "%s:%s", host, port);
     return buf;
+}
+
+const char *tp_pg_where(const PGconn *conn, char *buf, size_t len)
+{
+    return where_of(conn ? PQhost(conn) : NULL, conn ? PQport(conn) : NULL, buf, len);
 }
 
 /* Returns the parsed options of conninfo (NULL conninfo or "" parses as empty),
@@ -142,6 +147,27 @@ static PQconninfoOption *parse_conninfo(const char *conninfo, const secrets_t *k
     free(masked);
     PQfreemem(perr);
     return NULL;
+}
+
+const char *tp_pg_where_conninfo(const char *conninfo, char *buf, size_t len)
+{
+    char err[8];
+    secrets_t none = {0};
+    PQconninfoOption *opts = parse_conninfo(conninfo ? conninfo : "", &none, err, sizeof err);
+    const char *host = NULL, *hostaddr = NULL, *port = NULL;
+    for (PQconninfoOption *o = opts; o != NULL && o->keyword != NULL; o++) {
+        if (o->val == NULL || o->val[0] == '\0')
+            continue;
+        if (strcmp(o->keyword, "host") == 0)
+            host = o->val;
+        else if (strcmp(o->keyword, "hostaddr") == 0)
+            hostaddr = o->val;
+        else if (strcmp(o->keyword, "port") == 0)
+            port = o->val;
+    }
+    where_of(host ? host : hostaddr, port, buf, len);
+    PQconninfoFree(opts);
+    return buf;
 }
 
 bool tp_pg_password_refused(const char *msg)

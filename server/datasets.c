@@ -42,8 +42,8 @@ typedef struct flight {
 } flight_t;
 
 static const char *SS_SQL =
-    "SELECT job, generation, (extract(epoch FROM last_success_at) * 1000)::bigint "
-    "FROM tidepool.sync_state";
+    "SELECT job, generation, (extract(epoch FROM last_success_at) * 1000)::bigint, "
+    "consecutive_failures FROM tidepool.sync_state";
 
 /* ---- sync_state view ---- */
 
@@ -78,6 +78,7 @@ static void ss_done(PGresult *res, const char *err, void *arg)
             j->generation = strtoll(PQgetvalue(res, i, 1), NULL, 10);
             j->last_success_ms =
                 PQgetisnull(res, i, 2) ? 0 : strtoll(PQgetvalue(res, i, 2), NULL, 10);
+            j->failures = strtoll(PQgetvalue(res, i, 3), NULL, 10);
         }
         w->ss_ok = true;
     } else {
@@ -117,6 +118,13 @@ void syncstate_then(rq_t *r, void (*cont)(rq_t *r))
     r->next = w->ss_waiters;
     w->ss_waiters = r;
     if (!w->ss_fetching)
+        ss_fetch(w);
+}
+
+void syncstate_refresh(worker_t *w)
+{
+    if (!w->ss_fetching &&
+        (!w->ss_ok || w->ss_epoch != epoch_now() || tp_now_ms() - w->ss_fetched_ms >= 1000))
         ss_fetch(w);
 }
 

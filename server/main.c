@@ -17,7 +17,12 @@
  * and swapped in whole (a broken one keeps the old generation and logs why).
  * Requests hold a reference on the generation and verifier they started with.
  * Shutdown (SIGTERM/SIGINT): stop listening, let in-flight requests finish
- * within server.drain_timeout (default 10 s), then exit. SIGPIPE is ignored. */
+ * within server.drain_timeout (default 10 s), then exit. SIGPIPE is ignored.
+ * Service manager: a Postgres unreachable at start does not stop the start;
+ * the server listens (503 until ready) and READY=1 waits until /readyz would
+ * say 200 (migrations current, which the status thread applies once Postgres
+ * answers; pools, LISTEN and tables up). STATUS= says what start-up waits for,
+ * then what runs; RELOADING=1/READY=1 frame a SIGHUP, STOPPING=1 a SIGTERM. */
 #include "server.h"
 #include "static.h"
 
@@ -263,6 +268,32 @@ PGconn *srv_pg_connect(const char *dsn, int64_t timeout_ms, char *err, size_t er
     return tp_lakebase_connect(g_srv.lb_sync, dsn, timeout_ms, err, errlen);
 }
 
+/* Postgres was unreachable at start, so nobody here has applied the pending
+ * migrations yet: the first connection of the status thread does (under the
+ * migrator's advisory lock, like at start). A failure (a database newer than
+ * this build, an edited migration) keeps the server unready, says why in
+ * /readyz and is logged once per distinct message; it is retried with every
+ * status round in case another process fixes it. */
+static void migrate_late(PGconn *c)
+{
+    static char last_err[600];
+    char err[600];
+    int applied = 0;
+    if (!tp_migrate_apply(c, tp_migrate_default_dir(), &applied, err, sizeof err)) {
+        if (strcmp(err, last_err) != 0) {
+            snprintf(last_err, sizeof last_err, "%s", err);
+            const char *kv[] = {"error", err, NULL};
+            tp_logkv(TP_LOG_ERROR, kv, "migrations failed; not ready until they are applied");
+        }
+        return;
+    }
+    atomic_store(&g_srv.migrate_pending, false);
+    char n[16];
+    snprintf(n, sizeof n, "%d", applied);
+    const char *kv[] = {"applied", n, NULL};
+    tp_logkv(TP_LOG_INFO, kv, "postgres reachable: migrations checked");
+}
+
 static void status_once(void)
 {
     char err[512];
@@ -274,6 +305,8 @@ static void status_once(void)
         pthread_mutex_unlock(&g_srv.lock);
         return;
     }
+    if (atomic_load(&g_srv.migrate_pending))
+        migrate_late(c);
     tp_migrate_status_t st;
     char why[600] = "";
     bool ok = false;
@@ -315,14 +348,18 @@ static void status_once(void)
 /* Whichever program starts first applies pending migrations (under the
  * migrator's advisory lock, so the others wait and then find nothing to do).
  * A database newer than this build, or an edited applied migration, stops the
- * start; an unreachable Postgres does not: /readyz reports it until it is back. */
+ * start; an unreachable Postgres does not: the server listens, answers 503
+ * (and /readyz says why), holds back READY=1, and the status thread migrates
+ * once Postgres answers (migrate_late). */
 static bool migrate_at_start(void)
 {
     char err[600];
     PGconn *c = srv_pg_connect(g_srv.dsn, g_srv.cfg.postgres.connect_timeout_ms, err, sizeof err);
     if (!c) {
+        atomic_store(&g_srv.migrate_pending, true);
         const char *kv[] = {"error", err, NULL};
-        tp_logkv(TP_LOG_WARN, kv, "postgres unreachable at start; answering 503 until it is back");
+        tp_logkv(TP_LOG_WARN, kv,
+                 "postgres unreachable at start; answering 503 and not ready until it is back");
         return true;
     }
     int applied = 0;
@@ -633,6 +670,84 @@ static bool workers_turning(void *arg, char *why, size_t whylen)
     return true;
 }
 
+/* ---- readiness (READY=1) and STATUS= lines, on the main loop ---- */
+
+static tp_pglisten_t *g_lsn;     /* the tidepool_sync LISTEN connection */
+static struct event *g_status_ev; /* status tick: 200 ms until ready, then 1 s */
+static bool g_ready_sent;        /* READY=1 went out: start-up is over */
+static bool g_reload_failed;     /* the last SIGHUP kept something old (logged) */
+static char g_status_last[700];  /* last STATUS= text sent (sent again only when it changes) */
+static char g_pg_where[256];     /* HOST:PORT of postgres.dsn, for "waiting for" lines */
+
+/* Sends STATUS= when the one-line summary changed: before READY what start-up
+ * waits for, then the listener, threads, datasets and whether Postgres is up. */
+static void status_publish(void)
+{
+    char line[sizeof g_status_last];
+    tp_buf_t why = {0};
+    bool ready = srv_readiness(NULL, &why, NULL);
+    if (!g_ready_sent) {
+        char mwhy[600];
+        pthread_mutex_lock(&g_srv.lock);
+        snprintf(mwhy, sizeof mwhy, "%s", g_srv.migrations_why);
+        pthread_mutex_unlock(&g_srv.lock);
+        if (!atomic_load(&g_srv.migrations_known))
+            snprintf(line, sizeof line, "%s PostgreSQL %s",
+                     mwhy[0] ? "waiting for" : "connecting to", g_pg_where);
+        else if (!atomic_load(&g_srv.migrations_ok))
+            snprintf(line, sizeof line, "waiting for migrations: %.400s", mwhy);
+        else
+            snprintf(line, sizeof line, "starting: %.400s", why.data ? why.data : "");
+    } else {
+        pthread_mutex_lock(&g_srv.lock);
+        size_t nds = g_srv.gen->set->n_datasets;
+        pthread_mutex_unlock(&g_srv.lock);
+        int connected = 0;
+        for (int i = 0; i < g_srv.nthreads; i++)
+            connected += atomic_load_explicit(&g_srv.workers[i].m.pool_connected,
+                                              memory_order_relaxed);
+        const char *tls = g_srv.cfg.server.tls_listen;
+        snprintf(line, sizeof line,
+                 "listening on %s%s%s, %d thread%s, %zu dataset%s; PostgreSQL %s%s%.300s%s",
+                 g_srv.cfg.server.listen, *tls ? " and https " : "", tls, g_srv.nthreads,
+                 g_srv.nthreads == 1 ? "" : "s", nds, nds == 1 ? "" : "s",
+                 connected > 0 ? "up" : "down", ready || connected == 0 ? "" : "; not ready: ",
+                 ready || connected == 0 ? "" : why.data ? why.data : "",
+                 g_reload_failed ? "; last reload failed (see log)" : "");
+    }
+    tp_buf_free(&why);
+    if (strcmp(line, g_status_last) == 0)
+        return;
+    snprintf(g_status_last, sizeof g_status_last, "%s", line);
+    tp_notify_status("%s", line);
+}
+
+/* The main loop's status tick: mirrors the LISTEN connection into /readyz,
+ * sends READY=1 the first time the server is ready (so READY and /readyz
+ * agree: migrations current, Postgres reached, LISTEN up, tables reflected),
+ * and keeps STATUS= current. Not re-armed once draining. */
+static void on_status_tick(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+    if (atomic_load(&g_srv.draining))
+        return;
+    atomic_store(&g_srv.listen_up, g_lsn != NULL && tp_pglisten_up(g_lsn));
+    if (!g_ready_sent && srv_readiness(NULL, NULL, NULL)) {
+        g_ready_sent = true;
+        tp_notify_ready();
+        char ms[24];
+        snprintf(ms, sizeof ms, "%lld", (long long)(tp_wall_ms() - g_srv.started_ms));
+        const char *kv[] = {"after_ms", ms, NULL};
+        tp_logkv(TP_LOG_INFO, kv,
+                 "ready: migrations current, Postgres and LISTEN up, tables reflected");
+    }
+    status_publish();
+    struct timeval tv = {g_ready_sent ? 1 : 0, g_ready_sent ? 0 : 200000};
+    evtimer_add(g_status_ev, &tv);
+}
+
 /* Applies the settings of c that take effect without a restart (the verifier
  * is already built from c). */
 static void settings_apply(const tp_config_t *c)
@@ -652,14 +767,14 @@ static void settings_apply(const tp_config_t *c)
  * otherwise the reloadable settings are swapped in, each changed setting that
  * needs a restart is logged and keeps its running value, and the TLS
  * certificate and key are re-read (a bad pair keeps the previous one). */
-static void config_reload(void)
+static bool config_reload(void)
 {
     tp_config_t eff;
     static const char *const not_ours[] = {"sync", NULL};
     const tp_config_reload_scope_t scope = {.live = NULL, .ignored_sections = not_ours};
     tp_config_t *fresh = tp_config_reload(&g_srv.cfg, &scope, &eff);
     if (!fresh)
-        return;
+        return false;
     char err[512];
     tp_auth_t *a = tp_auth_new(&eff, err, sizeof err);
     if (!a) {
@@ -667,7 +782,7 @@ static void config_reload(void)
         tp_logkv(TP_LOG_ERROR, kv, "config reload failed: keeping the previous settings");
         tp_config_free(fresh);
         free(fresh);
-        return;
+        return false;
     }
     pthread_mutex_lock(&g_srv.lock);
     tp_auth_t *old = g_srv.auth;
@@ -695,6 +810,18 @@ static void config_reload(void)
     g_srv.live = fresh;
     status_wake(true); /* tokens and table options (table_max_limit) */
     tp_info("configuration reloaded");
+    return true;
+}
+
+/* The end of a SIGHUP: READY=1 closes the RELOADING=1 (only once start-up is
+ * over: before that READY still waits for readiness) and STATUS= says what is
+ * running now. */
+static void reload_done(bool ok)
+{
+    g_reload_failed = !ok;
+    if (g_ready_sent)
+        tp_notify_ready();
+    status_publish();
 }
 
 static void on_signal(evutil_socket_t sig, short what, void *arg)
@@ -702,14 +829,17 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
     (void)what;
     (void)arg;
     if (sig == SIGHUP) {
+        if (atomic_load(&g_srv.draining))
+            return;
         tp_info("SIGHUP: reloading configuration and definitions");
-        tp_notify_reloading();
-        config_reload();
+        if (g_ready_sent)
+            tp_notify_reloading();
+        bool cfg_ok = config_reload();
         writes_reload(); /* writable tables too, even if the definitions are broken */
         defgen_t *g = gen_build(false);
         if (!g) {
             tp_warn("reload failed: keeping the previous definitions");
-            tp_notify_ready();
+            reload_done(false);
             return;
         }
         gen_swap(g);
@@ -718,7 +848,7 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
         snprintf(n, sizeof n, "%zu", g->set->n_datasets);
         const char *kv[] = {"datasets", n, NULL};
         tp_logkv(TP_LOG_INFO, kv, "definitions reloaded");
-        tp_notify_ready();
+        reload_done(cfg_ok);
         return;
     }
     if (atomic_exchange(&g_srv.draining, true))
@@ -895,6 +1025,7 @@ int main(int argc, char **argv)
     tp_pglisten_t *lsn = tp_pglisten_new_pw(g_main_base, g_srv.dsn, "tidepool_sync",
                                             (int)g_srv.cfg.postgres.connect_timeout_ms, pw,
                                             on_notify, NULL);
+    g_lsn = lsn;
     tp_pglisten_t *auth_lsn = NULL;
     if (tp_auth_wants_token_table(g_srv.auth))
         auth_lsn = tp_pglisten_new_pw(g_main_base, g_srv.dsn, "tidepool_auth",
@@ -915,7 +1046,10 @@ int main(int argc, char **argv)
     if (!tp_notify_wd_start(g_main_base, &wd))
         tp_warn("systemd watchdog timer could not be armed");
     tp_notify_wd_set_check(wd, workers_turning, NULL);
-    tp_notify_ready();
+    /* READY=1 waits for readiness: see on_status_tick. */
+    tp_pg_where_conninfo(g_srv.cfg.postgres.dsn, g_pg_where, sizeof g_pg_where);
+    g_status_ev = evtimer_new(g_main_base, on_status_tick, NULL);
+    event_active(g_status_ev, EV_TIMEOUT, 0);
 
     event_base_dispatch(g_main_base);
 
@@ -927,6 +1061,8 @@ int main(int argc, char **argv)
     pthread_mutex_unlock(&status_mu);
     pthread_join(status_th, NULL);
     tp_notify_wd_free(wd);
+    event_free(g_status_ev);
+    g_lsn = NULL;
     tp_pglisten_free(lsn);
     tp_pglisten_free(auth_lsn);
     tp_lakebase_free(main_lb);

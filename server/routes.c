@@ -122,39 +122,57 @@ static void h_healthz(rq_t *r)
     rq_reply(r, 200, "application/json", body, sizeof body - 1);
 }
 
-static void h_readyz(rq_t *r)
+bool srv_readiness(const worker_t *w, tp_buf_t *why, const char **field)
 {
-    bool pg = tp_pgpool_up(r->w->pool);
+    bool pg = true;
+    if (w != NULL) {
+        pg = tp_pgpool_up(w->pool);
+    } else {
+        for (int i = 0; i < g_srv.nthreads; i++)
+            pg = pg && atomic_load_explicit(&g_srv.workers[i].m.pool_connected,
+                                            memory_order_relaxed) > 0;
+    }
     bool lsn = atomic_load(&g_srv.listen_up);
     bool known = atomic_load(&g_srv.migrations_known);
     bool mig = known && atomic_load(&g_srv.migrations_ok);
     bool tables = atomic_load(&g_srv.tables_ready);
-    char why[600];
-    pthread_mutex_lock(&g_srv.lock);
-    snprintf(why, sizeof why, "%s", g_srv.migrations_why);
-    pthread_mutex_unlock(&g_srv.lock);
-    if (pg && mig && lsn && tables) {
-        tp_buf_t b = {0};
-        tp_buf_puts(&b, "{\"status\":\"ready\",\"checks\":{\"postgres\":true,"
-                        "\"migrations\":true,\"listen\":true,\"tables\":true}}");
+    if (pg && mig && lsn && tables)
+        return true;
+    if (why != NULL) {
+        char mwhy[600];
+        pthread_mutex_lock(&g_srv.lock);
+        snprintf(mwhy, sizeof mwhy, "%s", g_srv.migrations_why);
+        pthread_mutex_unlock(&g_srv.lock);
+        if (!pg)
+            tp_buf_puts(why, "Postgres is not reachable");
+        if (!mig)
+            tp_buf_printf(why, "%smigrations: %s", why->len ? "; " : "",
+                          known     ? mwhy
+                          : mwhy[0] ? "not checked (Postgres unreachable)"
+                                    : "not checked yet");
+        if (!lsn)
+            tp_buf_printf(why, "%sthe LISTEN connection for cache invalidation is down",
+                          why->len ? "; " : "");
+        if (!tables)
+            tp_buf_printf(why, "%sexposed tables not reflected yet", why->len ? "; " : "");
+    }
+    if (field != NULL)
+        *field = !pg ? "postgres" : !mig ? "migrations" : !lsn ? "listen" : "tables";
+    return false;
+}
+
+static void h_readyz(rq_t *r)
+{
+    tp_buf_t d = {0};
+    const char *field = NULL;
+    if (srv_readiness(r->w, &d, &field)) {
+        static const char body[] = "{\"status\":\"ready\",\"checks\":{\"postgres\":true,"
+                                   "\"migrations\":true,\"listen\":true,\"tables\":true}}";
         rq_header(r, "Cache-Control", "no-store");
-        rq_reply(r, 200, "application/json", b.data, b.len);
-        tp_buf_free(&b);
+        rq_reply(r, 200, "application/json", body, sizeof body - 1);
         return;
     }
-    tp_buf_t d = {0};
-    if (!pg)
-        tp_buf_puts(&d, "Postgres is not reachable");
-    if (!mig)
-        tp_buf_printf(&d, "%smigrations: %s", d.len ? "; " : "",
-                      known ? why : "not checked yet");
-    if (!lsn)
-        tp_buf_printf(&d, "%sthe LISTEN connection for cache invalidation is down",
-                      d.len ? "; " : "");
-    if (!tables)
-        tp_buf_printf(&d, "%sexposed tables not reflected yet", d.len ? "; " : "");
-    rq_problem(r, 503, "not-ready", d.data,
-               !pg ? "postgres" : !mig ? "migrations" : !lsn ? "listen" : "tables", d.data, 1);
+    rq_problem(r, 503, "not-ready", d.data, field, d.data, 1);
     tp_buf_free(&d);
 }
 
@@ -227,8 +245,11 @@ void route_request(struct evhttp_request *req, void *arg)
     } else if (route == RT_READYZ) {
         h_readyz(r);
     } else if (route == RT_METRICS) {
-        if (metrics_allowed(r))
+        if (metrics_allowed(r)) {
+            /* per-job gauges: this answer uses the view as it is, the next a fresher one */
+            syncstate_refresh(r->w);
             h_metrics(r);
+        }
     } else if (route == RT_OPENAPI) {
         if (rq_authenticate(r)) /* mode none: the anonymous principal */
             h_openapi(r);
@@ -339,7 +360,10 @@ void h_metrics(rq_t *r)
                   atomic_load(&g_srv.migrations_ok) ? 1 : 0);
     tp_buf_puts(&b, "# HELP tidepool_job_freshness_seconds Seconds since the job's last successful sync.\n"
                     "# TYPE tidepool_job_freshness_seconds gauge\n"
-                    "# TYPE tidepool_job_generation gauge\n");
+                    "# TYPE tidepool_job_generation gauge\n"
+                    "# HELP tidepool_job_consecutive_failures Failed runs of the job since its "
+                    "last success (tidepool.sync_state).\n"
+                    "# TYPE tidepool_job_consecutive_failures gauge\n");
     int64_t now = tp_wall_ms();
     pthread_mutex_lock(&g_srv.lock);
     int nj = g_srv.njobs;
@@ -354,6 +378,8 @@ void h_metrics(rq_t *r)
                           (double)(now - js->last_success_ms) / 1000.0);
         tp_buf_printf(&b, "tidepool_job_generation{job=\"%s\"} %lld\n", name,
                       (long long)js->generation);
+        tp_buf_printf(&b, "tidepool_job_consecutive_failures{job=\"%s\"} %lld\n", name,
+                      (long long)js->failures);
     }
     writes_metrics(&b);
     events_metrics(&b);

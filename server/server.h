@@ -96,6 +96,7 @@ typedef struct jobstate {
     bool known;
     int64_t generation;
     int64_t last_success_ms; /* wall clock; 0 = never */
+    int64_t failures;        /* consecutive failed runs (0 after a success) */
 } jobstate_t;
 
 typedef struct rq rq_t;
@@ -155,6 +156,7 @@ typedef struct srv {
     atomic_bool listen_up;
     atomic_bool migrations_ok;
     atomic_bool migrations_known;
+    atomic_bool migrate_pending; /* Postgres was unreachable at start: the status thread migrates */
     atomic_bool tables_ready; /* exposed tables reflected at least once */
     char migrations_why[600]; /* guarded by lock */
     atomic_int_fast64_t drain_ms;        /* server.drain_timeout (reloadable) */
@@ -182,6 +184,13 @@ extern srv_t g_srv;
  * command, table reflection): with Lakebase, the password is a fresh credential
  * (tp_lakebase_connect). Thread-safe. */
 PGconn *srv_pg_connect(const char *dsn, int64_t timeout_ms, char *err, size_t errlen);
+
+/* Readiness as /readyz answers it and as READY=1 waits for it (routes.c): the
+ * Postgres pool up (w's, or with w NULL every worker's as last published by
+ * its tick), migrations current, the LISTEN connection up, exposed tables
+ * reflected. When not ready, appends the reasons to why and sets *field to the
+ * first check that failed (either may be NULL). Any thread (w: its own). */
+bool srv_readiness(const worker_t *w, tp_buf_t *why, const char **field);
 
 /* ---- request context ---- */
 
@@ -309,6 +318,10 @@ void h_datasets(rq_t *r);
 void h_dataset(rq_t *r, const char *name);
 /* Ensures the worker's sync_state view is fresh, then runs r->cont(r). */
 void syncstate_then(rq_t *r, void (*cont)(rq_t *r));
+/* Starts a background read of the worker's sync_state view when it is older
+ * than a second, announced stale or never read; never waits (for /metrics,
+ * which must answer while the pool is saturated or down). */
+void syncstate_refresh(worker_t *w);
 /* Fills Last-Modified / generation for a dataset's required jobs. */
 void freshness_headers(worker_t *w, const defgen_t *g, int ds_idx, centry_t *meta);
 

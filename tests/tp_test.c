@@ -8,12 +8,14 @@
 #include <fcntl.h>
 #include <libgen.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -318,4 +320,115 @@ char *tp_test_write_tmp(const char *name, const char *text)
     fputs(text, f);
     fclose(f);
     return path;
+}
+
+/* ---- a stand-in for the service manager's notification socket ---- */
+
+bool tp_test_notify_open(tp_test_notify_t *n)
+{
+    static int seq;
+    memset(n, 0, sizeof *n);
+    n->fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (n->fd < 0)
+        return false;
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    int len = snprintf(sa.sun_path, sizeof sa.sun_path, "%s/notify-%d-%d.sock", tp_test_tmpdir(),
+                       (int)getpid(), ++seq);
+    if (len <= 0 || (size_t)len >= sizeof sa.sun_path) {
+        close(n->fd);
+        n->fd = -1;
+        return false;
+    }
+    unlink(sa.sun_path);
+    if (bind(n->fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
+        close(n->fd);
+        n->fd = -1;
+        return false;
+    }
+    snprintf(n->path, sizeof n->path, "%s", sa.sun_path);
+    setenv("NOTIFY_SOCKET", n->path, 1);
+    return true;
+}
+
+/* Receives the datagrams that arrive within timeout_ms (or until one contains
+ * stop, when non-NULL); returns the index of that one or -1. */
+static int notify_recv(tp_test_notify_t *n, const char *stop, int timeout_ms)
+{
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long left = timeout_ms - ((now.tv_sec - t0.tv_sec) * 1000L +
+                                  (now.tv_nsec - t0.tv_nsec) / 1000000L);
+        if (left <= 0)
+            return -1;
+        struct pollfd p = {.fd = n->fd, .events = POLLIN};
+        if (poll(&p, 1, (int)left) != 1)
+            continue;
+        char buf[4096];
+        ssize_t got = recv(n->fd, buf, sizeof buf - 1, MSG_DONTWAIT);
+        if (got <= 0)
+            continue;
+        buf[got] = '\0';
+        if (n->n == n->cap) {
+            n->cap = n->cap ? n->cap * 2 : 64;
+            n->msgs = realloc(n->msgs, n->cap * sizeof *n->msgs);
+            if (n->msgs == NULL)
+                abort();
+        }
+        n->msgs[n->n] = strdup(buf);
+        if (n->msgs[n->n] == NULL)
+            abort();
+        n->n++;
+        if (stop != NULL && strstr(buf, stop) != NULL)
+            return (int)n->n - 1;
+    }
+}
+
+int tp_test_notify_find(const tp_test_notify_t *n, size_t from, const char *want)
+{
+    for (size_t i = from; i < n->n; i++)
+        if (strstr(n->msgs[i], want) != NULL)
+            return (int)i;
+    return -1;
+}
+
+int tp_test_notify_wait(tp_test_notify_t *n, size_t from, const char *want, int timeout_ms)
+{
+    int i = tp_test_notify_find(n, from, want);
+    return i >= 0 ? i : notify_recv(n, want, timeout_ms);
+}
+
+void tp_test_notify_collect(tp_test_notify_t *n, int ms)
+{
+    (void)notify_recv(n, NULL, ms);
+}
+
+int tp_test_notify_count(const tp_test_notify_t *n, size_t from, const char *want)
+{
+    int count = 0;
+    for (size_t i = from; i < n->n; i++)
+        count += strstr(n->msgs[i], want) != NULL;
+    return count;
+}
+
+void tp_test_notify_dump(const tp_test_notify_t *n, size_t from)
+{
+    for (size_t i = from; i < n->n; i++)
+        if (strcmp(n->msgs[i], "WATCHDOG=1") != 0)
+            fprintf(stdout, "#   notify[%zu]: %s\n", i, n->msgs[i]);
+}
+
+void tp_test_notify_close(tp_test_notify_t *n)
+{
+    if (n->fd >= 0)
+        close(n->fd);
+    if (n->path[0])
+        unlink(n->path);
+    for (size_t i = 0; i < n->n; i++)
+        free(n->msgs[i]);
+    free(n->msgs);
+    memset(n, 0, sizeof *n);
+    n->fd = -1;
 }

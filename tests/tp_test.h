@@ -88,4 +88,30 @@ char *tp_test_write_tmp(const char *name, const char *text);
 /* The test program's private temporary directory (created on first use). */
 const char *tp_test_tmpdir(void);
 
+/* ---- a stand-in for systemd's notification socket (sd_notify) ---- */
+
+typedef struct tp_test_notify {
+    int fd;
+    char path[108];
+    char **msgs; /* every datagram received so far, in order */
+    size_t n, cap;
+} tp_test_notify_t;
+
+/* Binds a datagram socket in the tmpdir and sets NOTIFY_SOCKET to it (unset it
+ * once the program under test is spawned). False if it cannot. */
+bool tp_test_notify_open(tp_test_notify_t *n);
+/* Index of the first datagram at index >= from containing want, receiving more
+ * for up to timeout_ms if none has yet; -1 if none came. */
+int tp_test_notify_wait(tp_test_notify_t *n, size_t from, const char *want, int timeout_ms);
+/* The same among the datagrams already received (no waiting). */
+int tp_test_notify_find(const tp_test_notify_t *n, size_t from, const char *want);
+/* Receives whatever arrives during ms. */
+void tp_test_notify_collect(tp_test_notify_t *n, int ms);
+/* How many datagrams at index >= from contain want. */
+int tp_test_notify_count(const tp_test_notify_t *n, size_t from, const char *want);
+/* Prints the datagrams from index from as "#" comment lines (keep-alives left out). */
+void tp_test_notify_dump(const tp_test_notify_t *n, size_t from);
+/* Closes and unlinks the socket, frees the datagrams. */
+void tp_test_notify_close(tp_test_notify_t *n);
+
 #endif

@@ -35,7 +35,8 @@ typedef struct tp_config {
         char *read_dsn;  /* optional read replica; "" = none */
         int64_t pool_size;
         int64_t connect_timeout_ms;
-        char *password_source;    /* none | lakebase */
+        char *password_source;    /* none | lakebase ("auto" is resolved into one of them) */
+        const char *password_source_why; /* static text when it was "auto": why, else NULL */
         char *lakebase_instance;  /* Provisioned instance name */
         char *lakebase_endpoint;  /* Autoscaling projects/../branches/../endpoints/.. */
         int64_t lakebase_refresh_before_ms;

@@ -48,6 +48,10 @@ bool tp_pg_conninfo_check(const char *conninfo, char *err, size_t errlen) TP_WUR
 /* Describes where conn points as "HOST:PORT" (a socket directory for a Unix
  * socket) into buf; returns buf. Never includes credentials. */
 const char *tp_pg_where(const PGconn *conn, char *buf, size_t len);
+/* The same for a conninfo not yet connected (NULL or "" = libpq's environment):
+ * its first host (or hostaddr) and port, else PGHOST/PGPORT, else libpq's
+ * defaults. A conninfo libpq cannot parse gives the environment's. Returns buf. */
+const char *tp_pg_where_conninfo(const char *conninfo, char *buf, size_t len);
 
 /* Runs sql with nparams text parameters (params may hold NULLs for SQL NULL)
  * and expects PGRES_COMMAND_OK or PGRES_TUPLES_OK. Returns the result (caller

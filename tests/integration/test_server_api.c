@@ -353,6 +353,7 @@ static void test_metrics(void)
     CHECK_CONTAINS(r.body, "tidepool_cache_hits_total");
     CHECK_CONTAINS(r.body, "tidepool_cache_bytes");
     CHECK_CONTAINS(r.body, "tidepool_job_freshness_seconds{job=\"daily_metrics\"}");
+    CHECK_CONTAINS(r.body, "tidepool_job_consecutive_failures{job=\"daily_metrics\"} 0\n");
     CHECK_CONTAINS(r.body, "tidepool_postgres_up 1");
     resp_free(&r);
 }

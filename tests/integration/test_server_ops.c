@@ -1,14 +1,13 @@
 /* tidepool-server operations against the harness Postgres: response cache
- * hits, bypass, invalidation by NOTIFY tidepool_sync (per job), single flight,
+ * hits, bypass, invalidation by NOTIFY tidepool_sync (per job), the per-job
+ * failure gauge on /metrics, single flight,
  * a full pool queue (503 + Retry-After), Postgres going away (backends
  * terminated; the cluster stopped and started: 503 + Retry-After, /readyz
- * failing, recovery without restart), SIGHUP reload (good and broken files)
- * and SIGTERM draining an in-flight request. */
+ * failing, recovery without restart), the sd_notify protocol of a server
+ * started while Postgres is down (READY=1 only once it is reachable and
+ * migrated, STATUS=, WATCHDOG=1, RELOADING=1, STOPPING=1), SIGHUP reload (good
+ * and broken files) and SIGTERM draining an in-flight request. */
 #include "server_harness.h"
-
-#include <poll.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 
 static srv_h_t S;
 static const char *DSN;
@@ -141,6 +140,34 @@ static void test_invalidation_by_notify(void)
     free(old_body);
 }
 
+/* Polls /metrics (at most 5 s) until name has value want; returns the last value. */
+static long await_metric(const char *name, long want)
+{
+    long v = -1;
+    for (int i = 0; i < 50; i++) {
+        v = metric(name);
+        if (v == want)
+            break;
+        usleep(100000);
+    }
+    return v;
+}
+
+/* Failing sync runs show on /metrics: tidepool_job_consecutive_failures per job,
+ * read from tidepool.sync_state (no dataset read needed to refresh it), and
+ * back to 0 after a success. */
+static void test_job_failures_metric(void)
+{
+    CHECK_INT_EQ(metric("tidepool_job_consecutive_failures{job=\"daily_metrics\"}"), 0);
+    sql("UPDATE tidepool.sync_state SET consecutive_failures = 3, last_error = 'boom',"
+        " last_error_at = now() WHERE job = 'users'");
+    CHECK_INT_EQ(await_metric("tidepool_job_consecutive_failures{job=\"users\"}", 3), 3);
+    CHECK_INT_EQ(metric("tidepool_job_consecutive_failures{job=\"daily_metrics\"}"), 0);
+    sql("UPDATE tidepool.sync_state SET consecutive_failures = 0, last_error = NULL"
+        " WHERE job = 'users'");
+    CHECK_INT_EQ(await_metric("tidepool_job_consecutive_failures{job=\"users\"}", 0), 0);
+}
+
 static void test_single_flight(void)
 {
     long joined0 = metric("tidepool_singleflight_joined_total");
@@ -206,49 +233,6 @@ static void test_queue_full(void)
     CHECK_INT_EQ(tp_test_stop(q.pid, 10000), 0);
     free(q.conf);
     free(q.log);
-}
-
-/* Under systemd's watchdog (NOTIFY_SOCKET, WATCHDOG_USEC) the server says
- * READY=1 and then keeps sending WATCHDOG=1: its main loop ticks and every
- * worker loop has turned recently. */
-static void test_watchdog_keepalives(void)
-{
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    char *path = sa.sun_path;
-    int len = snprintf(path, sizeof sa.sun_path, "%s/notify.sock", tp_test_tmpdir());
-    CHECK(len > 0 && (size_t)len < sizeof sa.sun_path);
-    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    unlink(path);
-    CHECK(fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0);
-    setenv("NOTIFY_SOCKET", path, 1);
-    setenv("WATCHDOG_USEC", "1000000", 1); /* a keep-alive every 500 ms */
-    srv_h_t q = {0};
-    snprintf(q.qdir, sizeof q.qdir, "%s", S.qdir);
-    bool up = harness_start(&q, DSN, 2) && harness_ready(&q);
-    unsetenv("NOTIFY_SOCKET");
-    unsetenv("WATCHDOG_USEC");
-    CHECK(up);
-    int ready = 0, alive = 0;
-    for (int64_t end = tp_now_ms() + 10000; tp_now_ms() < end && alive < 3;) {
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        if (poll(&p, 1, 200) != 1)
-            continue;
-        char buf[512];
-        ssize_t n = recv(fd, buf, sizeof buf - 1, 0);
-        if (n <= 0)
-            continue;
-        buf[n] = '\0';
-        ready += strstr(buf, "READY=1") != NULL;
-        alive += strcmp(buf, "WATCHDOG=1") == 0;
-    }
-    CHECK_INT_EQ(ready, 1);
-    CHECK_MSG(alive >= 3, "%d keep-alives in 10 s", alive);
-    if (q.pid > 0)
-        CHECK_INT_EQ(tp_test_stop(q.pid, 10000), 0);
-    free(q.conf);
-    free(q.log);
-    close(fd);
-    unlink(path);
 }
 
 static void test_backends_terminated(void)
@@ -392,6 +376,97 @@ static void test_cache_ttl(void)
     resp_free(&r);
 }
 
+/* The sd_notify protocol of the real program against a test NOTIFY_SOCKET,
+ * started while Postgres is down and pointed at a database without the
+ * tidepool schema: it listens and says so in STATUS= ("waiting for PostgreSQL
+ * HOST:PORT"), keeps the watchdog fed, answers /readyz 503 and sends no
+ * READY=1; once Postgres is back it migrates, and READY=1 comes when /readyz
+ * says 200. Then STATUS= names the listener, threads and datasets; SIGHUP
+ * gives RELOADING=1 (with MONOTONIC_USEC), READY=1 and a STATUS= with the new
+ * dataset count; SIGTERM gives STOPPING=1 and exit status 0. */
+static void test_notify_waits_for_postgres(void)
+{
+    if (!getenv("TP_PG_BIN") || !getenv("TP_PG_DIR")) {
+        CHECK_MSG(false, "TP_PG_BIN / TP_PG_DIR not exported by the harness");
+        return;
+    }
+    int fails0 = tp_test_failed_checks;
+    char *late = tp_test_new_db("late_pg");
+    tp_test_notify_t nt;
+    CHECK(tp_test_notify_open(&nt));
+    setenv("WATCHDOG_USEC", "1000000", 1); /* a keep-alive every 500 ms */
+    srv_h_t q = {0};
+    snprintf(q.qdir, sizeof q.qdir, "%s/queries_late", tp_test_tmpdir());
+    mkdir(q.qdir, 0755);
+    harness_def(&q, "one.sql", "SELECT 1 AS one\n");
+    CHECK_INT_EQ(pg_ctl("stop"), 0);
+    bool up = harness_start(&q, late, 1);
+    unsetenv("NOTIFY_SOCKET");
+    unsetenv("WATCHDOG_USEC");
+    CHECK(up);
+    int waiting = tp_test_notify_wait(&nt, 0, "STATUS=waiting for PostgreSQL ", 5000);
+    CHECK_MSG(waiting >= 0, "no \"waiting for PostgreSQL\" STATUS");
+    if (waiting >= 0)
+        CHECK_CONTAINS(nt.msgs[waiting], getenv("PGPORT"));
+    tp_test_notify_collect(&nt, 1500);
+    CHECK_INT_EQ(tp_test_notify_find(&nt, 0, "READY=1"), -1);
+    CHECK_MSG(tp_test_notify_count(&nt, 0, "WATCHDOG=1") >= 2, "keep-alives stop while waiting");
+    resp_t r = get(&q, "/readyz");
+    CHECK_PROBLEM(r, 503, NULL);
+    resp_free(&r);
+    r = get(&q, "/healthz");
+    CHECK_INT_EQ(r.status, 200);
+    resp_free(&r);
+
+    int st = pg_ctl("start");
+    if (st != 0)
+        st = pg_ctl("start");
+    CHECK_INT_EQ(st, 0);
+    int ready = tp_test_notify_wait(&nt, 0, "READY=1", 20000);
+    CHECK_MSG(ready >= 0, "no READY=1 within 20 s of Postgres coming back");
+    r = get(&q, "/readyz");
+    CHECK_INT_EQ(r.status, 200); /* READY=1 and /readyz agree */
+    resp_free(&r);
+    char *n = tp_test_sql(late, "SELECT count(*) > 0 FROM tidepool.schema_migrations");
+    CHECK_STR_EQ(n, "t"); /* migrated once Postgres answered */
+    free(n);
+    char want[128];
+    snprintf(want, sizeof want,
+             "STATUS=listening on 127.0.0.1:%d, 1 thread, 1 dataset; PostgreSQL up", q.port);
+    CHECK_MSG(tp_test_notify_wait(&nt, ready > 0 ? (size_t)ready : 0, want, 5000) >= 0,
+              "no \"%s\"", want);
+    CHECK_MSG(tp_test_notify_wait(&nt, ready > 0 ? (size_t)ready + 1 : 0, "WATCHDOG=1", 3000) >= 0,
+              "no keep-alive after READY=1");
+
+    CHECK_INT_EQ(tp_test_notify_count(&nt, 0, "READY=1"), 1);
+    size_t mark = nt.n;
+    harness_def(&q, "two.sql", "SELECT 2 AS two\n");
+    kill(q.pid, SIGHUP);
+    int reloading = tp_test_notify_wait(&nt, mark, "RELOADING=1", 5000);
+    CHECK_MSG(reloading >= 0, "no RELOADING=1 after SIGHUP");
+    if (reloading >= 0) {
+        CHECK_CONTAINS(nt.msgs[reloading], "MONOTONIC_USEC=");
+        CHECK_MSG(tp_test_notify_wait(&nt, (size_t)reloading + 1, "READY=1", 5000) > reloading,
+                  "no READY=1 after RELOADING=1");
+    }
+    snprintf(want, sizeof want, "1 thread, 2 datasets; PostgreSQL up");
+    CHECK_MSG(tp_test_notify_wait(&nt, mark, want, 5000) >= 0, "no STATUS= with \"%s\"", want);
+
+    mark = nt.n;
+    kill(q.pid, SIGTERM);
+    CHECK_MSG(tp_test_notify_wait(&nt, mark, "STOPPING=1", 5000) >= 0,
+              "no STOPPING=1 after SIGTERM");
+    CHECK_INT_EQ(tp_test_stop(q.pid, 15000), 0);
+    if (tp_test_failed_checks > fails0)
+        tp_test_notify_dump(&nt, 0);
+    tp_test_notify_close(&nt);
+    free(q.conf);
+    free(q.log);
+    free(late);
+    /* the shared server is back before the next case */
+    CHECK(harness_ready(&S));
+}
+
 static void test_reload(void)
 {
     harness_def(&S, "fresh_one.sql", "-- @param n INT = 2\nSELECT generate_series(1, :n) AS i\n");
@@ -467,13 +542,14 @@ int main(void)
         return tp_test_done();
     TP_RUN(test_cache_hit_and_bypass);
     TP_RUN(test_invalidation_by_notify);
+    TP_RUN(test_job_failures_metric);
     TP_RUN(test_single_flight);
     TP_RUN(test_queue_full);
-    TP_RUN(test_watchdog_keepalives);
     TP_RUN(test_backends_terminated);
     TP_RUN(test_postgres_restart);
     TP_RUN(test_readyz_migrations);
     TP_RUN(test_cache_ttl);
+    TP_RUN(test_notify_waits_for_postgres);
     TP_RUN(test_reload);
     TP_RUN(test_sigterm_drains);
     harness_finish(&S);

@@ -4,7 +4,8 @@
  * job once at a time (sync_runs intervals never overlap); SIGTERM cancels the
  * statement in flight and exits within 10 s; SIGHUP with a broken file keeps
  * the old jobs running, and re-reads the config file; warehouse faults are
- * survived. */
+ * survived; the sd_notify protocol (READY, STATUS, WATCHDOG, RELOADING,
+ * STOPPING) against a test NOTIFY_SOCKET. */
 #include "sync_fixture.h"
 
 static const char lake_sql[] =
@@ -385,6 +386,64 @@ static void sigterm_during_copy_records_the_cancel(void)
     free(conf);
 }
 
+/* The sd_notify protocol of the real daemon against a test NOTIFY_SOCKET
+ * (with WATCHDOG_USEC): READY=1 after migrations and the first connection,
+ * then STATUS= with the job count, one STATUS= per finished run (rows and
+ * time, or the failure and how many jobs fail), WATCHDOG=1 keep-alives,
+ * RELOADING=1 then READY=1 and a new STATUS= on SIGHUP, STOPPING=1 on SIGTERM. */
+static void notify_protocol(void)
+{
+    int fails0 = tp_test_failed_checks;
+    char *dir = fx_jobs_dir("jobs_notify");
+    fx_job(dir, "flip", FLIP_JOB);
+    fx_job(dir, "broken", "-- @target sink.broken\n-- @mode snapshot\n-- @every 1h\n"
+                          "SELECT id FROM src.no_such_table\n");
+    char *conf = fx_config("notify", dir, 2);
+    tp_test_notify_t nt;
+    CHECK(tp_test_notify_open(&nt));
+    setenv("WATCHDOG_USEC", "1000000", 1);
+    pid_t d = fx_daemon(conf, "notify.log");
+    unsetenv("NOTIFY_SOCKET");
+    unsetenv("WATCHDOG_USEC");
+    int ready = tp_test_notify_wait(&nt, 0, "READY=1", 15000);
+    CHECK_MSG(ready >= 0, "no READY=1");
+    CHECK(tp_test_notify_wait(&nt, 0, "STATUS=running 2 jobs, at most 2 at once", 5000) >= 0);
+    int ok = tp_test_notify_wait(&nt, 0, "STATUS=flip ok ", 15000);
+    CHECK_MSG(ok >= 0, "no STATUS= for the run that succeeded");
+    if (ok >= 0)
+        CHECK_CONTAINS(nt.msgs[ok], " rows in ");
+    int failed = tp_test_notify_wait(&nt, 0, "STATUS=broken failed after ", 15000);
+    CHECK_MSG(failed >= 0, "no STATUS= for the failed run");
+    if (failed >= 0) {
+        CHECK_CONTAINS(nt.msgs[failed], "no_such_table");
+        CHECK_CONTAINS(nt.msgs[failed], "; 2 jobs, 1 failing");
+    }
+    CHECK(tp_test_notify_wait(&nt, 0, "WATCHDOG=1", 3000) >= 0);
+
+    size_t mark = nt.n;
+    fx_job(dir, "broken", "-- @target sink.broken\n-- @mode snapshot\n-- @every 1h\n"
+                          "SELECT id FROM src.flip\n");
+    kill(d, SIGHUP);
+    int reloading = tp_test_notify_wait(&nt, mark, "RELOADING=1", 5000);
+    CHECK_MSG(reloading >= 0, "no RELOADING=1 after SIGHUP");
+    if (reloading >= 0) {
+        CHECK_CONTAINS(nt.msgs[reloading], "MONOTONIC_USEC=");
+        CHECK(tp_test_notify_wait(&nt, (size_t)reloading + 1, "READY=1", 5000) > reloading);
+    }
+    CHECK(tp_test_notify_wait(&nt, mark, "STATUS=reloaded: running 2 jobs", 5000) >= 0);
+
+    mark = nt.n;
+    kill(d, SIGTERM);
+    CHECK_MSG(tp_test_notify_wait(&nt, mark, "STOPPING=1", 5000) >= 0,
+              "no STOPPING=1 after SIGTERM");
+    CHECK_INT_EQ(tp_test_stop(d, 10000), 0);
+    if (tp_test_failed_checks > fails0)
+        tp_test_notify_dump(&nt, 0);
+    tp_test_notify_close(&nt);
+    free(dir);
+    free(conf);
+}
+
 static void a_dead_daemon_releases_its_jobs(void)
 {
     char *dir = fx_jobs_dir("jobs_dead");
@@ -416,6 +475,7 @@ int main(void)
     TP_RUN(notify_trigger_runs_a_job_now);
     TP_RUN(two_daemons_run_each_job_once_at_a_time);
     TP_RUN(a_dead_daemon_releases_its_jobs);
+    TP_RUN(notify_protocol);
     TP_RUN(sigterm_cancels_the_run_in_flight);
     TP_RUN(sigterm_during_copy_records_the_cancel);
     TP_RUN(sighup_with_broken_file_keeps_old_jobs);

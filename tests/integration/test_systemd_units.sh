@@ -4,8 +4,10 @@
 # produces exactly the tree docs/deploy.md documents (PREFIX=/usr under
 # DESTDIR), keeps an existing config, uninstalls cleanly; sysusers/tmpfiles
 # snippets apply under --root; man pages render; the example config names every
-# setting; app.yaml binds the Databricks resources; and, once tidepool-server
-# implements --check, the Apps mode starts with only the injected variables.
+# setting; app.yaml binds the Databricks resources; the Apps mode, with only
+# the injected variables (Postgres through PG*), answers /readyz 200, migrates
+# and exits 0 within 15 s of SIGTERM; LAKEBASE_ENDPOINT alone switches to
+# minted Lakebase passwords.
 # Needs the Debian packages systemd, help2man and python3-yaml: a missing one
 # is a failure, never a silent pass. Prints "ok - ..." / "not ok - ..." lines.
 set -u
@@ -34,7 +36,7 @@ check() {
 
 # ---- prerequisites ----
 missing=()
-for c in systemd-analyze systemd-sysusers systemd-tmpfiles help2man man python3; do
+for c in systemd-analyze systemd-sysusers systemd-tmpfiles help2man man python3 curl; do
     command -v "$c" >/dev/null 2>&1 || missing+=("$c")
 done
 python3 -c 'import yaml' 2>/dev/null || missing+=("python3-yaml")
@@ -243,8 +245,11 @@ if not (isinstance(cmd, list) and cmd and cmd[0] == "./bin/tidepool-server"):
 env = {e["name"]: e for e in d.get("env", [])}
 if env.get("DATABRICKS_WAREHOUSE_ID", {}).get("valueFrom") != "sql-warehouse":
     errs.append("DATABRICKS_WAREHOUSE_ID must come from the sql-warehouse resource")
-if env.get("PGHOST", {}).get("valueFrom") != "database":
-    errs.append("PGHOST must come from the database resource")
+lb = [n for n in ("LAKEBASE_ENDPOINT", "LAKEBASE_INSTANCE") if n in env]
+if env.get("LAKEBASE_ENDPOINT", {}).get("valueFrom") != "postgres" and "value" not in env.get("LAKEBASE_INSTANCE", {}):
+    errs.append("LAKEBASE_ENDPOINT must come from the postgres resource (or LAKEBASE_INSTANCE be named)")
+if len(lb) != 1:
+    errs.append("exactly one of LAKEBASE_ENDPOINT, LAKEBASE_INSTANCE: %s" % lb)
 for name, e in env.items():
     if ("value" in e) == ("valueFrom" in e):
         errs.append("%s needs exactly one of value/valueFrom" % name)
@@ -257,41 +262,82 @@ EOF
 check app_yaml_binds_resources app_yaml_ok
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# The app's working directory is the uploaded tree: sql/ (and bin/) at its root.
+app_root=$tmp/app-root
+mkdir -p "$app_root/sql/queries" "$app_root/sql/sync"
+[ -d sql ] && cp -R sql/. "$app_root/sql/"
+# Runs tidepool-server ARGS... in the app tree with only what Databricks Apps
+# injects (databricks-protocol.md 3.1, 4.4) plus app.yaml's variables and
+# whatever NAME=VALUE words precede ARGS. Call it in a subshell (& or $(...)):
+# it execs, so that $! is the server itself.
+apps_env() {
+    local extra=()
+    while [ $# -gt 0 ] && [[ $1 == *=* ]]; do extra+=("$1"); shift; done
+    exec env -i PATH=/usr/bin:/bin HOME="$tmp" DATABRICKS_APP_NAME=tidepool-test DATABRICKS_WORKSPACE_ID=1 \
+        DATABRICKS_HOST=http://127.0.0.1:9 DATABRICKS_CLIENT_ID=test-client \
+        DATABRICKS_CLIENT_SECRET=test-secret DATABRICKS_WAREHOUSE_ID=test-warehouse \
+        TIDEPOOL_LOG_LEVEL=info "${extra[@]}" \
+        sh -c 'cd "$1" && shift && exec "$@"' sh "$app_root" "$BIN/tidepool-server" "$@"
+}
+apps_db=tp_apps_$$
+apps_psql() { "$TP_PG_BIN/psql" -qAtX -v ON_ERROR_STOP=1 "$@"; }
 apps_mode() {
-    local port log=$tmp/apps.log t0 t1 i
+    local port log=$tmp/apps.log t0 t1 i code rc mig out
+    out=$(apps_psql -d postgres -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS $apps_db" \
+        -c "CREATE DATABASE $apps_db" 2>&1) || { echo "cannot create database $apps_db: $out"; return 1; }
     port=$(free_port)
-    # The app's working directory is the uploaded tree: sql/ (and bin/) at its root.
-    local cwd=$tmp/app-root
-    mkdir -p "$cwd/sql/queries" "$cwd/sql/sync"
-    [ -d sql ] && cp -R sql/. "$cwd/sql/"
-    # Only what Databricks Apps injects (3.1, 4.4), pointed at the test Postgres.
-    env -i PATH=/usr/bin:/bin HOME="$tmp" DATABRICKS_APP_NAME=tidepool-test DATABRICKS_WORKSPACE_ID=1 \
-        DATABRICKS_HOST=http://127.0.0.1:9 DATABRICKS_APP_PORT="$port" \
-        DATABRICKS_CLIENT_ID=test-client DATABRICKS_CLIENT_SECRET=test-secret \
-        DATABRICKS_WAREHOUSE_ID=test-warehouse PGAPPNAME=tidepool-test \
-        PGHOST="${PGHOST:-}" PGPORT="${PGPORT:-}" PGUSER="${PGUSER:-}" PGDATABASE=postgres \
-        sh -c 'cd "$1" && exec "$2"' sh "$cwd" "$BIN/tidepool-server" >"$log" 2>&1 &
+    # Postgres only through the PG* variables a Lakebase resource injects (the
+    # harness has no TLS, so sslmode prefer where Apps says require).
+    apps_env DATABRICKS_APP_PORT="$port" PGAPPNAME=tidepool-test PGHOST="$PGHOST" PGPORT="$PGPORT" \
+        PGUSER="$PGUSER" PGDATABASE="$apps_db" PGSSLMODE=prefer >"$log" 2>&1 &
     server_pid=$!
-    for i in $(seq 1 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-        kill -0 "$server_pid" 2>/dev/null || { echo "server exited: $(tail -c 400 "$log")"; server_pid=; return 1; }
+    stop_fail() {
+        echo "$1"
+        kill -KILL "$server_pid" 2>/dev/null
+        wait "$server_pid" 2>/dev/null
+        return 1
+    }
+    code=
+    for i in $(seq 1 150); do
+        code=$(curl -s -o "$tmp/readyz" -w '%{http_code}' --max-time 2 "http://127.0.0.1:$port/readyz")
+        [ "$code" = 200 ] && break
+        kill -0 "$server_pid" 2>/dev/null || { echo "server exited: $(tail -c 400 "$log")"; return 1; }
         sleep 0.1
     done
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "not listening on DATABRICKS_APP_PORT $port"; return 1; }
-    grep -q 'test-secret' "$log" && { echo "the client secret appears in the log"; return 1; }
+    [ "$code" = 200 ] || { stop_fail "/readyz on DATABRICKS_APP_PORT $port answered '$code': $(head -c 300 "$tmp/readyz" 2>/dev/null)"; return 1; }
+    grep -q '"status":"ready"' "$tmp/readyz" || { stop_fail "/readyz body: $(head -c 300 "$tmp/readyz")"; return 1; }
+    mig=$(apps_psql -d "$apps_db" -c "SELECT count(*) > 0 FROM tidepool.schema_migrations" 2>&1)
+    [ "$mig" = t ] || { stop_fail "no migrations applied in $apps_db: $mig"; return 1; }
+    grep -q 'test-secret' "$log" && { stop_fail "the client secret appears in the log"; return 1; }
     t0=$(date +%s%N)
     kill -TERM "$server_pid"
     for i in $(seq 1 150); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
     t1=$(date +%s%N)
-    if kill -0 "$server_pid" 2>/dev/null; then echo "still running 15 s after SIGTERM"; return 1; fi
+    if kill -0 "$server_pid" 2>/dev/null; then stop_fail "still running 15 s after SIGTERM"; return 1; fi
     wait "$server_pid"
+    rc=$?
+    [ "$rc" = 0 ] || { echo "exit status $rc after SIGTERM: $(tail -c 400 "$log")"; return 1; }
     echo "$(( (t1 - t0) / 1000000 ))" >"$tmp/apps.ms"
-    server_pid=
 }
-if "$BIN/tidepool-server" --help 2>&1 | grep -q -- '--check' && [ -n "${PGHOST:-}" ]; then
-    check apps_mode_starts_with_injected_env_and_stops_within_15s apps_mode
+# app.yaml's LAKEBASE_ENDPOINT (valueFrom: postgres) alone switches Postgres
+# logins to minted Lakebase credentials; PGPASSWORD or TIDEPOOL_PG_PASSWORD_SOURCE
+# switch it back. --check shows the choice without connecting anywhere.
+apps_lakebase_auto() {
+    local out ep=LAKEBASE_ENDPOINT=projects/p/branches/main/endpoints/ep
+    out=$(apps_env DATABRICKS_APP_PORT=8000 "$ep" --check 2>&1) || { echo "$out" | tail -3; return 1; }
+    grep -q '^postgres.password_source = lakebase  (default; auto: ' <<<"$out" ||
+        { echo "$(grep password_source <<<"$out")"; return 1; }
+    grep -q 'test-secret' <<<"$out" && { echo "the client secret appears in --check output"; return 1; }
+    out=$(apps_env DATABRICKS_APP_PORT=8000 "$ep" TIDEPOOL_PG_PASSWORD_SOURCE=none --check 2>&1) || { echo "$out" | tail -3; return 1; }
+    grep -q '^postgres.password_source = none  (env TIDEPOOL_PG_PASSWORD_SOURCE)' <<<"$out" ||
+        { echo "$(grep password_source <<<"$out")"; return 1; }
+}
+if "$BIN/tidepool-server" --help 2>&1 | grep -q -- '--check' && [ -n "${PGHOST:-}" ] && [ -n "${TP_PG_BIN:-}" ]; then
+    check apps_mode_serves_readyz_with_injected_env_and_exits_0_within_15s apps_mode
     [ -f "$tmp/apps.ms" ] && echo "# apps mode: exited $(cat "$tmp/apps.ms") ms after SIGTERM"
+    apps_psql -d postgres -c "DROP DATABASE IF EXISTS $apps_db" >/dev/null 2>&1
 else
-    skip apps_mode_starts_with_injected_env_and_stops_within_15s "tidepool-server is not implemented yet (or no harness Postgres)"
+    skip apps_mode_serves_readyz_with_injected_env_and_exits_0_within_15s "tidepool-server is not implemented yet (or no harness Postgres)"
 fi
+check apps_lakebase_endpoint_switches_password_source apps_lakebase_auto
 exit 0

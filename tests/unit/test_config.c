@@ -819,13 +819,93 @@ static void lakebase_settings(void)
                "postgres.password_source = lakebase needs warehouse.host and workspace credentials "
                "(warehouse.token, or client_id and client_secret)");
     EXPECT_ERR("[postgres]\npassword_source = vault\n", 2,
-               "invalid value \"vault\" for postgres.password_source: expected one of none, lakebase");
+               "invalid value \"vault\" for postgres.password_source: expected one of auto, none, "
+               "lakebase");
     EXPECT_ERR("[postgres]\nlakebase_refresh_before = 0s\n", 2,
                "invalid value \"0s\" for postgres.lakebase_refresh_before: expected a duration "
                "from 1s to 30m (like 30s, 5m, 250ms)");
-    /* without password_source = lakebase the instance is just unused */
-    CHECK_MSG(load_text(&c, "[postgres]\nlakebase_instance = i\n", err, sizeof err), "%s", err);
+    /* with password_source = none the instance is just unused */
+    CHECK_MSG(load_text(&c, "[postgres]\npassword_source = none\nlakebase_instance = i\n", err,
+                        sizeof err),
+              "%s", err);
+    CHECK_STR_EQ(c.postgres.password_source, "none");
     tp_config_free(&c);
+}
+
+/* password_source = auto (the default): a Lakebase instance or endpoint asks
+ * for minted passwords unless a password is given or the setting says none;
+ * TIDEPOOL_PG_PASSWORD_SOURCE sets it from the environment (Databricks Apps). */
+static void lakebase_auto(void)
+{
+    clear_env();
+    unsetenv("PGPASSWORD");
+    unsetenv("TIDEPOOL_PGPASSWORD_FILE");
+    tp_config_t c = {0};
+    char err[1024] = "";
+    /* Databricks Apps with an Autoscaling database: no file, only the injected
+     * variables and app.yaml's LAKEBASE_ENDPOINT (valueFrom: postgres) */
+    setenv("DATABRICKS_HOST", "https://x.cloud.databricks.com", 1);
+    setenv("DATABRICKS_CLIENT_ID", "app-sp", 1);
+    setenv("DATABRICKS_CLIENT_SECRET", SECRET, 1);
+    setenv("LAKEBASE_ENDPOINT", "projects/p/branches/b/endpoints/e", 1);
+    CHECK_MSG(tp_config_load(&c, NULL, err, sizeof err), "%s", err);
+    CHECK_STR_EQ(c.postgres.password_source, "lakebase");
+    char *out = print_config(&c);
+    CHECK_CONTAINS(out, "postgres.password_source = lakebase  (default; auto: a Lakebase instance "
+                        "or endpoint is set)\n");
+    free(out);
+    tp_config_free(&c);
+    /* a password given outright wins over auto */
+    setenv("PGPASSWORD", SECRET, 1);
+    CHECK_MSG(tp_config_load(&c, NULL, err, sizeof err), "%s", err);
+    CHECK_STR_EQ(c.postgres.password_source, "none");
+    tp_config_free(&c);
+    unsetenv("PGPASSWORD");
+    CHECK_MSG(load_text(&c, "[postgres]\ndsn = host=h password=" SECRET "\n", err, sizeof err),
+              "%s", err);
+    CHECK_STR_EQ(c.postgres.password_source, "none");
+    tp_config_free(&c);
+    /* so does the environment's explicit choice */
+    setenv("TIDEPOOL_PG_PASSWORD_SOURCE", "none", 1);
+    CHECK_MSG(tp_config_load(&c, NULL, err, sizeof err), "%s", err);
+    CHECK_STR_EQ(c.postgres.password_source, "none");
+    CHECK(c.origin[idx("postgres", "password_source")].source == TP_CFG_SRC_ENV);
+    tp_config_free(&c);
+    /* and lakebase from the environment, with a Provisioned instance */
+    setenv("TIDEPOOL_PG_PASSWORD_SOURCE", "lakebase", 1);
+    unsetenv("LAKEBASE_ENDPOINT");
+    setenv("LAKEBASE_INSTANCE", "inst1", 1);
+    setenv("PGPASSWORD", SECRET, 1); /* explicit: minted all the same */
+    CHECK_MSG(tp_config_load(&c, NULL, err, sizeof err), "%s", err);
+    CHECK_STR_EQ(c.postgres.password_source, "lakebase");
+    tp_config_free(&c);
+    unsetenv("PGPASSWORD");
+    setenv("TIDEPOOL_PG_PASSWORD_SOURCE", "sometimes", 1);
+    EXPECT_ENV_ERR("env TIDEPOOL_PG_PASSWORD_SOURCE: invalid value \"sometimes\" for "
+                   "postgres.password_source: expected one of auto, none, lakebase");
+    unsetenv("TIDEPOOL_PG_PASSWORD_SOURCE");
+    /* nothing named: none, and the reason is printed */
+    clear_env();
+    CHECK_MSG(tp_config_load(&c, NULL, err, sizeof err), "%s", err);
+    CHECK_STR_EQ(c.postgres.password_source, "none");
+    out = print_config(&c);
+    CHECK_CONTAINS(out, "postgres.password_source = none  (default; auto: no Lakebase instance or "
+                        "endpoint is set)\n");
+    free(out);
+    tp_config_free(&c);
+    /* auto picked lakebase but cannot mint: the error says why and how to opt out */
+    EXPECT_ERR("[postgres]\nlakebase_instance = i\n", 2,
+               "postgres.lakebase_instance is set, so Postgres passwords are minted by Lakebase "
+               "(password_source = auto), which needs warehouse.host and workspace credentials "
+               "(warehouse.token, or client_id and client_secret); set password_source = none "
+               "(env TIDEPOOL_PG_PASSWORD_SOURCE) to log in with libpq's password instead");
+    setenv("LAKEBASE_ENDPOINT", "projects/p/branches/b/endpoints/e", 1);
+    EXPECT_ENV_ERR("env LAKEBASE_ENDPOINT: postgres.lakebase_endpoint is set, so Postgres "
+                   "passwords are minted by Lakebase (password_source = auto), which needs "
+                   "warehouse.host and workspace credentials (warehouse.token, or client_id and "
+                   "client_secret); set password_source = none (env TIDEPOOL_PG_PASSWORD_SOURCE) "
+                   "to log in with libpq's password instead");
+    clear_env();
 }
 
 static void reference_lists_every_setting(void)
@@ -1026,6 +1106,7 @@ int main(void)
     TP_RUN(auth_settings);
     TP_RUN(fallback_settings);
     TP_RUN(lakebase_settings);
+    TP_RUN(lakebase_auto);
     TP_RUN(reference_lists_every_setting);
     TP_RUN(reload_reports_restart_needed);
     TP_RUN(mutated_files_fail_cleanly);
