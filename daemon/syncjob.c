@@ -48,7 +48,8 @@ struct tp_syncjob {
     int64_t manifest_ms; /* when the result was ready (statement SUCCEEDED) */
     int64_t rows;  /* rows loaded (COPY counts) */
     int64_t bytes; /* result bytes received */
-    int64_t live_rows;
+    int64_t live_rows; /* while streaming: rows seen (CSV: lines, with its header) */
+    bool rows_known;   /* rows is COPY's own count */
     int64_t run_id;
     char *statement_id;
     char *watermark_from;
@@ -718,8 +719,10 @@ static void on_copy_done(tp_pgconn_t *c, PGresult *res, const char *err, void *a
     if (!pg_step_ok(r, err, "load into Postgres (COPY)"))
         return;
     int64_t n = res ? strtoll(PQcmdTuples(res), NULL, 10) : 0;
-    if (r->phase == PH_MAIN)
+    if (r->phase == PH_MAIN) {
         r->rows = n;
+        r->rows_known = true;
+    }
     step_after_copy(r);
 }
 
@@ -1271,7 +1274,9 @@ void tp_syncjob_cancel(tp_syncjob_t *r, const char *reason)
 
 int64_t tp_syncjob_rows(const tp_syncjob_t *r)
 {
-    return r->rows > r->live_rows ? r->rows : r->live_rows;
+    /* live_rows only estimates (a CSV header and quoted newlines count as
+     * lines); once COPY has counted, its count is the answer */
+    return r->rows_known ? r->rows : r->live_rows;
 }
 
 int64_t tp_syncjob_bytes(const tp_syncjob_t *r)

@@ -48,7 +48,8 @@ tp_syncjob_t *tp_syncjob_start(const tp_syncenv_t *env, const tp_defs_job_t *job
 /* Cancels the run (statement in flight at the warehouse and in Postgres); it
  * still ends through done, with TP_SYNCJOB_CANCELED. reason is logged/recorded. */
 void tp_syncjob_cancel(tp_syncjob_t *r, const char *reason);
-/* Live figures for progress lines. */
+/* Live figures for progress lines: rows streamed so far, COPY's count once
+ * the load is done. */
 int64_t tp_syncjob_rows(const tp_syncjob_t *r);
 int64_t tp_syncjob_bytes(const tp_syncjob_t *r);
 int64_t tp_syncjob_started_ms(const tp_syncjob_t *r);
