@@ -1117,6 +1117,29 @@ static void faults_injected(void)
     CHECK_INT_EQ(r.code, 200);
     resp_free(&r);
 
+    /* a well-formed answer in a state the protocol lacks, for the real statement */
+    set_faults("bad_state=1@get");
+    r = get_stmt(id);
+    CHECK_INT_EQ(r.code, 200);
+    CHECK_STR_EQ(jstr(r.json, "statement_id"), id);
+    CHECK_STR_EQ(jstr(r.json, "status.state"), "EXPLODING");
+    CHECK(jget(r.json, "manifest") == NULL);
+    resp_free(&r);
+    r = get_stmt(id);
+    CHECK_STR_EQ(jstr(r.json, "status.state"), "SUCCEEDED");
+    resp_free(&r);
+    set_faults("bad_state=1@execute");
+    r = exec_sql("\"statement\":\"SELECT 1\"");
+    CHECK_INT_EQ(r.code, 200);
+    CHECK(jstr(r.json, "statement_id") != NULL);
+    CHECK_STR_EQ(jstr(r.json, "status.state"), "EXPLODING");
+    if (jstr(r.json, "statement_id")) {
+        resp_t g2 = get_stmt(jstr(r.json, "statement_id"));
+        CHECK_STR_EQ(jstr(g2.json, "status.state"), "SUCCEEDED");
+        resp_free(&g2);
+    }
+    resp_free(&r);
+
     /* DELETE clears everything */
     set_faults("status=500x5");
     r = http("DELETE", "/admin/faults", AUTH, NULL, NULL);
