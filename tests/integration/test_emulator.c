@@ -301,6 +301,24 @@ static void sync_inline_json_field_by_field(void)
     resp_free(&r);
 }
 
+/* Postgres' geometric types come back as Databricks' GEOMETRY (SRID 0). */
+static void geometric_types_are_geometry(void)
+{
+    resp_t r = exec_sql("\"statement\":\"SELECT point(1, 2) AS p, box(point(0, 0), point(1, 1)) AS b,"
+                        " ARRAY[point(1, 2)] AS pa\"");
+    CHECK_INT_EQ(r.code, 200);
+    static const char *const expect[][2] = {
+        {"GEOMETRY(0)", "GEOMETRY"}, {"GEOMETRY(0)", "GEOMETRY"}, {"STRING", "STRING"}};
+    for (size_t i = 0; i < TP_ARRAY_LEN(expect); i++) {
+        json_t *col = json_array_get(jget(r.json, "manifest.schema.columns"), i);
+        CHECK_STR_EQ(jstr(col, "type_text"), expect[i][0]);
+        CHECK_STR_EQ(jstr(col, "type_name"), expect[i][1]);
+    }
+    CHECK_STR_EQ(jstr(r.json, "result.data_array.0.0"), "(1,2)");
+    CHECK_STR_EQ(jstr(r.json, "result.data_array.0.1"), "(1,1),(0,0)");
+    resp_free(&r);
+}
+
 static void parameters_of_every_type(void)
 {
     resp_t r = exec_sql(
@@ -1447,6 +1465,7 @@ int main(void)
     }
     TP_RUN(command_line_errors);
     TP_RUN(sync_inline_json_field_by_field);
+    TP_RUN(geometric_types_are_geometry);
     TP_RUN(parameters_of_every_type);
     TP_RUN(async_then_poll);
     TP_RUN(failed_statements);
