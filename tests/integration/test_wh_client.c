@@ -671,6 +671,36 @@ static void parameter_types(void)
     CHECK_STR_EQ(s.first[7], "plain");
     sink_free(&s);
 
+    /* the other types, each value read back as the warehouse renders it */
+    sink_init(&s, NULL);
+    tp_wh_param_t p2[] = {
+        {"db", "-2.5e-3", "DOUBLE"},
+        {"fl", "1.25", "FLOAT"},
+        {"ts", "2024-02-29T23:59:58.123-02:00", "TIMESTAMP"},
+        {"ntz", "2024-02-29 12:34:56.5", "TIMESTAMP_NTZ"},
+        {"sm", "-32768", "SMALLINT"},
+        {"ti", "-128", "TINYINT"},
+        {"bin", "hello", "BINARY"},
+    };
+    req_init(&r, &s, "SELECT :db AS db, :fl AS fl, :ts AS ts, :ntz AS ntz, :sm AS sm, :ti AS ti, :bin AS bin");
+    r.params = p2;
+    r.n_params = TP_ARRAY_LEN(p2);
+    run1(&cfg, &r, &s);
+    CHECK_OK(s);
+    CHECK_INT_EQ(s.rows, 1);
+    const char *want2[][2] = {{"-0.0025", "DOUBLE"},
+                              {"1.25", "FLOAT"},
+                              {"2024-03-01T01:59:58.123Z", "TIMESTAMP"},
+                              {"2024-02-29T12:34:56.500", "TIMESTAMP_NTZ"},
+                              {"-32768", "SHORT"},
+                              {"-128", "SHORT"},
+                              {"68656c6c6f", "BINARY"}};
+    for (size_t i = 0; i < TP_ARRAY_LEN(want2); i++) {
+        CHECK_STR_EQ(s.first[i], want2[i][0]);
+        CHECK_STR_EQ(s.types[i], want2[i][1]);
+    }
+    sink_free(&s);
+
     /* a value that does not cast is the server's error, reported precisely */
     sink_init(&s, NULL);
     tp_wh_param_t bad[] = {{"i", "not-a-number", "INT"}};
