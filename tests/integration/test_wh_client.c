@@ -91,6 +91,27 @@ static bool faults(const emu_t *e, const char *spec)
     return rc == CURLE_OK && code == 200;
 }
 
+/* The undocumented close, DELETE /api/2.0/sql/statements/{id}, sent by the
+ * test beside the client (as another driver would). */
+static bool close_statement(const emu_t *e, const char *id)
+{
+    CURL *c = curl_easy_init();
+    char url[256];
+    snprintf(url, sizeof(url), "%s/api/2.0/sql/statements/%s", e->url, id);
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, "DELETE");
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, discard);
+    struct curl_slist *h = curl_slist_append(NULL, "Authorization: Bearer " PAT);
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+    CURLcode rc = curl_easy_perform(c);
+    long code = 0;
+    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
+    curl_easy_cleanup(c);
+    curl_slist_free_all(h);
+    CHECK_MSG(rc == CURLE_OK && code == 200, "DELETE statement %s: curl %d HTTP %ld", id, (int)rc, code);
+    return rc == CURLE_OK && code == 200;
+}
+
 /* Counts log lines of the emulator that contain all of the given strings. */
 static int log_count(const emu_t *e, const char *a, const char *b)
 {
@@ -133,6 +154,7 @@ typedef struct sink {
     int pauses;
     int64_t cancel_after_rows;
     int64_t reject_after_rows;
+    const emu_t *close_on_rows; /* DELETE the statement at the first rows */
     struct event *resume_ev;
     /* end */
     bool done;
@@ -197,6 +219,10 @@ static bool on_rows(tp_wh_stmt_t *st, const tp_wh_rows_t *r, void *arg)
         s->rows++;
     }
     s->batches++;
+    if (s->close_on_rows != NULL && tp_wh_stmt_id(st) != NULL) {
+        close_statement(s->close_on_rows, tp_wh_stmt_id(st));
+        s->close_on_rows = NULL;
+    }
     if (s->cancel_after_rows > 0 && s->rows >= s->cancel_after_rows)
         tp_wh_cancel(st);
     if (s->reject_after_rows > 0 && s->rows >= s->reject_after_rows)
@@ -545,6 +571,88 @@ static void cancel_before_send(void)
     CHECK_INT_EQ(s.res.status, TP_WH_CANCELED);
     CHECK(s.res.statement_id == NULL);
     rig_close(&g);
+    sink_free(&s);
+}
+
+/* Another driver closes the statement (DELETE) while we poll it: the client
+ * ends with CLOSED, naming the statement. */
+static void closed_while_polling(void)
+{
+    rig_t g;
+    rig_open(&g, &E, true);
+    sink_t s;
+    rig_submit(&g, &s, "SELECT pg_sleep(3), 1", 0);
+    while (s.st && tp_wh_stmt_id(s.st) == NULL && !s.done)
+        event_base_loop(g.base, EVLOOP_ONCE);
+    CHECK(!s.done);
+    char id[80] = "?";
+    if (s.st && tp_wh_stmt_id(s.st))
+        snprintf(id, sizeof(id), "%s", tp_wh_stmt_id(s.st));
+    close_statement(&E, id);
+    rig_wait(&g, &s);
+    CHECK_INT_EQ(s.res.status, TP_WH_CLOSED);
+    CHECK_STR_EQ(s.res.statement_id, id);
+    CHECK_CONTAINS(s.res.message, id);
+    CHECK_CONTAINS(s.res.message, "is CLOSED: results are no longer available");
+    CHECK_INT_EQ(s.manifests, 0);
+    CHECK_INT_EQ(s.rows, 0);
+    CHECK_MSG(s.t_done - s.t0 < 2500, "CLOSED seen after %lld ms", (long long)(s.t_done - s.t0));
+    rig_close(&g);
+    sink_free(&s);
+}
+
+/* Closed after SUCCEEDED, between chunks of its result: the next chunk is
+ * refused, and the result is never reported complete. */
+static void closed_between_chunks(void)
+{
+    sink_t s;
+    sink_init(&s, NULL);
+    s.check_seq = true;
+    s.close_on_rows = &E;
+    tp_wh_config_t cfg;
+    cfg_init(&cfg, &E, true);
+    tp_wh_request_t r;
+    req_init(&r, &s, SEQ_SQL);
+    run1(&cfg, &r, &s);
+    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
+    CHECK_INT_EQ(s.res.http_status, 400);
+    CHECK_STR_EQ(s.res.error_code, "INVALID_STATE");
+    CHECK_CONTAINS(s.res.message, "CLOSED");
+    CHECK_INT_EQ(s.res.chunk_index, 1);
+    CHECK_INT_EQ(s.rows, 1000); /* chunk 0 only */
+    CHECK_INT_EQ(s.seq_errors, 0);
+    sink_free(&s);
+}
+
+/* A well-formed answer in a state the protocol does not define: tolerated for
+ * unknown_state_ms (the service may add states), then a protocol error that
+ * names the statement and the state; never taken for a terminal state. */
+static void unknown_state(void)
+{
+    tp_wh_config_t cfg;
+    cfg_init(&cfg, &E, true);
+    cfg.unknown_state_ms = 600;
+    /* a passing oddity, on the submit's answer and on a poll: the result comes */
+    if (!faults(&E, "bad_state=1@execute,bad_state=1@get"))
+        return;
+    sink_t s;
+    go(&s, &E, &cfg, SEQ_SQL, M_SEQ);
+    CHECK_SEQ_OK(s);
+    sink_free(&s);
+    /* a state that stays: a precise error after unknown_state_ms */
+    if (!faults(&E, "bad_state=100000@get"))
+        return;
+    go(&s, &E, &cfg, "SELECT 1 AS one", M_ASYNC);
+    CHECK_ERR(s, TP_WH_ERR_PROTOCOL);
+    CHECK(s.res.statement_id != NULL);
+    CHECK_CONTAINS(s.res.message, s.res.statement_id ? s.res.statement_id : "?");
+    CHECK_CONTAINS(s.res.message, "unknown state \"EXPLODING\"");
+    CHECK_INT_EQ(s.manifests, 0);
+    CHECK_INT_EQ(s.rows, 0);
+    int64_t took = s.t_done - s.t0;
+    CHECK_MSG(took >= 600 && took < 5000, "gave up after %lld ms", (long long)took);
+    CHECK(log_count(&E, "\"method\":\"GET\"", s.res.statement_id ? s.res.statement_id : "?") >= 2);
+    faults(&E, NULL);
     sink_free(&s);
 }
 
@@ -1348,6 +1456,9 @@ int main(void)
     TP_RUN(failed_statement_reports_sql_state);
     TP_RUN(cancel_running_statement);
     TP_RUN(cancel_before_send);
+    TP_RUN(closed_while_polling);
+    TP_RUN(closed_between_chunks);
+    TP_RUN(unknown_state);
     TP_RUN(continue_timeout_then_poll);
     TP_RUN(on_wait_timeout_cancel);
     TP_RUN(parameter_types);
