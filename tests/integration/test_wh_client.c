@@ -2,8 +2,10 @@
  * emulator, bin/tidepool-warehouse, over HTTP, on the harness Postgres: every
  * disposition x format, each state path, parameter types, chunk chains counted
  * row for row, external links, OAuth M2M (cache, refresh, one refresh in
- * flight), auth failures, every emulator fault, back-pressure, and a big
- * result streamed with flat memory (peak RSS printed as a "# " line). */
+ * flight, a token expiring between chunks of one result), auth failures,
+ * every emulator fault (an unknown state too), CLOSED by another driver,
+ * back-pressure, and a big result streamed with flat memory (peak RSS
+ * printed as a "# " line; the figure is in docs/warehouse-client.md). */
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -928,6 +930,49 @@ static void oauth_token_refreshed_after_ttl(void)
     rig_close(&g);
 }
 
+/* A token that expires while one result streams: every chunk request waits
+ * 1.5 s in the emulator before its token is checked, and the token lives 4 s,
+ * so requests sent with a token due for refresh (age 2..3.6 s) arrive after it
+ * expired. The 403 makes the client retry that chunk once with the token its
+ * background refresh fetched meanwhile; the result arrives whole, in order. */
+static void oauth_token_expires_mid_stream(void)
+{
+    emu_t x = {0};
+    const char *ttl[] = {"--token-ttl", "4", NULL};
+    if (!emu_start(&x, "emulator-midstream", ttl)) {
+        tp_test_fail(__FILE__, __LINE__, "emulator did not start (see %s)", x.log);
+        return;
+    }
+    if (faults(&x, "latency=1500@chunk")) {
+        rig_t g;
+        rig_open(&g, &x, false);
+        sink_t s;
+        rig_submit(&g, &s, "SELECT g AS n FROM generate_series(1, 5000) g ORDER BY g", 10);
+        s.check_seq = true;
+        while (!s.done && tp_now_ms() - s.t0 < 60000)
+            event_base_loop(g.base, EVLOOP_ONCE);
+        CHECK(s.done);
+        CHECK_OK(s);
+        CHECK_INT_EQ(s.res.rows, 5000);
+        CHECK_INT_EQ(s.res.chunks, 5);
+        CHECK_INT_EQ(s.seq_errors, 0);
+        CHECK_INT_EQ(s.offset_errors, 0);
+        int64_t took = s.t_done - s.t0;
+        int tokens = log_count(&x, "/oidc/v1/token", "\"status\":\"200\"");
+        int refused = log_count(&x, "\"status\":\"403\"", "/result/chunks/");
+        printf("# result streamed over %lld ms with 4 s tokens: %d tokens, %d chunk requests refused"
+               " for an expired token\n", (long long)took, tokens, refused);
+        CHECK_MSG(took > 4000, "the result took only %lld ms: it did not outlive a token", (long long)took);
+        CHECK_MSG(tokens >= 2, "%d token(s) for a %lld ms result with 4 s tokens", tokens, (long long)took);
+        CHECK_MSG(refused >= 1, "no chunk request arrived with an expired token (%d tokens)", tokens);
+        /* each refused chunk was asked for once more, not more */
+        CHECK(log_count(&x, "\"status\":\"200\"", "/result/chunks/") == 4);
+        rig_close(&g);
+        sink_free(&s);
+    }
+    tp_test_stop(x.pid, 5000);
+}
+
 /* The warehouse forgets our token (revoked; here: the emulator restarts and
  * loses its tokens): the 403 makes the client fetch a new one and retry once. */
 static void oauth_token_revoked_is_refetched(void)
@@ -1467,6 +1512,7 @@ int main(void)
     TP_RUN(bearer_override);
     TP_RUN(oauth_token_cached_and_single_flight);
     TP_RUN(oauth_token_refreshed_after_ttl);
+    TP_RUN(oauth_token_expires_mid_stream);
     TP_RUN(oauth_token_revoked_is_refetched);
     TP_RUN(oauth_wrong_secret_is_precise);
     TP_RUN(fault_latency);
