@@ -335,6 +335,10 @@ static void fail(tp_syncjob_t *r, const char *fmt, ...)
     vsnprintf(tmp, sizeof(tmp), fmt, ap);
     va_end(ap);
     r->error = tp_xasprintf("job %s: %s", jname(r), tmp);
+    /* A run stopped before its result arrived (cancel, @timeout) still names
+     * its statement in sync_runs, so it can be found in the warehouse. */
+    if (r->statement_id == NULL && r->stmt && tp_wh_stmt_id(r->stmt))
+        r->statement_id = tp_xstrdup(tp_wh_stmt_id(r->stmt));
     tp_logkv(TP_LOG_ERROR,
              ((const char *[]){"job", jname(r), "statement_id", r->statement_id, NULL}), "%s",
              r->error);

@@ -141,6 +141,8 @@ typedef struct emu_faults {
     char proxy_page_cls[16];
     int bad_json;          /* next K answers: HTTP 200 with cut-off JSON */
     char bad_json_cls[16];
+    int bad_state;         /* next K statement answers: state EXPLODING */
+    char bad_state_cls[16];
 } emu_faults_t;
 
 typedef struct emu_token {

@@ -9,6 +9,8 @@
  *   token_fail=K[:CODE]         the next K token requests fail (default 500)
  *   proxy_page=K[@CLASS]        the next K answers are a proxy's HTML 502 page
  *   bad_json=K[@CLASS]          the next K answers are HTTP 200 with JSON cut off mid-way
+ *   bad_state=K[@CLASS]         the next K statement answers (execute, get) are well-formed
+ *                               but in state EXPLODING, which the protocol does not define
  * CLASS: execute, get, chunk, cancel, close, link, token, any. Without one,
  * latency applies everywhere but /admin, and status everywhere but /admin and
  * the token endpoint (which has token_fail and @token). Counters live in
@@ -98,12 +100,16 @@ static bool parse_item(char *item, emu_faults_t *f, char *err, size_t errlen)
     } else if (strcmp(item, "truncate_chunk") == 0) {
         if (parse_int(val, 0, 1000000, &f->truncate_chunk))
             return true;
-    } else if (strcmp(item, "proxy_page") == 0 || strcmp(item, "bad_json") == 0) {
-        bool proxy = item[0] == 'p';
-        if (split_class(val, cls, sizeof cls) &&
-            parse_int(val, 0, 1000000, proxy ? &f->proxy_page : &f->bad_json)) {
-            snprintf(proxy ? f->proxy_page_cls : f->bad_json_cls, sizeof f->proxy_page_cls, "%s",
-                     cls);
+    } else if (strcmp(item, "proxy_page") == 0 || strcmp(item, "bad_json") == 0 ||
+               strcmp(item, "bad_state") == 0) {
+        int *count = &f->bad_state;
+        char *count_cls = f->bad_state_cls;
+        if (strcmp(item, "proxy_page") == 0)
+            count = &f->proxy_page, count_cls = f->proxy_page_cls;
+        else if (strcmp(item, "bad_json") == 0)
+            count = &f->bad_json, count_cls = f->bad_json_cls;
+        if (split_class(val, cls, sizeof cls) && parse_int(val, 0, 1000000, count)) {
+            snprintf(count_cls, sizeof f->proxy_page_cls, "%s", cls);
             return true;
         }
     } else if (strcmp(item, "token_fail") == 0) {
@@ -119,7 +125,7 @@ static bool parse_item(char *item, emu_faults_t *f, char *err, size_t errlen)
     } else {
         snprintf(err, errlen, "unknown fault '%s' (known: latency, status, retry_after, "
                               "drop_chunk, truncate_chunk, expire_links, token_fail, proxy_page, "
-                              "bad_json)", item);
+                              "bad_json, bad_state)", item);
         return false;
     }
 bad:
@@ -170,9 +176,9 @@ void emu_faults_describe(const emu_faults_t *f, tp_buf_t *out)
     tp_buf_printf(out,
                   "],\"retry_after\":%d,\"drop_chunk\":%d,\"truncate_chunk\":%d,"
                   "\"expire_links\":%d,\"token_fail\":%d,\"token_fail_code\":%d,"
-                  "\"proxy_page\":%d,\"bad_json\":%d}",
+                  "\"proxy_page\":%d,\"bad_json\":%d,\"bad_state\":%d}",
                   f->retry_after, f->drop_chunk, f->truncate_chunk, f->expire_links,
-                  f->token_fail, f->token_fail_code, f->proxy_page, f->bad_json);
+                  f->token_fail, f->token_fail_code, f->proxy_page, f->bad_json, f->bad_state);
 }
 
 int emu_faults_take_status(const char *cls)

@@ -200,6 +200,25 @@ static void on_defer_close(struct evhttp_connection *evcon, void *arg)
     emu_defer_free(d);
 }
 
+/* Answers a StatementResponse for st (cls: "execute" or "get"); while the
+ * bad_state fault lasts, a well-formed one in a state the protocol lacks. */
+static void send_statement(struct evhttp_request *req, reqinfo_t *ri, emu_stmt_t *st,
+                           const char *cls)
+{
+    tp_buf_t b;
+    tp_buf_init(&b);
+    if (emu_faults_take_in(&g.faults.bad_state, g.faults.bad_state_cls, cls)) {
+        tp_info("fault: answering state EXPLODING for statement %s", st->id);
+        tp_buf_printf(&b, "{\"statement_id\":\"%s\",\"status\":{\"state\":\"EXPLODING\"}}", st->id);
+    } else {
+        char host[256];
+        request_host(req, host, sizeof host);
+        emu_stmt_response(st, host, &b);
+    }
+    send_json(req, ri, 200, &b);
+    tp_buf_free(&b);
+}
+
 void emu_defer_answer(emu_defer_t *d)
 {
     if (d->magic != EMU_DEFER_MAGIC)
@@ -208,13 +227,7 @@ void emu_defer_answer(emu_defer_t *d)
     reqinfo_t ri = {.route = R_EXECUTE, .t0_us = d->t0_us};
     snprintf(ri.id, sizeof ri.id, "%s", d->stmt->id);
     snprintf(ri.path, sizeof ri.path, "/api/2.0/sql/statements");
-    char host[256];
-    request_host(d->req, host, sizeof host);
-    tp_buf_t b;
-    tp_buf_init(&b);
-    emu_stmt_response(d->stmt, host, &b);
-    send_json(d->req, &ri, 200, &b);
-    tp_buf_free(&b);
+    send_statement(d->req, &ri, d->stmt, "execute");
     emu_defer_free(d);
 }
 
@@ -562,13 +575,7 @@ static void handle_execute(struct evhttp_request *req, reqinfo_t *ri)
         st->waiters = d;
         goto out;
     }
-    char host[256];
-    request_host(req, host, sizeof host);
-    tp_buf_t b;
-    tp_buf_init(&b);
-    emu_stmt_response(st, host, &b);
-    send_json(req, ri, 200, &b);
-    tp_buf_free(&b);
+    send_statement(req, ri, st, "execute");
 out:
     free(params);
     json_decref(root);
@@ -588,16 +595,14 @@ static void handle_statement(struct evhttp_request *req, reqinfo_t *ri)
     emu_stmt_t *st = find_or_404(req, ri);
     if (st == NULL)
         return;
+    if (ri->route == R_GET) {
+        send_statement(req, ri, st, "get");
+        return;
+    }
+    emu_stmt_cancel(st, ri->route == R_CLOSE);
     tp_buf_t b;
     tp_buf_init(&b);
-    if (ri->route == R_GET) {
-        char host[256];
-        request_host(req, host, sizeof host);
-        emu_stmt_response(st, host, &b);
-    } else {
-        emu_stmt_cancel(st, ri->route == R_CLOSE);
-        tp_buf_puts(&b, "{}");
-    }
+    tp_buf_puts(&b, "{}");
     send_json(req, ri, 200, &b);
     tp_buf_free(&b);
 }

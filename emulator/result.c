@@ -7,7 +7,8 @@
  * as bare null). Chunks close at --chunk-rows rows or --chunk-bytes bytes;
  * row_limit and byte_limit stop the result and set `truncated`.
  * Unconstrained numeric is reported as DECIMAL(38,18) with Postgres' digits;
- * json/jsonb, time, uuid and other types are STRING. */
+ * geometric types (point, box, ...) as GEOMETRY(0); json/jsonb, time, uuid
+ * and other types are STRING. */
 #include "emu.h"
 
 #include <stdio.h>
@@ -21,7 +22,8 @@ enum {
     OID_INT4 = 23, OID_TEXT = 25, OID_OID = 26, OID_JSON = 114, OID_FLOAT4 = 700,
     OID_FLOAT8 = 701, OID_BPCHAR = 1042, OID_VARCHAR = 1043, OID_DATE = 1082,
     OID_TIMESTAMP = 1114, OID_TIMESTAMPTZ = 1184, OID_INTERVAL = 1186, OID_NUMERIC = 1700,
-    OID_VOID = 2278, OID_JSONB = 3802,
+    OID_VOID = 2278, OID_JSONB = 3802, OID_POINT = 600, OID_LSEG = 601, OID_PATH = 602,
+    OID_BOX = 603, OID_POLYGON = 604, OID_LINE = 628, OID_CIRCLE = 718,
 };
 
 typedef struct scalar_map {
@@ -54,6 +56,15 @@ static const scalar_map_t scalars[] = {
     {OID_JSON, 199, "STRING", "STRING", EMU_CELL_PLAIN},
     {OID_JSONB, 3807, "STRING", "STRING", EMU_CELL_PLAIN},
     {OID_VOID, 0, "VOID", "NULL", EMU_CELL_PLAIN},
+    /* Geometric types: Databricks' GEOMETRY with SRID 0 ("unknown"); the cell
+     * stays Postgres' text, not WKT. Their arrays are STRING. */
+    {OID_POINT, 0, "GEOMETRY(0)", "GEOMETRY", EMU_CELL_PLAIN},
+    {OID_LSEG, 0, "GEOMETRY(0)", "GEOMETRY", EMU_CELL_PLAIN},
+    {OID_PATH, 0, "GEOMETRY(0)", "GEOMETRY", EMU_CELL_PLAIN},
+    {OID_BOX, 0, "GEOMETRY(0)", "GEOMETRY", EMU_CELL_PLAIN},
+    {OID_POLYGON, 0, "GEOMETRY(0)", "GEOMETRY", EMU_CELL_PLAIN},
+    {OID_LINE, 0, "GEOMETRY(0)", "GEOMETRY", EMU_CELL_PLAIN},
+    {OID_CIRCLE, 0, "GEOMETRY(0)", "GEOMETRY", EMU_CELL_PLAIN},
 };
 
 static void numeric_typmod(int typmod, int *p, int *s)

@@ -200,11 +200,12 @@ static __attribute__((unused)) char *fx_read_log(const char *log_name)
     return buf;
 }
 
-/* Polls until sql on the target returns want (as text) or timeout. */
-static __attribute__((unused)) bool fx_wait_value(const char *sql, const char *want, int timeout_ms)
+/* Polls until sql on dsn returns want (as text) or timeout. */
+static __attribute__((unused)) bool fx_wait_value_on(const char *dsn, const char *sql, const char *want,
+                                                     int timeout_ms)
 {
     for (int waited = 0; waited < timeout_ms; waited += 100) {
-        PGconn *c = PQconnectdb(fx.dsn);
+        PGconn *c = PQconnectdb(dsn);
         bool ok = false;
         if (PQstatus(c) == CONNECTION_OK) {
             PGresult *r = PQexec(c, sql);
@@ -218,6 +219,12 @@ static __attribute__((unused)) bool fx_wait_value(const char *sql, const char *w
         usleep(100000);
     }
     return false;
+}
+
+/* Polls until sql on the target returns want (as text) or timeout. */
+static __attribute__((unused)) bool fx_wait_value(const char *sql, const char *want, int timeout_ms)
+{
+    return fx_wait_value_on(fx.dsn, sql, want, timeout_ms);
 }
 
 /* Sets the emulator's faults at run time (POST /admin/faults); NULL clears. */

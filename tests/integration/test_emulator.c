@@ -301,6 +301,24 @@ static void sync_inline_json_field_by_field(void)
     resp_free(&r);
 }
 
+/* Postgres' geometric types come back as Databricks' GEOMETRY (SRID 0). */
+static void geometric_types_are_geometry(void)
+{
+    resp_t r = exec_sql("\"statement\":\"SELECT point(1, 2) AS p, box(point(0, 0), point(1, 1)) AS b,"
+                        " ARRAY[point(1, 2)] AS pa\"");
+    CHECK_INT_EQ(r.code, 200);
+    static const char *const expect[][2] = {
+        {"GEOMETRY(0)", "GEOMETRY"}, {"GEOMETRY(0)", "GEOMETRY"}, {"STRING", "STRING"}};
+    for (size_t i = 0; i < TP_ARRAY_LEN(expect); i++) {
+        json_t *col = json_array_get(jget(r.json, "manifest.schema.columns"), i);
+        CHECK_STR_EQ(jstr(col, "type_text"), expect[i][0]);
+        CHECK_STR_EQ(jstr(col, "type_name"), expect[i][1]);
+    }
+    CHECK_STR_EQ(jstr(r.json, "result.data_array.0.0"), "(1,2)");
+    CHECK_STR_EQ(jstr(r.json, "result.data_array.0.1"), "(1,1),(0,0)");
+    resp_free(&r);
+}
+
 static void parameters_of_every_type(void)
 {
     resp_t r = exec_sql(
@@ -1117,6 +1135,29 @@ static void faults_injected(void)
     CHECK_INT_EQ(r.code, 200);
     resp_free(&r);
 
+    /* a well-formed answer in a state the protocol lacks, for the real statement */
+    set_faults("bad_state=1@get");
+    r = get_stmt(id);
+    CHECK_INT_EQ(r.code, 200);
+    CHECK_STR_EQ(jstr(r.json, "statement_id"), id);
+    CHECK_STR_EQ(jstr(r.json, "status.state"), "EXPLODING");
+    CHECK(jget(r.json, "manifest") == NULL);
+    resp_free(&r);
+    r = get_stmt(id);
+    CHECK_STR_EQ(jstr(r.json, "status.state"), "SUCCEEDED");
+    resp_free(&r);
+    set_faults("bad_state=1@execute");
+    r = exec_sql("\"statement\":\"SELECT 1\"");
+    CHECK_INT_EQ(r.code, 200);
+    CHECK(jstr(r.json, "statement_id") != NULL);
+    CHECK_STR_EQ(jstr(r.json, "status.state"), "EXPLODING");
+    if (jstr(r.json, "statement_id")) {
+        resp_t g2 = get_stmt(jstr(r.json, "statement_id"));
+        CHECK_STR_EQ(jstr(g2.json, "status.state"), "SUCCEEDED");
+        resp_free(&g2);
+    }
+    resp_free(&r);
+
     /* DELETE clears everything */
     set_faults("status=500x5");
     r = http("DELETE", "/admin/faults", AUTH, NULL, NULL);
@@ -1424,6 +1465,7 @@ int main(void)
     }
     TP_RUN(command_line_errors);
     TP_RUN(sync_inline_json_field_by_field);
+    TP_RUN(geometric_types_are_geometry);
     TP_RUN(parameters_of_every_type);
     TP_RUN(async_then_poll);
     TP_RUN(failed_statements);

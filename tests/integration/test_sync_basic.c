@@ -1,8 +1,10 @@
 /* tidepool-sync against the real emulator and Postgres: snapshot and
  * incremental correctness row for row (CSV and JSON_ARRAY paths), deletes by
  * flag and by reconcile, schema drift (added column added, changed type
- * refused), duplicate and NULL keys failing the job with the target left as
- * it was, bad definitions reported with file:line, bookkeeping rows. */
+ * refused), duplicate and NULL keys (snapshot and incremental), values that
+ * do not fit their column and a warehouse type with no Postgres mapping
+ * failing the job with the target left as it was, bad definitions reported
+ * with file:line, bookkeeping rows. */
 #include "sync_fixture.h"
 
 static const char lake_sql[] =
@@ -228,6 +230,177 @@ static void bad_keys_fail_the_job_and_keep_the_target(void)
     free(fx_sql(fx.wh_dsn, "DELETE FROM src.events WHERE updated_at = '2030-01-01'"));
 }
 
+/* Incremental: a NULL key in a batch fails the run at the COPY into the
+ * staging table, naming the row; the target and the watermark stay. */
+static void incremental_null_key_keeps_target_and_watermark(void)
+{
+    const char *state = "SELECT watermark || '/' || generation FROM tidepool.sync_state WHERE job = 'events'";
+    char *sum = fx_sql(fx.dsn, EVENTS_SUM("sink.events", "true"));
+    char *wm = fx_sql(fx.dsn, state);
+    /* one good row first (so the bad one is line 2), then a NULL key */
+    free(fx_sql(fx.wh_dsn, "INSERT INTO src.events VALUES (500, 1, 1, '2031-01-01', false),"
+                           " (NULL, 1, 2, '2031-01-02', false)"));
+    const char *fmts[] = {NULL, "TIDEPOOL_SYNC_FORMAT=csv"};
+    const char *lines[] = {"line 2", "line 3"}; /* CSV: the header is line 1 */
+    for (int i = 0; i < 2; i++) {
+        char *out = NULL;
+        int rc = fx_once(conf, "events", fmts[i], &out);
+        CHECK_INT_EQ(rc, 1);
+        CHECK_CONTAINS(out, "job events:");
+        CHECK_CONTAINS(out, "null value in column \\\"id\\\"");
+        CHECK_CONTAINS(out, lines[i]);
+        free(out);
+        char *after = fx_sql(fx.dsn, EVENTS_SUM("sink.events", "true"));
+        CHECK_STR_EQ(sum, after);
+        free(after);
+        after = fx_sql(fx.dsn, state);
+        CHECK_STR_EQ(wm, after);
+        free(after);
+    }
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM sink.events WHERE id = 500"), 0);
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM tidepool.sync_runs WHERE job = 'events'"
+                                " AND status = 'failed' AND error LIKE '%null value in column%'"),
+                 2);
+    /* the NULL row gone, the next run picks the good row up */
+    free(fx_sql(fx.wh_dsn, "DELETE FROM src.events WHERE id IS NULL"));
+    char *out = NULL;
+    int rc = fx_once(conf, "events", NULL, &out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
+    free(out);
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM sink.events WHERE id = 500"), 1);
+    free(fx_sql(fx.wh_dsn, "DELETE FROM src.events WHERE id = 500"));
+    free(fx_sql(fx.dsn, "DELETE FROM sink.events WHERE id = 500"));
+    free(sum);
+    free(wm);
+}
+
+/* Checksum of a sink table (all columns, by id). */
+static char *sink_sum(const char *table)
+{
+    char *q = fx_printf("SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, ',' ORDER BY id)), '')"
+                        " FROM %s t", table);
+    char *v = fx_sql(fx.dsn, q);
+    free(q);
+    return v;
+}
+
+#define FIT_JOBS 6
+static const char *const fit_jobs[FIT_JOBS] = {"fit_ok", "fit_num", "fit_ts", "fit_int", "fit_vc", "fit_geo"};
+
+/* Values and types that do not fit their column: a numeric beyond the
+ * column's precision and a timestamp Postgres refuses (COPY names line and
+ * column), an out-of-range integer for an existing integer column and a
+ * varchar(N) target (refused by type before any row), a warehouse type with
+ * no Postgres mapping. Each fails its job only, with the job's name; every
+ * target stays exactly as it was; the good job in the same pass succeeds. */
+static void values_and_types_that_do_not_fit(void)
+{
+    free(fx_sql(fx.wh_dsn, "CREATE TABLE src.fit (id int, small int, big numeric, ts timestamptz, name text,"
+                           " updated_at timestamptz);"
+                           "INSERT INTO src.fit SELECT i, i * 10, i * 1.5, timestamptz '2025-05-01 00:00:00+00'"
+                           " + i * interval '1 hour', 'n' || (i % 10), timestamptz '2025-05-01 00:00:00+00'"
+                           " + i * interval '1 second' FROM generate_series(1, 30) i"));
+    free(fx_sql(fx.dsn, "CREATE TABLE sink.fit_vc (id int PRIMARY KEY, name varchar(4), updated_at timestamptz);"
+                        "INSERT INTO sink.fit_vc VALUES (1, 'keep', '2020-01-01')"));
+    char *dir = fx_jobs_dir("jobs_fit2");
+    const char *inc = "-- @mode incremental\n-- @key id\n-- @watermark updated_at\n-- @every 1h\n";
+    const char *where = "WHERE :watermark IS NULL OR updated_at > CAST(:watermark AS TIMESTAMP)\n";
+    char *t;
+    fx_job(dir, "fit_ok", "-- @target sink.fit_ok\n-- @mode snapshot\n-- @key id\n-- @every 1h\n"
+                          "SELECT id, small FROM src.fit\n");
+    fx_job(dir, "fit_num", "-- @target sink.fit_num\n-- @mode snapshot\n-- @key id\n-- @every 1h\n"
+                           "SELECT id, big FROM src.fit ORDER BY id\n");
+    fx_job(dir, "fit_ts", "-- @target sink.fit_ts\n-- @mode snapshot\n-- @key id\n-- @every 1h\n"
+                          "SELECT id, ts FROM src.fit ORDER BY id\n");
+    t = fx_printf("-- @target sink.fit_int\n%sSELECT id, small AS v, updated_at FROM src.fit\n%s", inc, where);
+    fx_job(dir, "fit_int", t);
+    free(t);
+    fx_job(dir, "fit_geo", "-- @target sink.fit_geo\n-- @mode snapshot\n-- @key id\n-- @every 1h\n"
+                           "SELECT id, small FROM src.fit\n");
+    char *c = fx_config("fit2", dir, 2);
+    char *out = NULL;
+    int rc = fx_once(c, NULL, NULL, &out);
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, fx_tail(out, 700));
+    free(out);
+    /* the varchar(4) target made by hand: its job joins now */
+    t = fx_printf("-- @target sink.fit_vc\n%sSELECT id, name, updated_at FROM src.fit\n%s", inc, where);
+    fx_job(dir, "fit_vc", t);
+    free(t);
+
+    char *before[FIT_JOBS];
+    for (int i = 0; i < FIT_JOBS; i++) {
+        char *tbl = fx_printf("sink.%s", fit_jobs[i]);
+        before[i] = sink_sum(tbl);
+        free(tbl);
+    }
+    const char *gens = "SELECT string_agg(job || '=' || generation, ',' ORDER BY job) FROM tidepool.sync_state"
+                       " WHERE job LIKE 'fit\\_%'";
+    char *gen_before = fx_sql(fx.dsn, gens);
+    /* Now the data no longer fits: a numeric beyond DECIMAL(38,18) in row 17,
+     * year 10000 in row 5, 3000000000 for the integer column, a later
+     * updated_at everywhere; a geometry column added to fit_geo. */
+    free(fx_sql(fx.wh_dsn, "UPDATE src.fit SET big = 1e25 WHERE id = 17;"
+                           "UPDATE src.fit SET ts = timestamptz '10000-01-01 00:00:00+00' WHERE id = 5;"
+                           "UPDATE src.fit SET updated_at = updated_at + interval '1 day', name = name || '-longer'"));
+    t = fx_printf("-- @target sink.fit_int\n%sSELECT id, CASE WHEN id = 9 THEN 3000000000 ELSE small END AS v,"
+                  " updated_at FROM src.fit\n%s", inc, where);
+    fx_job(dir, "fit_int", t);
+    free(t);
+    fx_job(dir, "fit_geo", "-- @target sink.fit_geo\n-- @mode snapshot\n-- @key id\n-- @every 1h\n"
+                           "SELECT id, small, point(id, small) AS location FROM src.fit\n");
+    const char *fmts[] = {NULL, "TIDEPOOL_SYNC_FORMAT=json"};
+    for (int f = 0; f < 2; f++) {
+        rc = fx_once(c, NULL, fmts[f], &out);
+        CHECK_INT_EQ(rc, 1);
+        /* COPY names the row (CSV counts its header as line 1) and the column */
+        CHECK_CONTAINS(out, "job fit_num:");
+        CHECK_CONTAINS(out, "numeric field overflow");
+        CHECK_CONTAINS(out, f ? "line 17, column big" : "line 18, column big");
+        CHECK_CONTAINS(out, "job fit_ts:");
+        CHECK_CONTAINS(out, f ? "line 5, column ts" : "line 6, column ts");
+        CHECK_CONTAINS(out, "+10000-01-01T00:00:00.000Z");
+        /* refused by type before any row: the column and both types named */
+        CHECK_CONTAINS(out, "job fit_int: schema drift: column v changed type: target sink.fit_int has integer,"
+                            " the warehouse now returns BIGINT (bigint); target left unchanged");
+        CHECK_CONTAINS(out, "job fit_vc: schema drift: column name changed type: target sink.fit_vc has"
+                            " character varying(4), the warehouse now returns STRING (text)");
+        CHECK_CONTAINS(out, "job fit_geo: column location has warehouse type GEOMETRY(0), which has no"
+                            " Postgres mapping");
+        free(out);
+        for (int i = 1; i < FIT_JOBS; i++) {
+            char *tbl = fx_printf("sink.%s", fit_jobs[i]);
+            char *after = sink_sum(tbl);
+            CHECK_MSG(strcmp(before[i], after) == 0, "%s changed: %s -> %s", tbl, before[i], after);
+            free(after);
+            free(tbl);
+        }
+    }
+    /* nothing left behind; each failure recorded; the good job ran twice more */
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM pg_class WHERE relname LIKE '\\_tp\\_new\\_fit%'"), 0);
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM tidepool.sync_state WHERE job LIKE 'fit\\_%'"
+                                " AND job <> 'fit_ok' AND consecutive_failures = 2 AND last_error LIKE"
+                                " 'job ' || job || ':%'"),
+                 FIT_JOBS - 1);
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM tidepool.sync_runs WHERE job LIKE 'fit\\_%'"
+                                " AND status = 'failed'"),
+                 2 * (FIT_JOBS - 1));
+    char *gen_after = fx_sql(fx.dsn, gens);
+    CHECK_STR_EQ(gen_before, "fit_geo=1,fit_int=1,fit_num=1,fit_ok=1,fit_ts=1");
+    CHECK_STR_EQ(gen_after, "fit_geo=1,fit_int=1,fit_num=1,fit_ok=3,fit_ts=1,fit_vc=0");
+    char *ok_now = sink_sum("sink.fit_ok");
+    CHECK_STR_EQ(before[0], ok_now);  /* same rows, swapped in twice */
+    free(ok_now);
+    char *vc = fx_sql(fx.dsn, "SELECT string_agg(name, ',') FROM sink.fit_vc");
+    CHECK_STR_EQ(vc, "keep");
+    free(vc);
+    for (int i = 0; i < FIT_JOBS; i++)
+        free(before[i]);
+    free(gen_before);
+    free(gen_after);
+    free(dir);
+    free(c);
+}
+
 static void snapshot_refuses_changed_type(void)
 {
     char *dir = fx_jobs_dir("jobs_fit");
@@ -422,6 +595,8 @@ int main(void)
     TP_RUN(reconcile_removes_keys_the_warehouse_lost);
     TP_RUN(drift_adds_columns_and_refuses_type_changes);
     TP_RUN(bad_keys_fail_the_job_and_keep_the_target);
+    TP_RUN(incremental_null_key_keeps_target_and_watermark);
+    TP_RUN(values_and_types_that_do_not_fit);
     TP_RUN(snapshot_refuses_changed_type);
     TP_RUN(failing_jobs_do_not_stop_the_others);
     TP_RUN(check_reports_bad_definitions_with_file_line);

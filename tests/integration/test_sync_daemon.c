@@ -2,7 +2,8 @@
  * snapshots never sees an empty or mixed table; NOTIFY tidepool_trigger runs
  * a job now and tidepool_sync announces job:generation; two daemons run each
  * job once at a time (sync_runs intervals never overlap); SIGTERM cancels the
- * statement in flight and exits within 10 s; SIGHUP with a broken file keeps
+ * statement in flight (the emulator logs the cancel and its backend stops)
+ * and exits within 10 s; SIGHUP with a broken file keeps
  * the old jobs running, and re-reads the config file; warehouse faults are
  * survived; the sd_notify protocol (READY, STATUS, WATCHDOG, RELOADING,
  * STOPPING) against a test NOTIFY_SOCKET. */
@@ -148,6 +149,26 @@ static void two_daemons_run_each_job_once_at_a_time(void)
     free(conf);
 }
 
+/* Lines of the emulator's request log that contain both strings. */
+static int emu_log_count(const char *a, const char *b)
+{
+    FILE *f = fopen(fx.emu_log, "r");
+    if (f == NULL)
+        return -1;
+    int n = 0;
+    char line[4096];
+    while (fgets(line, sizeof(line), f))
+        if (strstr(line, a) && (b == NULL || strstr(line, b)))
+            n++;
+    fclose(f);
+    return n;
+}
+
+/* Backends of the lakehouse database running the slow job's statement. */
+static const char slow_backends[] = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                    " AND state = 'active' AND query LIKE '%src.slow(v)%'"
+                                    " AND pid <> pg_backend_pid()";
+
 static void sigterm_cancels_the_run_in_flight(void)
 {
     char *dir = fx_jobs_dir("jobs_term");
@@ -159,6 +180,9 @@ static void sigterm_cancels_the_run_in_flight(void)
     CHECK(fx_wait_value("SELECT count(*)::text FROM tidepool.sync_runs WHERE job = 'slow' AND status = 'running'",
                         "1", 15000));
     usleep(500000);
+    /* the warehouse is running it: the statement has seconds of work left */
+    CHECK_INT_EQ(fx_num(fx.wh_dsn, slow_backends), 1);
+    int cancels = emu_log_count("\"method\":\"POST\"", "/cancel\"");
     long long t0 = fx_ms();
     int st = tp_test_stop(d, 10000);
     long long took = fx_ms() - t0;
@@ -168,6 +192,21 @@ static void sigterm_cancels_the_run_in_flight(void)
                                 " AND status = 'canceled' AND error LIKE '%SIGTERM%'"),
                  1);
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM pg_tables WHERE tablename = 'slow'"), 0);
+    /* The warehouse saw the cancel (statements are not cancelled by silence,
+     * protocol §1.10) and its Postgres backend stopped long before the ~10 s
+     * the statement would otherwise have run. */
+    char *sid = fx_sql(fx.dsn, "SELECT statement_id FROM tidepool.sync_runs WHERE job = 'slow'"
+                               " AND status = 'canceled'");
+    CHECK_MSG(sid != NULL && *sid, "the canceled run has no statement id");
+    if (sid != NULL && *sid) {
+        char *path = fx_printf("/api/2.0/sql/statements/%s/cancel\"", sid);
+        CHECK_INT_EQ(emu_log_count("\"method\":\"POST\"", path), 1);
+        free(path);
+    }
+    free(sid);
+    CHECK_MSG(emu_log_count("\"method\":\"POST\"", "/cancel\"") == cancels + 1, "cancels %d -> %d", cancels,
+              emu_log_count("\"method\":\"POST\"", "/cancel\""));
+    CHECK(fx_wait_value_on(fx.wh_dsn, slow_backends, "0", 2000));
     free(dir);
     free(conf);
 }
@@ -287,7 +326,7 @@ static void timeout_fails_the_run(void)
     CHECK_CONTAINS(out, "timed out after 1000 ms");
     free(out);
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM tidepool.sync_runs WHERE job = 'late'"
-                                " AND status = 'failed' AND error LIKE '%timed out%'"),
+                                " AND status = 'failed' AND error LIKE '%timed out%' AND statement_id IS NOT NULL"),
                  1);
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM pg_tables WHERE tablename = 'late'"), 0);
     free(dir);

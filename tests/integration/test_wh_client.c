@@ -2,8 +2,10 @@
  * emulator, bin/tidepool-warehouse, over HTTP, on the harness Postgres: every
  * disposition x format, each state path, parameter types, chunk chains counted
  * row for row, external links, OAuth M2M (cache, refresh, one refresh in
- * flight), auth failures, every emulator fault, back-pressure, and a big
- * result streamed with flat memory (peak RSS printed as a "# " line). */
+ * flight, a token expiring between chunks of one result), auth failures,
+ * every emulator fault (an unknown state too), CLOSED by another driver,
+ * back-pressure, and a big result streamed with flat memory (peak RSS
+ * printed as a "# " line; the figure is in docs/warehouse-client.md). */
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -91,6 +93,27 @@ static bool faults(const emu_t *e, const char *spec)
     return rc == CURLE_OK && code == 200;
 }
 
+/* The undocumented close, DELETE /api/2.0/sql/statements/{id}, sent by the
+ * test beside the client (as another driver would). */
+static bool close_statement(const emu_t *e, const char *id)
+{
+    CURL *c = curl_easy_init();
+    char url[256];
+    snprintf(url, sizeof(url), "%s/api/2.0/sql/statements/%s", e->url, id);
+    curl_easy_setopt(c, CURLOPT_URL, url);
+    curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, "DELETE");
+    curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, discard);
+    struct curl_slist *h = curl_slist_append(NULL, "Authorization: Bearer " PAT);
+    curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+    CURLcode rc = curl_easy_perform(c);
+    long code = 0;
+    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &code);
+    curl_easy_cleanup(c);
+    curl_slist_free_all(h);
+    CHECK_MSG(rc == CURLE_OK && code == 200, "DELETE statement %s: curl %d HTTP %ld", id, (int)rc, code);
+    return rc == CURLE_OK && code == 200;
+}
+
 /* Counts log lines of the emulator that contain all of the given strings. */
 static int log_count(const emu_t *e, const char *a, const char *b)
 {
@@ -133,6 +156,7 @@ typedef struct sink {
     int pauses;
     int64_t cancel_after_rows;
     int64_t reject_after_rows;
+    const emu_t *close_on_rows; /* DELETE the statement at the first rows */
     struct event *resume_ev;
     /* end */
     bool done;
@@ -197,6 +221,10 @@ static bool on_rows(tp_wh_stmt_t *st, const tp_wh_rows_t *r, void *arg)
         s->rows++;
     }
     s->batches++;
+    if (s->close_on_rows != NULL && tp_wh_stmt_id(st) != NULL) {
+        close_statement(s->close_on_rows, tp_wh_stmt_id(st));
+        s->close_on_rows = NULL;
+    }
     if (s->cancel_after_rows > 0 && s->rows >= s->cancel_after_rows)
         tp_wh_cancel(st);
     if (s->reject_after_rows > 0 && s->rows >= s->reject_after_rows)
@@ -548,6 +576,88 @@ static void cancel_before_send(void)
     sink_free(&s);
 }
 
+/* Another driver closes the statement (DELETE) while we poll it: the client
+ * ends with CLOSED, naming the statement. */
+static void closed_while_polling(void)
+{
+    rig_t g;
+    rig_open(&g, &E, true);
+    sink_t s;
+    rig_submit(&g, &s, "SELECT pg_sleep(3), 1", 0);
+    while (s.st && tp_wh_stmt_id(s.st) == NULL && !s.done)
+        event_base_loop(g.base, EVLOOP_ONCE);
+    CHECK(!s.done);
+    char id[80] = "?";
+    if (s.st && tp_wh_stmt_id(s.st))
+        snprintf(id, sizeof(id), "%s", tp_wh_stmt_id(s.st));
+    close_statement(&E, id);
+    rig_wait(&g, &s);
+    CHECK_INT_EQ(s.res.status, TP_WH_CLOSED);
+    CHECK_STR_EQ(s.res.statement_id, id);
+    CHECK_CONTAINS(s.res.message, id);
+    CHECK_CONTAINS(s.res.message, "is CLOSED: results are no longer available");
+    CHECK_INT_EQ(s.manifests, 0);
+    CHECK_INT_EQ(s.rows, 0);
+    CHECK_MSG(s.t_done - s.t0 < 2500, "CLOSED seen after %lld ms", (long long)(s.t_done - s.t0));
+    rig_close(&g);
+    sink_free(&s);
+}
+
+/* Closed after SUCCEEDED, between chunks of its result: the next chunk is
+ * refused, and the result is never reported complete. */
+static void closed_between_chunks(void)
+{
+    sink_t s;
+    sink_init(&s, NULL);
+    s.check_seq = true;
+    s.close_on_rows = &E;
+    tp_wh_config_t cfg;
+    cfg_init(&cfg, &E, true);
+    tp_wh_request_t r;
+    req_init(&r, &s, SEQ_SQL);
+    run1(&cfg, &r, &s);
+    CHECK_INT_EQ(s.res.status, TP_WH_ERROR);
+    CHECK_INT_EQ(s.res.http_status, 400);
+    CHECK_STR_EQ(s.res.error_code, "INVALID_STATE");
+    CHECK_CONTAINS(s.res.message, "CLOSED");
+    CHECK_INT_EQ(s.res.chunk_index, 1);
+    CHECK_INT_EQ(s.rows, 1000); /* chunk 0 only */
+    CHECK_INT_EQ(s.seq_errors, 0);
+    sink_free(&s);
+}
+
+/* A well-formed answer in a state the protocol does not define: tolerated for
+ * unknown_state_ms (the service may add states), then a protocol error that
+ * names the statement and the state; never taken for a terminal state. */
+static void unknown_state(void)
+{
+    tp_wh_config_t cfg;
+    cfg_init(&cfg, &E, true);
+    cfg.unknown_state_ms = 600;
+    /* a passing oddity, on the submit's answer and on a poll: the result comes */
+    if (!faults(&E, "bad_state=1@execute,bad_state=1@get"))
+        return;
+    sink_t s;
+    go(&s, &E, &cfg, SEQ_SQL, M_SEQ);
+    CHECK_SEQ_OK(s);
+    sink_free(&s);
+    /* a state that stays: a precise error after unknown_state_ms */
+    if (!faults(&E, "bad_state=100000@get"))
+        return;
+    go(&s, &E, &cfg, "SELECT 1 AS one", M_ASYNC);
+    CHECK_ERR(s, TP_WH_ERR_PROTOCOL);
+    CHECK(s.res.statement_id != NULL);
+    CHECK_CONTAINS(s.res.message, s.res.statement_id ? s.res.statement_id : "?");
+    CHECK_CONTAINS(s.res.message, "unknown state \"EXPLODING\"");
+    CHECK_INT_EQ(s.manifests, 0);
+    CHECK_INT_EQ(s.rows, 0);
+    int64_t took = s.t_done - s.t0;
+    CHECK_MSG(took >= 600 && took < 5000, "gave up after %lld ms", (long long)took);
+    CHECK(log_count(&E, "\"method\":\"GET\"", s.res.statement_id ? s.res.statement_id : "?") >= 2);
+    faults(&E, NULL);
+    sink_free(&s);
+}
+
 static void continue_timeout_then_poll(void)
 {
     sink_t s;
@@ -671,6 +781,36 @@ static void parameter_types(void)
     CHECK_STR_EQ(s.first[7], "plain");
     sink_free(&s);
 
+    /* the other types, each value read back as the warehouse renders it */
+    sink_init(&s, NULL);
+    tp_wh_param_t p2[] = {
+        {"db", "-2.5e-3", "DOUBLE"},
+        {"fl", "1.25", "FLOAT"},
+        {"ts", "2024-02-29T23:59:58.123-02:00", "TIMESTAMP"},
+        {"ntz", "2024-02-29 12:34:56.5", "TIMESTAMP_NTZ"},
+        {"sm", "-32768", "SMALLINT"},
+        {"ti", "-128", "TINYINT"},
+        {"bin", "hello", "BINARY"},
+    };
+    req_init(&r, &s, "SELECT :db AS db, :fl AS fl, :ts AS ts, :ntz AS ntz, :sm AS sm, :ti AS ti, :bin AS bin");
+    r.params = p2;
+    r.n_params = TP_ARRAY_LEN(p2);
+    run1(&cfg, &r, &s);
+    CHECK_OK(s);
+    CHECK_INT_EQ(s.rows, 1);
+    const char *want2[][2] = {{"-0.0025", "DOUBLE"},
+                              {"1.25", "FLOAT"},
+                              {"2024-03-01T01:59:58.123Z", "TIMESTAMP"},
+                              {"2024-02-29T12:34:56.500", "TIMESTAMP_NTZ"},
+                              {"-32768", "SHORT"},
+                              {"-128", "SHORT"},
+                              {"68656c6c6f", "BINARY"}};
+    for (size_t i = 0; i < TP_ARRAY_LEN(want2); i++) {
+        CHECK_STR_EQ(s.first[i], want2[i][0]);
+        CHECK_STR_EQ(s.types[i], want2[i][1]);
+    }
+    sink_free(&s);
+
     /* a value that does not cast is the server's error, reported precisely */
     sink_init(&s, NULL);
     tp_wh_param_t bad[] = {{"i", "not-a-number", "INT"}};
@@ -788,6 +928,49 @@ static void oauth_token_refreshed_after_ttl(void)
     /* no request was ever refused for an expired token */
     CHECK_INT_EQ(log_count(&E_TTL, "\"status\":\"403\"", "/api/2.0/sql"), 0);
     rig_close(&g);
+}
+
+/* A token that expires while one result streams: every chunk request waits
+ * 1.5 s in the emulator before its token is checked, and the token lives 4 s,
+ * so requests sent with a token due for refresh (age 2..3.6 s) arrive after it
+ * expired. The 403 makes the client retry that chunk once with the token its
+ * background refresh fetched meanwhile; the result arrives whole, in order. */
+static void oauth_token_expires_mid_stream(void)
+{
+    emu_t x = {0};
+    const char *ttl[] = {"--token-ttl", "4", NULL};
+    if (!emu_start(&x, "emulator-midstream", ttl)) {
+        tp_test_fail(__FILE__, __LINE__, "emulator did not start (see %s)", x.log);
+        return;
+    }
+    if (faults(&x, "latency=1500@chunk")) {
+        rig_t g;
+        rig_open(&g, &x, false);
+        sink_t s;
+        rig_submit(&g, &s, "SELECT g AS n FROM generate_series(1, 5000) g ORDER BY g", 10);
+        s.check_seq = true;
+        while (!s.done && tp_now_ms() - s.t0 < 60000)
+            event_base_loop(g.base, EVLOOP_ONCE);
+        CHECK(s.done);
+        CHECK_OK(s);
+        CHECK_INT_EQ(s.res.rows, 5000);
+        CHECK_INT_EQ(s.res.chunks, 5);
+        CHECK_INT_EQ(s.seq_errors, 0);
+        CHECK_INT_EQ(s.offset_errors, 0);
+        int64_t took = s.t_done - s.t0;
+        int tokens = log_count(&x, "/oidc/v1/token", "\"status\":\"200\"");
+        int refused = log_count(&x, "\"status\":\"403\"", "/result/chunks/");
+        printf("# result streamed over %lld ms with 4 s tokens: %d tokens, %d chunk requests refused"
+               " for an expired token\n", (long long)took, tokens, refused);
+        CHECK_MSG(took > 4000, "the result took only %lld ms: it did not outlive a token", (long long)took);
+        CHECK_MSG(tokens >= 2, "%d token(s) for a %lld ms result with 4 s tokens", tokens, (long long)took);
+        CHECK_MSG(refused >= 1, "no chunk request arrived with an expired token (%d tokens)", tokens);
+        /* each refused chunk was asked for once more, not more */
+        CHECK(log_count(&x, "\"status\":\"200\"", "/result/chunks/") == 4);
+        rig_close(&g);
+        sink_free(&s);
+    }
+    tp_test_stop(x.pid, 5000);
 }
 
 /* The warehouse forgets our token (revoked; here: the emulator restarts and
@@ -1318,6 +1501,9 @@ int main(void)
     TP_RUN(failed_statement_reports_sql_state);
     TP_RUN(cancel_running_statement);
     TP_RUN(cancel_before_send);
+    TP_RUN(closed_while_polling);
+    TP_RUN(closed_between_chunks);
+    TP_RUN(unknown_state);
     TP_RUN(continue_timeout_then_poll);
     TP_RUN(on_wait_timeout_cancel);
     TP_RUN(parameter_types);
@@ -1326,6 +1512,7 @@ int main(void)
     TP_RUN(bearer_override);
     TP_RUN(oauth_token_cached_and_single_flight);
     TP_RUN(oauth_token_refreshed_after_ttl);
+    TP_RUN(oauth_token_expires_mid_stream);
     TP_RUN(oauth_token_revoked_is_refetched);
     TP_RUN(oauth_wrong_secret_is_precise);
     TP_RUN(fault_latency);
