@@ -904,7 +904,7 @@ int main(int argc, char **argv)
         config_path = TP_CONFIG_DEFAULT_PATH;
     char err[512];
     if (!tp_config_load(&g_srv.cfg, config_path, err, sizeof err)) {
-        fprintf(stderr, "tidepool-server: %s\n", err);
+        fprintf(stderr, "%s\n", err); /* "file:line: message", as the other programs */
         return 2;
     }
     tp_log_set_global("program", "tidepool-server");

@@ -58,12 +58,34 @@ static void bad_config_is_file_line_and_exit_2(void)
         free(cmd);
     }
     free(path);
-    char *out;
-    char *cmd = tp_xasprintf("%s --config /nonexistent/tidepool.conf --check", tp_test_bin("tidepool-sync"));
-    CHECK_INT_EQ(run(cmd, &out), 2);
-    CHECK_CONTAINS(out, "/nonexistent/tidepool.conf: cannot read: No such file or directory");
-    free(out);
-    free(cmd);
+    /* every kind of bad file: one line, "file:line: message" (or "file: message"
+     * when no line applies), exit 2, from every program alike */
+    char *unknown = tp_test_write_tmp("unknown.conf", "[server]\nlisten = 127.0.0.1:1\nbogus_key = 1\n");
+    char *unclosed = tp_test_write_tmp("unclosed.conf", "[warehouse]\nhost = ${UNCLOSED\n");
+    char *dir = tp_xasprintf("%s", tp_test_tmpdir());
+    struct {
+        const char *path, *where, *what;
+    } bad[] = {
+        {unknown, ":3: ", "unknown key \"bogus_key\" in [server]"},
+        {unclosed, ":2: ", "warehouse.host: unclosed \"${\""},
+        {"/nonexistent/tidepool.conf", ": ", "cannot read: No such file or directory"},
+        {dir, ": ", "cannot read: Is a directory"},
+    };
+    for (size_t i = 0; i < TP_ARRAY_LEN(programs); i++) {
+        for (size_t k = 0; k < TP_ARRAY_LEN(bad); k++) {
+            char *out;
+            char *cmd = tp_xasprintf("%s --config %s --check", tp_test_bin(programs[i]), bad[k].path);
+            CHECK_INT_EQ(run(cmd, &out), 2);
+            char *want = tp_xasprintf("%s%s%s\n", bad[k].path, bad[k].where, bad[k].what);
+            CHECK_STR_EQ(out, want);
+            free(want);
+            free(out);
+            free(cmd);
+        }
+    }
+    free(unknown);
+    free(unclosed);
+    free(dir);
 }
 
 static void check_prints_settings_with_secrets_masked(void)
