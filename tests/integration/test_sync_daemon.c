@@ -81,6 +81,20 @@ static void reader_never_sees_empty_or_mixed_table(void)
     CHECK_MSG(fx_ms() - t0 < 10000, "SIGTERM took %lld ms", fx_ms() - t0);
     CHECK_INT_EQ(st, 0);
     CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM tidepool.sync_runs WHERE status = 'running'"), 0);
+    /* @every 1s, jittered by +-10%: from one run's end to the next run's start
+     * is 0.9 s to 1.1 s (plus scheduling slack), and not the same every time */
+    static const char gaps[] =
+        "WITH g AS (SELECT extract(epoch FROM lead(started_at) OVER (ORDER BY started_at) - "
+        "finished_at) * 1000 AS ms FROM tidepool.sync_runs WHERE job = 'flip') "
+        "SELECT count(ms) || ' ' || floor(min(ms)) || ' ' || ceil(max(ms)) FROM g";
+    char *v = fx_sql(fx.dsn, gaps);
+    long long n = 0, lo = 0, hi = 0;
+    CHECK(v && sscanf(v, "%lld %lld %lld", &n, &lo, &hi) == 3);
+    fprintf(stderr, "# flip: %lld gaps between runs, %lld..%lld ms\n", n, lo, hi);
+    CHECK_MSG(n >= 3, "only %lld runs followed one another", n);
+    CHECK_MSG(lo >= 850 && hi <= 1700, "gaps %lld..%lld ms, want about 900..1100", lo, hi);
+    CHECK_MSG(hi - lo >= 5, "every gap %lld ms: no jitter", lo);
+    free(v);
     free(dir);
     free(conf);
 }
