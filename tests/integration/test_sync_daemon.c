@@ -99,6 +99,33 @@ static void reader_never_sees_empty_or_mixed_table(void)
     free(conf);
 }
 
+/* --once on a terminal shows a progress line (rows, bytes, rate) that the
+ * summary then replaces; without a terminal (cron, scripts) it shows none.
+ * script(1) gives the daemon a pseudo-terminal. */
+static void once_shows_progress_on_a_terminal(void)
+{
+    char *dir = fx_jobs_dir("jobs_progress");
+    fx_job(dir, "prog", "-- @target sink.prog\n-- @mode snapshot\n-- @every 1h\n"
+                        "SELECT id, src.slow(v) AS v FROM src.flip WHERE id <= 30\n");
+    char *conf = fx_config("progress", dir, 1);
+    char *out = NULL;
+    char *cmd = fx_printf("script -qec '%s --config %s --once prog' /dev/null",
+                          tp_test_bin("tidepool-sync"), conf);
+    CHECK_INT_EQ(tp_test_cmd(cmd, &out), 0);
+    CHECK_CONTAINS(out, "1 job(s) running: ");
+    CHECK_CONTAINS(out, " rows/s");
+    free(out);
+    free(cmd);
+    cmd = fx_printf("%s --config %s --once prog", tp_test_bin("tidepool-sync"), conf);
+    CHECK_INT_EQ(tp_test_cmd(cmd, &out), 0);
+    CHECK(out && strstr(out, "job(s) running:") == NULL);
+    CHECK_INT_EQ(fx_num(fx.dsn, "SELECT count(*) FROM sink.prog"), 30);
+    free(out);
+    free(cmd);
+    free(conf);
+    free(dir);
+}
+
 static void notify_trigger_runs_a_job_now(void)
 {
     char *dir = fx_jobs_dir("jobs_trigger");
@@ -525,6 +552,7 @@ int main(void)
     if (!fx_setup("test_sync_daemon", lake_sql, NULL))
         return tp_test_done();
     TP_RUN(reader_never_sees_empty_or_mixed_table);
+    TP_RUN(once_shows_progress_on_a_terminal);
     TP_RUN(notify_trigger_runs_a_job_now);
     TP_RUN(two_daemons_run_each_job_once_at_a_time);
     TP_RUN(a_dead_daemon_releases_its_jobs);
