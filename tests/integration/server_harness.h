@@ -31,6 +31,7 @@ typedef struct srv_h {
     char qdir[512];
     const char *extra_conf; /* appended to the config file (e.g. an [auth] section) */
     const char *max_header_bytes; /* server.max_header_bytes; NULL = 4k */
+    const char *timeout;          /* server.timeout; NULL = 10s */
 } srv_h_t;
 
 typedef struct resp {
@@ -130,9 +131,9 @@ static bool harness_start(srv_h_t *s, const char *dsn, int threads)
     snprintf(conf, sizeof conf,
              "[postgres]\ndsn = %s\npool_size = 4\n"
              "[server]\nlisten = 127.0.0.1:%d\nthreads = %d\ndefinitions = %s\n"
-             "max_body_bytes = 4k\nmax_header_bytes = %s\ntimeout = 10s\n%s",
+             "max_body_bytes = 4k\nmax_header_bytes = %s\ntimeout = %s\n%s",
              dsn, s->port, threads, s->qdir, s->max_header_bytes ? s->max_header_bytes : "4k",
-             s->extra_conf ? s->extra_conf : "");
+             s->timeout ? s->timeout : "10s", s->extra_conf ? s->extra_conf : "");
     free(s->conf);
     char name[64];
     snprintf(name, sizeof name, "server-%d.conf", s->port);

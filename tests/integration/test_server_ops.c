@@ -6,8 +6,14 @@
  * failing, recovery without restart), the sd_notify protocol of a server
  * started while Postgres is down (READY=1 only once it is reachable and
  * migrated, STATUS=, WATCHDOG=1, RELOADING=1, STOPPING=1), SIGHUP reload (good
- * and broken files) and SIGTERM draining an in-flight request. */
+ * and broken files), SIGTERM draining an in-flight request and giving up on
+ * one that outlasts drain_timeout, and an idle half-sent request timed out. */
 #include "server_harness.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 static srv_h_t S;
 static const char *DSN;
@@ -536,6 +542,72 @@ static void test_sigterm_drains(void)
     free(log);
 }
 
+static pid_t g_term_pid;
+static void send_term_to(void)
+{
+    kill(g_term_pid, SIGTERM);
+}
+
+/* SIGTERM with a request that outlasts server.drain_timeout: the server does
+ * not wait for it, logs that it gave up, and exits 0 within the deadline. */
+static void test_drain_deadline(void)
+{
+    srv_h_t q = {0};
+    snprintf(q.qdir, sizeof q.qdir, "%s", S.qdir);
+    q.extra_conf = "drain_timeout = 1s\n"; /* lands in [server] */
+    bool up = harness_start(&q, DSN, 1) && harness_ready(&q);
+    CHECK(up);
+    if (!up)
+        return;
+    g_term_pid = q.pid;
+    const char *paths[1] = {"/api/v1/datasets/slow?secs=8"};
+    long st[1];
+    int64_t t0 = tp_now_ms();
+    parallel_get(&q, paths, 1, st, send_term_to);
+    CHECK_INT_EQ(tp_test_stop(q.pid, 15000), 0);
+    int64_t took = tp_now_ms() - t0;
+    CHECK_MSG(took < 4000, "SIGTERM with an 8 s request in flight took %lld ms", (long long)took);
+    CHECK(st[0] != 200); /* cut, not answered */
+    char *log = tp_read_file(q.log, NULL);
+    CHECK_CONTAINS(log, "drain deadline reached");
+    free(log);
+    free(q.conf);
+    free(q.log);
+}
+
+/* server.timeout: a client that sends half a request and then nothing is
+ * disconnected, so idle sockets cannot pile up. */
+static void test_idle_client_timed_out(void)
+{
+    srv_h_t q = {0};
+    snprintf(q.qdir, sizeof q.qdir, "%s", S.qdir);
+    q.timeout = "1s";
+    bool up = harness_start(&q, DSN, 1) && harness_ready(&q);
+    CHECK(up);
+    if (!up)
+        return;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)q.port)};
+    inet_pton(AF_INET, "127.0.0.1", &sa.sin_addr);
+    CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0);
+    static const char half[] = "GET /healthz HTTP/1.1\r\nHost: x\r\n";
+    CHECK(write(fd, half, sizeof half - 1) == (ssize_t)(sizeof half - 1));
+    struct timeval tv = {.tv_sec = 5};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    int64_t t0 = tp_now_ms();
+    char buf[512];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof buf)) > 0)
+        ; /* evhttp may answer 408 or 400 before closing */
+    int64_t took = tp_now_ms() - t0;
+    CHECK_MSG(n == 0, "the idle connection was not closed (read %zd, %s)", n, strerror(errno));
+    CHECK_MSG(took >= 800 && took < 4000, "closed after %lld ms, want about 1000", (long long)took);
+    close(fd);
+    CHECK_INT_EQ(tp_test_stop(q.pid, 10000), 0);
+    free(q.conf);
+    free(q.log);
+}
+
 int main(void)
 {
     if (!harness_setup(&S, "test_server_ops", &DSN, 1))
@@ -551,6 +623,8 @@ int main(void)
     TP_RUN(test_cache_ttl);
     TP_RUN(test_notify_waits_for_postgres);
     TP_RUN(test_reload);
+    TP_RUN(test_drain_deadline);
+    TP_RUN(test_idle_client_timed_out);
     TP_RUN(test_sigterm_drains);
     harness_finish(&S);
     return tp_test_done();
