@@ -203,14 +203,24 @@ static void test_single_flight(void)
     resp_free(&r);
 }
 
+/* A second server on the same datasets and database, one thread, with extra
+ * [server] settings and an optional server.timeout; false (a failed check)
+ * when it does not become ready. */
+static bool side_server(srv_h_t *q, const char *extra, const char *timeout)
+{
+    memset(q, 0, sizeof *q);
+    snprintf(q->qdir, sizeof q->qdir, "%s", S.qdir);
+    q->extra_conf = extra;
+    q->timeout = timeout;
+    bool up = harness_start(q, DSN, 1) && harness_ready(q);
+    CHECK_MSG(up, "side server did not start; see %s", q->log ? q->log : "?");
+    return up;
+}
+
 static void test_queue_full(void)
 {
-    srv_h_t q = {0};
-    snprintf(q.qdir, sizeof q.qdir, "%s", S.qdir);
-    q.extra_conf = "pool_queue = 1\n"; /* lands in [server] */
-    bool up = harness_start(&q, DSN, 1) && harness_ready(&q);
-    CHECK(up);
-    if (!up)
+    srv_h_t q;
+    if (!side_server(&q, "pool_queue = 1\n", NULL))
         return;
     /* pool_size 4 on one thread: 4 running + 1 queued; the rest are refused */
     char paths_buf[8][64];
@@ -552,12 +562,8 @@ static void send_term_to(void)
  * not wait for it, logs that it gave up, and exits 0 within the deadline. */
 static void test_drain_deadline(void)
 {
-    srv_h_t q = {0};
-    snprintf(q.qdir, sizeof q.qdir, "%s", S.qdir);
-    q.extra_conf = "drain_timeout = 1s\n"; /* lands in [server] */
-    bool up = harness_start(&q, DSN, 1) && harness_ready(&q);
-    CHECK(up);
-    if (!up)
+    srv_h_t q;
+    if (!side_server(&q, "drain_timeout = 1s\n", NULL))
         return;
     g_term_pid = q.pid;
     const char *paths[1] = {"/api/v1/datasets/slow?secs=8"};
@@ -579,12 +585,8 @@ static void test_drain_deadline(void)
  * disconnected, so idle sockets cannot pile up. */
 static void test_idle_client_timed_out(void)
 {
-    srv_h_t q = {0};
-    snprintf(q.qdir, sizeof q.qdir, "%s", S.qdir);
-    q.timeout = "1s";
-    bool up = harness_start(&q, DSN, 1) && harness_ready(&q);
-    CHECK(up);
-    if (!up)
+    srv_h_t q;
+    if (!side_server(&q, NULL, "1s"))
         return;
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)q.port)};
