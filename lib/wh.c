@@ -2274,7 +2274,7 @@ static void on_statement_answer(tp_wh_stmt_t *st, call_t *c)
                 st->unknown_since_ms = now;
             if (st->unknown_state == NULL || strcmp(st->unknown_state, state) != 0) {
                 free(st->unknown_state);
-                st->unknown_state = tp_xstrndup(state, 64);
+                st->unknown_state = tp_xstrndup(state, strnlen(state, 64));
                 st_log(st, TP_LOG_WARN, -1, "unknown statement state \"%s\"; treating it as not finished",
                        st->unknown_state);
             }

@@ -18,6 +18,8 @@ void *tp_xmalloc(size_t n);
 void *tp_xcalloc(size_t count, size_t size);
 void *tp_xrealloc(void *p, size_t n);
 char *tp_xstrdup(const char *s);
+/* Copies exactly n bytes of s (all n must be readable; unlike strndup it does
+ * not stop at a NUL) and terminates the copy. */
 char *tp_xstrndup(const char *s, size_t n);
 char *tp_xasprintf(const char *fmt, ...) TP_PRINTF(1, 2);
 /* Same with a va_list (consumed); never NULL. */
