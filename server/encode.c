@@ -27,19 +27,34 @@ static int kind_of(Oid t)
     }
 }
 
+/* One cell, read from the PGresult once: libpq's accessors check their
+ * arguments on every call, and a 90-row read has hundreds of cells. A NULL
+ * has length 0, so PQgetisnull is asked only then. */
+typedef struct cell {
+    const char *v;
+    size_t n;
+    bool null;
+} cell_t;
+
+static cell_t cell_at(const PGresult *res, int row, int col)
+{
+    cell_t c = {PQgetvalue(res, row, col), (size_t)PQgetlength(res, row, col), false};
+    c.null = c.n == 0 && PQgetisnull(res, row, col);
+    return c;
+}
+
 /* The canonical ISO 8601 form of a timestamp cell in out and its length;
  * 0 when the text is not in the ISO DateStyle (sent as Postgres wrote it). */
-static size_t canon_ts(const PGresult *res, int row, int col, int kind, char out[TP_ISOTS_MAX])
+static size_t canon_ts(const cell_t *c, int kind, char out[TP_ISOTS_MAX])
 {
-    return tp_isots_canon(PQgetvalue(res, row, col), (size_t)PQgetlength(res, row, col),
-                          kind == K_TSTZ, out);
+    return tp_isots_canon(c->v, c->n, kind == K_TSTZ, out);
 }
 
 /* Room put_value may need for a cell: every byte escaped as \u00XX, quotes,
  * or a canonical timestamp. */
-static size_t value_room(const PGresult *res, int row, int col)
+static size_t value_room(const cell_t *c)
 {
-    return 6 * (size_t)PQgetlength(res, row, col) + TP_ISOTS_MAX + 8;
+    return 6 * c->n + TP_ISOTS_MAX + 8;
 }
 
 /* v (n bytes) as a JSON string at p; returns the end. */
@@ -74,14 +89,14 @@ static char *put_json_str(char *p, const char *v, size_t n)
 /* One cell as a JSON value at p (value_room() reserved); returns the end.
  * Writes straight into the reserved buffer: this runs for every cell of
  * every read, and per-byte buffer calls were a tenth of the server's time. */
-static char *put_value(char *p, const PGresult *res, int row, int col, int kind)
+static char *put_value(char *p, const cell_t *c, int kind)
 {
-    if (PQgetisnull(res, row, col)) {
+    if (c->null) {
         memcpy(p, "null", 4);
         return p + 4;
     }
-    const char *v = PQgetvalue(res, row, col);
-    size_t n = (size_t)PQgetlength(res, row, col);
+    const char *v = c->v;
+    size_t n = c->n;
     switch (kind) {
     case K_NUM: /* NaN, Infinity, -Infinity: strings, JSON has no such numbers */
         if (v[0] == 'N' || v[0] == 'I' || (v[0] == '-' && v[1] == 'I'))
@@ -99,7 +114,7 @@ static char *put_value(char *p, const PGresult *res, int row, int col, int kind)
     case K_TS:
     case K_TSTZ: {
         char ts[TP_ISOTS_MAX];
-        size_t tn = canon_ts(res, row, col, kind, ts);
+        size_t tn = canon_ts(c, kind, ts);
         if (tn == 0)
             return put_json_str(p, v, n); /* not the ISO DateStyle: as Postgres wrote it */
         *p++ = '"';
@@ -114,8 +129,9 @@ static char *put_value(char *p, const PGresult *res, int row, int col, int kind)
 
 static void json_value(tp_buf_t *b, const PGresult *res, int row, int col, int kind)
 {
-    tp_buf_reserve(b, value_room(res, row, col));
-    char *end = put_value(b->data + b->len, res, row, col, kind);
+    cell_t c = cell_at(res, row, col);
+    tp_buf_reserve(b, value_room(&c));
+    char *end = put_value(b->data + b->len, &c, kind);
     b->len = (size_t)(end - b->data);
     b->data[b->len] = '\0';
 }
@@ -137,10 +153,11 @@ static void csv_field(tp_buf_t *b, const char *v)
 
 static void csv_value(tp_buf_t *b, const PGresult *res, int row, int col, int kind)
 {
-    const char *v = PQgetvalue(res, row, col);
+    cell_t c = cell_at(res, row, col);
+    const char *v = c.v;
     if (kind == K_TS || kind == K_TSTZ) {
         char ts[TP_ISOTS_MAX];
-        size_t n = canon_ts(res, row, col, kind, ts);
+        size_t n = canon_ts(&c, kind, ts);
         if (n > 0) {
             tp_buf_append(b, ts, n); /* never needs quoting */
             return;
@@ -201,11 +218,14 @@ void encode_result(const PGresult *res, fmt_t fmt, tp_buf_t *out)
     size_t names_len = 0;
     for (int c = 0; c < nf; c++)
         names_len += names[c].len + 1;
+    cell_t cells[nf > 0 ? nf : 1];
     tp_buf_putc(out, '[');
     for (int r = 0; r < nr; r++) {
         size_t room = names_len + 3;
-        for (int c = 0; c < nf; c++)
-            room += value_room(res, r, c);
+        for (int c = 0; c < nf; c++) {
+            cells[c] = cell_at(res, r, c);
+            room += value_room(&cells[c]);
+        }
         tp_buf_reserve(out, room); /* one check a row, then straight writes */
         char *p = out->data + out->len;
         if (r)
@@ -216,7 +236,7 @@ void encode_result(const PGresult *res, fmt_t fmt, tp_buf_t *out)
                 *p++ = ',';
             memcpy(p, names[c].data, names[c].len);
             p += names[c].len;
-            p = put_value(p, res, r, c, kinds[c]);
+            p = put_value(p, &cells[c], kinds[c]);
         }
         *p++ = '}';
         out->len = (size_t)(p - out->data);

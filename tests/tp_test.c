@@ -13,6 +13,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -233,6 +234,11 @@ pid_t tp_test_spawn(char *const argv[], const char *log_path)
             close(fd);
         }
         signal(SIGPIPE, SIG_DFL);
+        /* a test that dies (an ASan abort, a crash) takes its servers with it,
+         * instead of leaving them running into the next program's time */
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (getppid() == 1)
+            _exit(127);
         execv(argv[0], argv);
         _exit(127);
     }

@@ -116,7 +116,8 @@ static void harness_write_defs(srv_h_t *s)
                 "-- @param big BIGINT = 9007199254740993\n"
                 "-- @param at TIMESTAMP = 2025-01-02T03:04:05Z\n"
                 "SELECT :flag AS flag, :big AS big, 1.50::numeric AS num, 'NaN'::float8 AS nan,"
-                " NULL::int AS nothing, '{\"a\":1}'::jsonb AS doc, :at AS at\n");
+                " NULL::int AS nothing, '{\"a\":1}'::jsonb AS doc, :at AS at, ''::text AS empty,"
+                " NULL::text AS absent\n");
     harness_def(s, "not_synced.sql", "SELECT * FROM iot.never_synced\n");
     harness_def(s, "sensor_readings.warehouse.sql",
                 "-- @param user_id INT\n"

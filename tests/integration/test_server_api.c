@@ -72,6 +72,13 @@ static void test_dataset_types(void)
     CHECK(json_is_null(json_object_get(row, "nothing")));
     CHECK_INT_EQ(json_integer_value(json_object_get(json_object_get(row, "doc"), "a")), 1);
     CHECK(json_is_string(json_object_get(row, "at")));
+    CHECK_STR_EQ(json_string_value(json_object_get(row, "empty")), ""); /* not null */
+    CHECK(json_is_null(json_object_get(row, "absent")));
+    resp_free(&r);
+    const char *csv[] = {"Accept: text/csv", NULL};
+    r = http(&S, "GET", "/api/v1/datasets/types", csv, NULL, 0);
+    CHECK_INT_EQ(r.status, 200);
+    CHECK_CONTAINS(r.body, "\r\nt,9007199254740993,1.50,NaN,,\"{\"\"a\"\": 1}\","); /* quoted */
     resp_free(&r);
 }
 
