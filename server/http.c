@@ -301,7 +301,7 @@ bool rq_authenticate(rq_t *r)
     const char *client = tp_auth_client_address(a, &ar);
     snprintf(r->client, sizeof r->client, "%s", client);
     bool limited = tp_auth_mode(a) != TP_AUTH_MODE_NONE;
-    int64_t wait = limited ? tp_ratelimit_take(r->w->rl_addr, client, tp_now_ms()) : 0;
+    int64_t wait = limited ? tp_ratelimit_take(r->w->rl->addr, client, tp_now_ms()) : 0;
     bool ok = wait <= 0;
     if (!ok) {
         rq_problem(r, 429, TP_AUTH_CODE_RATE_LIMITED, "too many requests from this address",
@@ -312,7 +312,7 @@ bool rq_authenticate(rq_t *r)
         if (r->auth.www_authenticate)
             rq_header(r, "WWW-Authenticate", r->auth.www_authenticate);
         rq_problem(r, r->auth.status, r->auth.code, r->auth.message, NULL, NULL, 0);
-    } else if (limited && (wait = tp_ratelimit_take(r->w->rl_ident, r->auth.principal->id,
+    } else if (limited && (wait = tp_ratelimit_take(r->w->rl->ident, r->auth.principal->id,
                                                     tp_now_ms())) > 0) {
         ok = false;
         rq_problem(r, 429, TP_AUTH_CODE_RATE_LIMITED, "too many requests for this identity",

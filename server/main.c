@@ -124,40 +124,62 @@ tp_auth_t *auth_acquire(void)
     return a;
 }
 
-/* Publishes the rate-limit settings of c; workers rebuild their limiters on
- * their next request (a rebuilt limiter starts every key with a full bucket). */
+/* The rate limiters are one pair for the whole process (each locks itself),
+ * so a client on one keep-alive connection, which stays on one thread, gets
+ * the configured rate and not a thread's share of it. Workers keep a
+ * reference and swap it when the settings change; the last reference frees. */
+void rl_pair_unref(rl_pair_t *p)
+{
+    if (p && atomic_fetch_sub(&p->refs, 1) == 1) {
+        tp_ratelimit_free(p->addr);
+        tp_ratelimit_free(p->ident);
+        free(p);
+    }
+}
+
+/* Publishes the rate-limit settings of c: new limiters when they changed (a
+ * new limiter starts every key with a full bucket); workers pick them up on
+ * their next request. */
 static void limits_publish(const tp_config_t *c)
 {
-    double n = (double)g_srv.nthreads;
+    double ra = (double)c->auth.rate_per_address, ba = (double)c->auth.burst_per_address;
+    double ri = (double)c->auth.rate_per_identity, bi = (double)c->auth.burst_per_identity;
+    size_t keys = (size_t)c->auth.rate_limit_keys;
     pthread_mutex_lock(&g_srv.lock);
-    bool same = g_srv.rl_keys == (size_t)c->auth.rate_limit_keys &&
-                g_srv.rl_rate_addr == (double)c->auth.rate_per_address / n &&
-                g_srv.rl_burst_addr == (double)c->auth.burst_per_address / n + 1 &&
-                g_srv.rl_rate_ident == (double)c->auth.rate_per_identity / n &&
-                g_srv.rl_burst_ident == (double)c->auth.burst_per_identity / n + 1;
-    g_srv.rl_rate_addr = (double)c->auth.rate_per_address / n;
-    g_srv.rl_burst_addr = (double)c->auth.burst_per_address / n + 1;
-    g_srv.rl_rate_ident = (double)c->auth.rate_per_identity / n;
-    g_srv.rl_burst_ident = (double)c->auth.burst_per_identity / n + 1;
-    g_srv.rl_keys = (size_t)c->auth.rate_limit_keys;
-    pthread_mutex_unlock(&g_srv.lock);
-    if (!same)
+    bool same = g_srv.rl && g_srv.rl_keys == keys && g_srv.rl_rate_addr == ra &&
+                g_srv.rl_burst_addr == ba && g_srv.rl_rate_ident == ri &&
+                g_srv.rl_burst_ident == bi;
+    rl_pair_t *old = NULL;
+    if (!same) {
+        rl_pair_t *p = tp_xcalloc(1, sizeof *p);
+        atomic_init(&p->refs, 1);
+        p->addr = tp_ratelimit_new(ra, ba, keys);
+        p->ident = tp_ratelimit_new(ri, bi, keys);
+        old = g_srv.rl;
+        g_srv.rl = p;
+        g_srv.rl_rate_addr = ra;
+        g_srv.rl_burst_addr = ba;
+        g_srv.rl_rate_ident = ri;
+        g_srv.rl_burst_ident = bi;
+        g_srv.rl_keys = keys;
         atomic_fetch_add(&g_srv.rl_gen, 1);
+    }
+    pthread_mutex_unlock(&g_srv.lock);
+    rl_pair_unref(old);
 }
 
 void worker_limits_refresh(worker_t *w)
 {
     uint64_t gen = atomic_load_explicit(&g_srv.rl_gen, memory_order_acquire);
-    if (w->rl_addr && w->rl_gen == gen)
+    if (w->rl && w->rl_gen == gen)
         return;
     pthread_mutex_lock(&g_srv.lock);
-    tp_ratelimit_t *addr = tp_ratelimit_new(g_srv.rl_rate_addr, g_srv.rl_burst_addr, g_srv.rl_keys);
-    tp_ratelimit_t *ident = tp_ratelimit_new(g_srv.rl_rate_ident, g_srv.rl_burst_ident, g_srv.rl_keys);
+    rl_pair_t *p = g_srv.rl;
+    atomic_fetch_add(&p->refs, 1);
+    gen = atomic_load(&g_srv.rl_gen);
     pthread_mutex_unlock(&g_srv.lock);
-    tp_ratelimit_free(w->rl_addr);
-    tp_ratelimit_free(w->rl_ident);
-    w->rl_addr = addr;
-    w->rl_ident = ident;
+    rl_pair_unref(w->rl);
+    w->rl = p;
     w->rl_gen = gen;
 }
 
@@ -509,8 +531,8 @@ static void *worker_main(void *arg)
         event_free(w->drain_timer);
         event_free(w->tick);
         event_base_free(w->base);
-        tp_ratelimit_free(w->rl_addr);
-        tp_ratelimit_free(w->rl_ident);
+        rl_pair_unref(w->rl);
+        w->rl = NULL;
     }
     return NULL;
 }
@@ -950,6 +972,7 @@ int main(int argc, char **argv)
                                                   g_srv.cfg.server.tls_key, err, sizeof err)) {
         fprintf(stderr, "tidepool-server: %s\n", err);
         tp_auth_free(g_srv.auth);
+        rl_pair_unref(g_srv.rl);
         tp_config_free(&g_srv.cfg);
         return 2;
     }
@@ -957,6 +980,7 @@ int main(int argc, char **argv)
     defgen_t *g0 = gen_build(true);
     if (!g0) {
         tp_auth_free(g_srv.auth);
+        rl_pair_unref(g_srv.rl);
         tp_config_free(&g_srv.cfg);
         return 2;
     }
@@ -970,12 +994,14 @@ int main(int argc, char **argv)
                    g0->set->datasets[i].n_params);
         gen_release(g0);
         tp_auth_free(g_srv.auth);
+        rl_pair_unref(g_srv.rl);
         tp_config_free(&g_srv.cfg);
         return 0;
     }
     if (!migrate_at_start()) {
         gen_release(g0);
         tp_auth_free(g_srv.auth);
+        rl_pair_unref(g_srv.rl);
         tp_config_free(&g_srv.cfg);
         return 1;
     }
@@ -1085,6 +1111,7 @@ int main(int argc, char **argv)
         gen_release(g_srv.gen);
         tables_release(g_srv.tables);
         tp_auth_free(g_srv.auth);
+        rl_pair_unref(g_srv.rl);
         tls_free();
         if (g_srv.live) {
             tp_config_free(g_srv.live);

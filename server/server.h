@@ -101,6 +101,13 @@ typedef struct jobstate {
 
 typedef struct rq rq_t;
 
+/* The process's two rate limiters (per address, per identity), shared by the
+ * worker threads by reference (see limits_publish in main.c). */
+typedef struct rl_pair {
+    atomic_int refs;
+    tp_ratelimit_t *addr, *ident;
+} rl_pair_t;
+
 typedef struct worker {
     uint32_t magic;
     int id;
@@ -110,12 +117,12 @@ typedef struct worker {
     struct evhttp_bound_socket *bound;
     struct evhttp *https;                  /* server.tls_listen, NULL when off */
     struct evhttp_bound_socket *tls_bound;
-    uint64_t rl_gen;                       /* g_srv.rl_gen the limiters were built for */
+    uint64_t rl_gen;                       /* g_srv.rl_gen of the limiters in rl */
     struct event *stop_ev;
     struct event *drain_timer;
     struct event *tick; /* publishes pool gauges into metrics once a second */
     _Atomic int64_t beat_ms; /* tp_now_ms() of the last tick: the watchdog's proof of life */
-    tp_ratelimit_t *rl_addr, *rl_ident; /* per thread: not shared, no lock */
+    struct rl_pair *rl; /* a reference to the process's rate limiters */
     int64_t drain_deadline_ms;
     tp_pgpool_t *pool;
     tp_lakebase_t *lb;          /* postgres.password_source = lakebase, else NULL */
@@ -169,6 +176,7 @@ typedef struct srv {
     char *defs_dir;  /* server.definitions of the config in force (main thread) */
     tp_config_t *live; /* the last config loaded by SIGHUP (main thread), or NULL */
     atomic_uint_fast64_t rl_gen; /* bumped when the rate-limit settings change */
+    struct rl_pair *rl;          /* guarded by lock; workers hold references */
     double rl_rate_addr, rl_burst_addr, rl_rate_ident, rl_burst_ident; /* guarded by lock */
     size_t rl_keys;
     atomic_bool tokens_dirty; /* NOTIFY tidepool_auth: reload the token table */
@@ -429,6 +437,7 @@ uint64_t epoch_now(void);
 tp_auth_t *auth_acquire(void);
 /* Rebuilds w's rate limiters when the settings changed since they were built. */
 void worker_limits_refresh(worker_t *w);
+void rl_pair_unref(rl_pair_t *p);
 /* True if nothing affecting jobs changed since fill_epoch. */
 bool jobs_unchanged(const int *jobs, size_t n, uint64_t fill_epoch);
 
