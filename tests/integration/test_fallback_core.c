@@ -710,7 +710,8 @@ static void obo_isolation(void)
     tp_fb_outcome_clear(&gb.o);
     spin(NULL, 200);
     CHECK_INT_EQ(executions() - ex0, 2);
-    /* the emulator saw each user's token: one execute per token in its log */
+    /* (that each statement carried its caller's token is shown below: a token
+     * the warehouse does not know fails that caller's statement alone) */
     /* cached per user: both hit their own entry */
     tp_fb_outcome_t c;
     CHECK_INT_EQ(start("mine", v, "anna", TOK_A, 5000, &ga, &c, &wa), TP_FB_READY);
