@@ -270,15 +270,10 @@ static void status_run_done(const syncd_t *d, const slot_t *s, tp_syncjob_t *r,
         tp_notify_status("%s ok %lld rows in %.1fs; %s", s->name, (long long)tp_syncjob_rows(r),
                          secs, tail);
         break;
-    case TP_SYNCJOB_FAILED: {
-        const char *e = tp_syncjob_error(r);
-        size_t plen = strlen(s->name);
-        if (strncmp(e, "job ", 4) == 0 && strncmp(e + 4, s->name, plen) == 0 &&
-            strncmp(e + 4 + plen, ": ", 2) == 0)
-            e += 4 + plen + 2; /* the job is named already */
-        tp_notify_status("%s failed after %.1fs: %.400s; %s", s->name, secs, e, tail);
+    case TP_SYNCJOB_FAILED:
+        tp_notify_status("%s failed after %.1fs: %.400s; %s", s->name, secs,
+                         tp_syncjob_error_detail(r), tail);
         break;
-    }
     case TP_SYNCJOB_SKIPPED:
         tp_notify_status("%s skipped: another tidepool-sync runs it; %s", s->name, tail);
         break;

@@ -1298,6 +1298,12 @@ const char *tp_syncjob_error(const tp_syncjob_t *r)
     return r->error ? r->error : "";
 }
 
+const char *tp_syncjob_error_detail(const tp_syncjob_t *r)
+{
+    /* fail() is the only writer: "job NAME: detail" */
+    return r->error ? r->error + strlen("job ") + strlen(jname(r)) + strlen(": ") : "";
+}
+
 bool tp_syncjob_retryable(const tp_syncjob_t *r)
 {
     return r->retryable && !r->canceled;

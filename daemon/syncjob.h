@@ -55,6 +55,8 @@ int64_t tp_syncjob_bytes(const tp_syncjob_t *r);
 int64_t tp_syncjob_started_ms(const tp_syncjob_t *r);
 /* Error message of a failed run ("" otherwise); borrowed. */
 const char *tp_syncjob_error(const tp_syncjob_t *r);
+/* The same without its leading "job NAME: " (for lines that name the job). */
+const char *tp_syncjob_error_detail(const tp_syncjob_t *r);
 /* True when a failed run failed for a transient reason worth an early retry
  * (connection lost, truncated or dropped result chunk, warehouse 5xx). */
 bool tp_syncjob_retryable(const tp_syncjob_t *r);

@@ -126,6 +126,13 @@ typedef struct emu_fault_status {
     char cls[16]; /* "" = any */
 } emu_fault_status_t;
 
+/* A fault that answers the next `remaining` requests of class cls ("" = any
+ * but the token endpoint) its own way. */
+typedef struct emu_fault_count {
+    int remaining;
+    char cls[16];
+} emu_fault_count_t;
+
 typedef struct emu_faults {
     int latency_ms;
     char latency_cls[16];
@@ -137,12 +144,9 @@ typedef struct emu_faults {
     int expire_links; /* -1 = every link, >0 = the next N */
     int token_fail;
     int token_fail_code;
-    int proxy_page;        /* next K answers: a proxy's HTML 502 page */
-    char proxy_page_cls[16];
-    int bad_json;          /* next K answers: HTTP 200 with cut-off JSON */
-    char bad_json_cls[16];
-    int bad_state;         /* next K statement answers: state EXPLODING */
-    char bad_state_cls[16];
+    emu_fault_count_t proxy_page; /* a proxy's HTML 502 page */
+    emu_fault_count_t bad_json;   /* HTTP 200 with cut-off JSON */
+    emu_fault_count_t bad_state;  /* statement answers in state EXPLODING */
 } emu_faults_t;
 
 typedef struct emu_token {
@@ -274,9 +278,8 @@ bool emu_faults_parse(const char *spec, emu_faults_t *out, char *err, size_t err
 void emu_faults_describe(const emu_faults_t *f, tp_buf_t *out);
 /* If an injected status applies to class cls, consumes it and returns the code, else 0. */
 int emu_faults_take_status(const char *cls);
-/* Takes one answer from a counted fault limited to class `want` ("" = any but
- * the token endpoint) when it applies to request class cls. */
-bool emu_faults_take_in(int *counter, const char *want, const char *cls);
+/* Consumes one answer of f when it applies to request class cls; true if it fired. */
+bool emu_faults_take_count(emu_fault_count_t *f, const char *cls);
 /* Milliseconds of injected latency for class cls (0 = none). */
 int emu_faults_latency(const char *cls);
 /* Consumes one unit of a countdown fault; true if it fired. */

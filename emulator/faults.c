@@ -102,14 +102,11 @@ static bool parse_item(char *item, emu_faults_t *f, char *err, size_t errlen)
             return true;
     } else if (strcmp(item, "proxy_page") == 0 || strcmp(item, "bad_json") == 0 ||
                strcmp(item, "bad_state") == 0) {
-        int *count = &f->bad_state;
-        char *count_cls = f->bad_state_cls;
-        if (strcmp(item, "proxy_page") == 0)
-            count = &f->proxy_page, count_cls = f->proxy_page_cls;
-        else if (strcmp(item, "bad_json") == 0)
-            count = &f->bad_json, count_cls = f->bad_json_cls;
-        if (split_class(val, cls, sizeof cls) && parse_int(val, 0, 1000000, count)) {
-            snprintf(count_cls, sizeof f->proxy_page_cls, "%s", cls);
+        emu_fault_count_t *c = item[0] == 'p'             ? &f->proxy_page
+                               : strcmp(item, "bad_json") == 0 ? &f->bad_json
+                                                               : &f->bad_state;
+        if (split_class(val, cls, sizeof cls) && parse_int(val, 0, 1000000, &c->remaining)) {
+            snprintf(c->cls, sizeof c->cls, "%s", cls);
             return true;
         }
     } else if (strcmp(item, "token_fail") == 0) {
@@ -178,7 +175,15 @@ void emu_faults_describe(const emu_faults_t *f, tp_buf_t *out)
                   "\"expire_links\":%d,\"token_fail\":%d,\"token_fail_code\":%d,"
                   "\"proxy_page\":%d,\"bad_json\":%d,\"bad_state\":%d}",
                   f->retry_after, f->drop_chunk, f->truncate_chunk, f->expire_links,
-                  f->token_fail, f->token_fail_code, f->proxy_page, f->bad_json, f->bad_state);
+                  f->token_fail, f->token_fail_code, f->proxy_page.remaining,
+                  f->bad_json.remaining, f->bad_state.remaining);
+}
+
+/* A fault limited to class want ("" = any but the token endpoint, which has
+ * its own faults) applies to a request of class cls. */
+static bool class_applies(const char *want, const char *cls)
+{
+    return want[0] == '\0' ? strcmp(cls, "token") != 0 : strcmp(want, cls) == 0;
 }
 
 int emu_faults_take_status(const char *cls)
@@ -187,7 +192,7 @@ int emu_faults_take_status(const char *cls)
         emu_fault_status_t *s = &g.faults.status[i];
         if (s->remaining <= 0)
             continue;
-        if (s->cls[0] == '\0' ? strcmp(cls, "token") == 0 : strcmp(s->cls, cls) != 0)
+        if (!class_applies(s->cls, cls))
             continue;
         s->remaining--;
         return s->code;
@@ -195,11 +200,9 @@ int emu_faults_take_status(const char *cls)
     return 0;
 }
 
-bool emu_faults_take_in(int *counter, const char *want, const char *cls)
+bool emu_faults_take_count(emu_fault_count_t *f, const char *cls)
 {
-    if (want[0] == '\0' ? strcmp(cls, "token") == 0 : strcmp(want, cls) != 0)
-        return false;
-    return emu_faults_take(counter);
+    return class_applies(f->cls, cls) && emu_faults_take(&f->remaining);
 }
 
 int emu_faults_latency(const char *cls)

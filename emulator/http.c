@@ -207,7 +207,7 @@ static void send_statement(struct evhttp_request *req, reqinfo_t *ri, emu_stmt_t
 {
     tp_buf_t b;
     tp_buf_init(&b);
-    if (emu_faults_take_in(&g.faults.bad_state, g.faults.bad_state_cls, cls)) {
+    if (emu_faults_take_count(&g.faults.bad_state, cls)) {
         tp_info("fault: answering state EXPLODING for statement %s", st->id);
         tp_buf_printf(&b, "{\"statement_id\":\"%s\",\"status\":{\"state\":\"EXPLODING\"}}", st->id);
     } else {
@@ -870,7 +870,7 @@ static void dispatch(struct evhttp_request *req, int64_t t0_us, bool after_laten
             send_injected_status(req, &ri, code);
             return;
         }
-        if (emu_faults_take_in(&g.faults.proxy_page, g.faults.proxy_page_cls, ri.cls)) {
+        if (emu_faults_take_count(&g.faults.proxy_page, ri.cls)) {
             static const char page[] = "<html><head><title>502 Bad Gateway</title></head>"
                                        "<body><center><h1>502 Bad Gateway</h1></center>"
                                        "</body></html>\n";
@@ -878,7 +878,7 @@ static void dispatch(struct evhttp_request *req, int64_t t0_us, bool after_laten
             send_buf(req, &ri, 502, "text/html", page, sizeof page - 1);
             return;
         }
-        if (emu_faults_take_in(&g.faults.bad_json, g.faults.bad_json_cls, ri.cls)) {
+        if (emu_faults_take_count(&g.faults.bad_json, ri.cls)) {
             static const char cut[] = "{\"statement_id\":\"01f0-cut\",\"status\":{\"sta";
             tp_info("fault: answering cut-off JSON");
             send_buf(req, &ri, 200, "application/json", cut, sizeof cut - 1);
