@@ -13,6 +13,7 @@
  * definition directories: it only says what the user asked for. */
 #include "tidepool/config.h"
 #include "tidepool/log.h"
+#include "tidepool/pg.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -772,16 +773,7 @@ static bool password_given(const char *dsn)
         if (v != NULL && *v != '\0')
             return true;
     }
-    bool expanded = dsn != NULL && (strchr(dsn, '=') != NULL ||
-                                    strncmp(dsn, "postgresql://", 13) == 0 ||
-                                    strncmp(dsn, "postgres://", 11) == 0);
-    PQconninfoOption *opts = expanded ? PQconninfoParse(dsn, NULL) : NULL;
-    bool found = false;
-    for (PQconninfoOption *o = opts; o != NULL && o->keyword != NULL; o++)
-        if (strcmp(o->keyword, "password") == 0 && o->val != NULL && *o->val != '\0')
-            found = true;
-    PQconninfoFree(opts);
-    return found;
+    return tp_pg_conninfo_has(dsn, "password");
 }
 
 /* password_source = auto (the default) becomes lakebase or none here, so that

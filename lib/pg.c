@@ -149,25 +149,38 @@ static PQconninfoOption *parse_conninfo(const char *conninfo, const secrets_t *k
     return NULL;
 }
 
-const char *tp_pg_where_conninfo(const char *conninfo, char *buf, size_t len)
+/* conninfo parsed as libpq reads it, errors not wanted (NULL when it does not parse). */
+static PQconninfoOption *parse_quiet(const char *conninfo)
 {
     char err[8];
     secrets_t none = {0};
-    PQconninfoOption *opts = parse_conninfo(conninfo ? conninfo : "", &none, err, sizeof err);
-    const char *host = NULL, *hostaddr = NULL, *port = NULL;
-    for (PQconninfoOption *o = opts; o != NULL && o->keyword != NULL; o++) {
-        if (o->val == NULL || o->val[0] == '\0')
-            continue;
-        if (strcmp(o->keyword, "host") == 0)
-            host = o->val;
-        else if (strcmp(o->keyword, "hostaddr") == 0)
-            hostaddr = o->val;
-        else if (strcmp(o->keyword, "port") == 0)
-            port = o->val;
-    }
-    where_of(host ? host : hostaddr, port, buf, len);
+    return parse_conninfo(conninfo ? conninfo : "", &none, err, sizeof err);
+}
+
+/* The non-empty value of keyword among opts, or NULL. */
+static const char *opt_value(const PQconninfoOption *opts, const char *keyword)
+{
+    for (const PQconninfoOption *o = opts; o != NULL && o->keyword != NULL; o++)
+        if (strcmp(o->keyword, keyword) == 0)
+            return o->val != NULL && o->val[0] != '\0' ? o->val : NULL;
+    return NULL;
+}
+
+const char *tp_pg_where_conninfo(const char *conninfo, char *buf, size_t len)
+{
+    PQconninfoOption *opts = parse_quiet(conninfo);
+    const char *host = opt_value(opts, "host");
+    where_of(host ? host : opt_value(opts, "hostaddr"), opt_value(opts, "port"), buf, len);
     PQconninfoFree(opts);
     return buf;
+}
+
+bool tp_pg_conninfo_has(const char *conninfo, const char *keyword)
+{
+    PQconninfoOption *opts = parse_quiet(conninfo);
+    bool has = opt_value(opts, keyword) != NULL;
+    PQconninfoFree(opts);
+    return has;
 }
 
 bool tp_pg_password_refused(const char *msg)

@@ -142,26 +142,25 @@ void rl_pair_unref(rl_pair_t *p)
  * their next request. */
 static void limits_publish(const tp_config_t *c)
 {
-    double ra = (double)c->auth.rate_per_address, ba = (double)c->auth.burst_per_address;
-    double ri = (double)c->auth.rate_per_identity, bi = (double)c->auth.burst_per_identity;
-    size_t keys = (size_t)c->auth.rate_limit_keys;
+    rl_pair_t want = {.rate_addr = (double)c->auth.rate_per_address,
+                      .burst_addr = (double)c->auth.burst_per_address,
+                      .rate_ident = (double)c->auth.rate_per_identity,
+                      .burst_ident = (double)c->auth.burst_per_identity,
+                      .keys = (size_t)c->auth.rate_limit_keys};
     pthread_mutex_lock(&g_srv.lock);
-    bool same = g_srv.rl && g_srv.rl_keys == keys && g_srv.rl_rate_addr == ra &&
-                g_srv.rl_burst_addr == ba && g_srv.rl_rate_ident == ri &&
-                g_srv.rl_burst_ident == bi;
+    const rl_pair_t *cur = g_srv.rl;
+    bool same = cur && cur->keys == want.keys && cur->rate_addr == want.rate_addr &&
+                cur->burst_addr == want.burst_addr && cur->rate_ident == want.rate_ident &&
+                cur->burst_ident == want.burst_ident;
     rl_pair_t *old = NULL;
     if (!same) {
-        rl_pair_t *p = tp_xcalloc(1, sizeof *p);
+        rl_pair_t *p = tp_xmalloc(sizeof *p);
+        *p = want;
         atomic_init(&p->refs, 1);
-        p->addr = tp_ratelimit_new(ra, ba, keys);
-        p->ident = tp_ratelimit_new(ri, bi, keys);
+        p->addr = tp_ratelimit_new(want.rate_addr, want.burst_addr, want.keys);
+        p->ident = tp_ratelimit_new(want.rate_ident, want.burst_ident, want.keys);
         old = g_srv.rl;
         g_srv.rl = p;
-        g_srv.rl_rate_addr = ra;
-        g_srv.rl_burst_addr = ba;
-        g_srv.rl_rate_ident = ri;
-        g_srv.rl_burst_ident = bi;
-        g_srv.rl_keys = keys;
         atomic_fetch_add(&g_srv.rl_gen, 1);
     }
     pthread_mutex_unlock(&g_srv.lock);

@@ -106,6 +106,9 @@ typedef struct rq rq_t;
 typedef struct rl_pair {
     atomic_int refs;
     tp_ratelimit_t *addr, *ident;
+    /* the settings they were built with */
+    double rate_addr, burst_addr, rate_ident, burst_ident;
+    size_t keys;
 } rl_pair_t;
 
 typedef struct worker {
@@ -177,8 +180,6 @@ typedef struct srv {
     tp_config_t *live; /* the last config loaded by SIGHUP (main thread), or NULL */
     atomic_uint_fast64_t rl_gen; /* bumped when the rate-limit settings change */
     struct rl_pair *rl;          /* guarded by lock; workers hold references */
-    double rl_rate_addr, rl_burst_addr, rl_rate_ident, rl_burst_ident; /* guarded by lock */
-    size_t rl_keys;
     atomic_bool tokens_dirty; /* NOTIFY tidepool_auth: reload the token table */
     bool lakebase; /* postgres.password_source = lakebase (docs/lakebase.md) */
     tp_lakebase_config_t lb_cfg;

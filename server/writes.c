@@ -465,10 +465,8 @@ void writes_openapi(rq_t *r, void *paths_v)
     tp_wb_schema_t *s = snap_acquire();
     for (int i = 0; s && i < tp_wb_count(s); i++) {
         const tp_wb_table_t *t = tp_wb_table_at(s, i);
-        size_t nroles = 0;
-        while (t->write_roles && t->write_roles[nroles])
-            nroles++;
-        if (!rq_allowed(r, t->write_roles, nroles))
+        if (!rq_allowed(r, t->write_roles,
+                        tp_auth_strv_len((const char *const *)t->write_roles)))
             continue; /* as the write handlers would answer 403 */
         tp_buf_t b = {0};
         tp_wb_json_schema(t, &b);

@@ -52,6 +52,9 @@ const char *tp_pg_where(const PGconn *conn, char *buf, size_t len);
  * its first host (or hostaddr) and port, else PGHOST/PGPORT, else libpq's
  * defaults. A conninfo libpq cannot parse gives the environment's. Returns buf. */
 const char *tp_pg_where_conninfo(const char *conninfo, char *buf, size_t len);
+/* True when conninfo (as libpq reads it: a bare word is a dbname) sets keyword
+ * to a non-empty value; false too when it does not parse. */
+bool tp_pg_conninfo_has(const char *conninfo, const char *keyword);
 
 /* Runs sql with nparams text parameters (params may hold NULLs for SQL NULL)
  * and expects PGRES_COMMAND_OK or PGRES_TUPLES_OK. Returns the result (caller
