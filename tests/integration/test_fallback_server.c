@@ -667,20 +667,24 @@ static void failures(void)
     CHECK_PROBLEM(r, 502, NULL);
     CHECK_CONTAINS(json_string_value(json_object_get(r.json, "detail")), "HTTP 500");
     resp_free(&r);
-    /* a proxy's HTML page instead of the warehouse's answer: 502 saying so */
-    faults("proxy_page=1@execute");
-    r = get(&S, "/api/v1/datasets/slow?secs=0&tag=f3");
-    CHECK_PROBLEM(r, 502, NULL);
-    CHECK_STR_EQ(json_string_value(json_object_get(r.json, "code")), "warehouse-error");
-    CHECK_CONTAINS(json_string_value(json_object_get(r.json, "detail")), "HTTP 502");
-    resp_free(&r);
-    /* cut-off JSON for an answer: 502 saying the answer was malformed */
-    faults("bad_json=1@execute");
-    r = get(&S, "/api/v1/datasets/slow?secs=0&tag=f4");
-    CHECK_PROBLEM(r, 502, NULL);
-    CHECK_STR_EQ(json_string_value(json_object_get(r.json, "code")), "warehouse-bad-response");
-    CHECK_CONTAINS(json_string_value(json_object_get(r.json, "detail")), "malformed");
-    resp_free(&r);
+    /* a proxy's HTML page instead of the warehouse's answer, and cut-off JSON:
+     * each a 502 saying which */
+    static const struct {
+        const char *fault, *path, *code, *detail;
+    } broken[] = {
+        {"proxy_page=1@execute", "/api/v1/datasets/slow?secs=0&tag=f3", "warehouse-error",
+         "HTTP 502"},
+        {"bad_json=1@execute", "/api/v1/datasets/slow?secs=0&tag=f4", "warehouse-bad-response",
+         "malformed"},
+    };
+    for (size_t i = 0; i < TP_ARRAY_LEN(broken); i++) {
+        faults(broken[i].fault);
+        r = get(&S, broken[i].path);
+        CHECK_PROBLEM(r, 502, NULL);
+        CHECK_STR_EQ(json_string_value(json_object_get(r.json, "code")), broken[i].code);
+        CHECK_CONTAINS(json_string_value(json_object_get(r.json, "detail")), broken[i].detail);
+        resp_free(&r);
+    }
     /* an emulator answering 503 is retried (client retry budget) while the caller
      * gets its 202; the statement id stays pollable meanwhile */
     faults("status=503x3@execute,retry_after=1");

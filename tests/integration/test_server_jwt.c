@@ -15,14 +15,10 @@
 
 #include <time.h>
 
-#include <openssl/bn.h>
-#include <openssl/core_names.h>
 #include <openssl/evp.h>
-#include <openssl/hmac.h>
-#include <openssl/pem.h>
 #include <openssl/rsa.h>
 
-#include "tidepool/jwt.h"
+#include "../jwt_tokens.h"
 
 #define HS_SECRET "jwt-server-test-secret-0123456789-abcdefgh"
 #define AUD "tidepool-test-api"
@@ -37,40 +33,6 @@ static int64_t g_now;
 static int g_reqno;
 
 /* ---- tokens (signed here, with OpenSSL) ---- */
-
-static char *b64(const char *s)
-{
-    return tp_b64url_encode(s, strlen(s));
-}
-
-/* header.payload signed with rsa (RS256), or HMAC-SHA256 with key, or unsigned. */
-static char *sign_with(const char *header, const char *payload, EVP_PKEY *rsa, const void *key,
-                       size_t key_len)
-{
-    char *h = b64(header), *p = b64(payload);
-    char *input = tp_xasprintf("%s.%s", h, p);
-    unsigned char sig[1024];
-    size_t sig_len = 0;
-    if (rsa != NULL) {
-        EVP_MD_CTX *md = EVP_MD_CTX_new();
-        sig_len = sizeof sig;
-        if (EVP_DigestSignInit(md, NULL, EVP_sha256(), NULL, rsa) != 1 ||
-            EVP_DigestSign(md, sig, &sig_len, (unsigned char *)input, strlen(input)) != 1)
-            sig_len = 0;
-        EVP_MD_CTX_free(md);
-    } else if (key != NULL) {
-        unsigned int n = 0;
-        HMAC(EVP_sha256(), key, (int)key_len, (unsigned char *)input, strlen(input), sig, &n);
-        sig_len = n;
-    }
-    char *s = tp_b64url_encode(sig, sig_len);
-    char *tok = tp_xasprintf("%s.%s", input, s);
-    free(h);
-    free(p);
-    free(input);
-    free(s);
-    return tok;
-}
 
 /* Claims with sub, aud, iss, exp = now + 600 and the roles in the configured
  * claim app.roles, then extra (",\"k\":v..." without the leading comma). */
@@ -88,14 +50,7 @@ static char *claims(const char *sub, const char *roles, const char *extra)
  * signature checks out (the payload is parsed only then). */
 static char *hs_raw(const char *input)
 {
-    unsigned char sig[EVP_MAX_MD_SIZE];
-    unsigned int n = 0;
-    HMAC(EVP_sha256(), HS_SECRET, (int)strlen(HS_SECRET), (const unsigned char *)input,
-         strlen(input), sig, &n);
-    char *s = tp_b64url_encode(sig, n);
-    char *tok = tp_xasprintf("%s.%s", input, s);
-    free(s);
-    return tok;
+    return sign_input(input, NULL, HS_SECRET, strlen(HS_SECRET));
 }
 
 static char *hs(const char *payload)
@@ -114,38 +69,15 @@ static char *rs(const char *kid, EVP_PKEY *key, const char *payload)
 
 /* ---- keys ---- */
 
-static char *bn_b64(EVP_PKEY *k, const char *name)
-{
-    BIGNUM *bn = NULL;
-    unsigned char buf[1024];
-    int n = EVP_PKEY_get_bn_param(k, name, &bn) == 1 ? BN_bn2bin(bn, buf) : 0;
-    BN_free(bn);
-    return tp_b64url_encode(buf, (size_t)n);
-}
-
 /* Writes {"keys":[the RSA key as a JWK under KID]} and returns its path. */
 static char *write_jwks(EVP_PKEY *k)
 {
-    char *n = bn_b64(k, OSSL_PKEY_PARAM_RSA_N), *e = bn_b64(k, OSSL_PKEY_PARAM_RSA_E);
-    char *text = tp_xasprintf("{\"keys\":[{\"kty\":\"RSA\",\"use\":\"sig\",\"alg\":\"RS256\","
-                              "\"kid\":\"" KID "\",\"n\":\"%s\",\"e\":\"%s\"}]}",
-                              n, e);
+    char *key = jwk(k, KID);
+    char *text = tp_xasprintf("{\"keys\":[%s]}", key);
     char *path = tp_test_write_tmp("jwks.json", text);
-    free(n);
-    free(e);
+    free(key);
     free(text);
     return path;
-}
-
-static char *pem_of(EVP_PKEY *k)
-{
-    BIO *bio = BIO_new(BIO_s_mem());
-    PEM_write_bio_PUBKEY(bio, k);
-    char *data = NULL;
-    long n = BIO_get_mem_data(bio, &data);
-    char *s = tp_xstrndup(data, (size_t)n);
-    BIO_free(bio);
-    return s;
 }
 
 /* ---- requests ---- */

@@ -16,6 +16,7 @@
 #include <openssl/pem.h>
 #include <openssl/rsa.h>
 
+#include "../jwt_tokens.h"
 #include "../tp_test.h"
 #include "tidepool/auth.h"
 #include "tidepool/config.h"
@@ -31,41 +32,6 @@ static char *g_pem1;                        /* public PEM of key1 */
 static int64_t g_now;
 
 /* ---- token building (the test signs its own tokens) ---- */
-
-static char *b64(const char *s)
-{
-    return tp_b64url_encode(s, strlen(s));
-}
-
-static char *sign_with(const char *header, const char *payload, EVP_PKEY *rsa,
-                       const void *hmac_key, size_t hmac_len)
-{
-    char *h = b64(header), *p = b64(payload);
-    char *input = tp_xasprintf("%s.%s", h, p);
-    unsigned char sig[1024];
-    size_t sig_len = sizeof sig;
-    if (rsa != NULL) {
-        EVP_MD_CTX *md = EVP_MD_CTX_new();
-        if (EVP_DigestSignInit(md, NULL, EVP_sha256(), NULL, rsa) != 1 ||
-            EVP_DigestSign(md, sig, &sig_len, (unsigned char *)input, strlen(input)) != 1)
-            sig_len = 0;
-        EVP_MD_CTX_free(md);
-    } else if (hmac_key != NULL) {
-        unsigned int n = 0;
-        HMAC(EVP_sha256(), hmac_key, (int)hmac_len, (unsigned char *)input, strlen(input), sig,
-             &n);
-        sig_len = n;
-    } else {
-        sig_len = 0;
-    }
-    char *s = tp_b64url_encode(sig, sig_len);
-    char *tok = tp_xasprintf("%s.%s", input, s);
-    free(h);
-    free(p);
-    free(input);
-    free(s);
-    return tok;
-}
 
 static char *claims(const char *extra)
 {
@@ -91,38 +57,6 @@ static char *rs_token(const char *kid, EVP_PKEY *key, const char *payload)
 }
 
 /* ---- keys ---- */
-
-static char *bn_b64(EVP_PKEY *k, const char *name)
-{
-    BIGNUM *bn = NULL;
-    EVP_PKEY_get_bn_param(k, name, &bn);
-    unsigned char buf[1024];
-    int n = BN_bn2bin(bn, buf);
-    BN_free(bn);
-    return tp_b64url_encode(buf, (size_t)n);
-}
-
-static char *jwk(EVP_PKEY *k, const char *kid)
-{
-    char *n = bn_b64(k, OSSL_PKEY_PARAM_RSA_N), *e = bn_b64(k, OSSL_PKEY_PARAM_RSA_E);
-    char *s = tp_xasprintf("{\"kty\":\"RSA\",\"use\":\"sig\",\"alg\":\"RS256\",\"kid\":\"%s\","
-                           "\"n\":\"%s\",\"e\":\"%s\"}",
-                           kid, n, e);
-    free(n);
-    free(e);
-    return s;
-}
-
-static char *pem_of(EVP_PKEY *k)
-{
-    BIO *bio = BIO_new(BIO_s_mem());
-    PEM_write_bio_PUBKEY(bio, k);
-    char *data = NULL;
-    long n = BIO_get_mem_data(bio, &data);
-    char *s = tp_xstrndup(data, (size_t)n);
-    BIO_free(bio);
-    return s;
-}
 
 /* ---- auth verifiers from config ---- */
 
